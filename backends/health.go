@@ -1,0 +1,302 @@
+package backends
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
+)
+
+// hcSpec is a resolved active health check (defaults applied).
+type hcSpec struct {
+	enabled            bool
+	protocol           string // http | https | tcp | tls
+	path               string
+	port               int
+	interval, timeout  time.Duration
+	healthy, unhealthy int
+	cfg                *configs.HealthCheck  // for Matches (validated configs)
+	ranges             []configs.StatusRange // parsed from the raw matcher (unvalidated configs)
+}
+
+func (h hcSpec) String() string {
+	if !h.enabled {
+		return "disabled"
+	}
+	s := h.protocol
+	if h.protocol == "http" || h.protocol == "https" {
+		s += " " + h.path
+	}
+	if h.port != 0 {
+		s += " port " + strconv.Itoa(h.port)
+	}
+	return s + " every " + h.interval.String()
+}
+
+// fingerprint is part of the target key: targets with different checks are different targets.
+func (h hcSpec) fingerprint() string {
+	if !h.enabled {
+		return "off"
+	}
+	return fmt.Sprintf("%s|%s|%d|%s|%s|%d|%d|%v", h.protocol, h.path, h.port, h.interval, h.timeout,
+		h.healthy, h.unhealthy, h.ranges)
+}
+
+// resolveHC applies defaults to a group's health check. The default protocol is the group's.
+func resolveHC(g *configs.TargetGroup) (hcSpec, error) {
+	hc := g.HealthCheck
+	s := hcSpec{
+		enabled:   true,
+		protocol:  g.Protocol,
+		path:      "/",
+		interval:  defaultHCInterval,
+		timeout:   defaultHCTimeout,
+		healthy:   defaultHealthyThreshold,
+		unhealthy: defaultUnhealthyThreshold,
+		ranges:    []configs.StatusRange{{Lo: 200, Hi: 399}},
+	}
+	if hc == nil {
+		return s, nil
+	}
+	if hc.Disabled {
+		return hcSpec{}, nil
+	}
+	if hc.Protocol != "" {
+		s.protocol = hc.Protocol
+	}
+	switch s.protocol {
+	case "http", "https", "tcp", "tls":
+	default:
+		return s, fmt.Errorf("health_check.protocol %q: want http, https, tcp or tls", s.protocol)
+	}
+	if hc.Path != "" {
+		s.path = hc.Path
+	}
+	if !strings.HasPrefix(s.path, "/") {
+		return s, fmt.Errorf("health_check.path %q: must start with /", s.path)
+	}
+	s.port = hc.Port
+	s.interval = durOr(hc.IntervalDuration(), hc.Interval, defaultHCInterval)
+	s.timeout = durOr(hc.TimeoutDuration(), hc.Timeout, defaultHCTimeout)
+	if s.interval <= 0 {
+		s.interval = defaultHCInterval
+	}
+	if s.timeout <= 0 {
+		s.timeout = defaultHCTimeout
+	}
+	s.healthy = intOr(hc.HealthyThreshold, defaultHealthyThreshold)
+	s.unhealthy = intOr(hc.UnhealthyThreshold, defaultUnhealthyThreshold)
+	s.cfg = hc
+	if hc.Matcher != "" {
+		r, err := parseMatcher(hc.Matcher)
+		if err != nil {
+			return s, fmt.Errorf("health_check.matcher: %w", err)
+		}
+		s.ranges = r
+	}
+	return s, nil
+}
+
+// parseMatcher parses "200", "200-399", "200,204,300-399". configs.Validate does the same; this
+// copy keeps backends correct on configurations built directly (tests, tools).
+func parseMatcher(m string) ([]configs.StatusRange, error) {
+	var out []configs.StatusRange
+	for part := range strings.SplitSeq(m, ",") {
+		part = strings.TrimSpace(part)
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err := strconv.Atoi(strings.TrimSpace(lo))
+		if err != nil {
+			return nil, fmt.Errorf("%q: not a status code", part)
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(strings.TrimSpace(hi)); err != nil {
+				return nil, fmt.Errorf("%q: not a status code", part)
+			}
+		}
+		if a < 100 || b > 599 || a > b {
+			return nil, fmt.Errorf("%q: want codes within 100-599, low first", part)
+		}
+		out = append(out, configs.StatusRange{Lo: a, Hi: b})
+	}
+	return out, nil
+}
+
+func (h *hcSpec) matches(code int) bool {
+	if h.cfg != nil && h.cfg.Matches(code) {
+		return true
+	}
+	for _, r := range h.ranges {
+		if code >= r.Lo && code <= r.Hi {
+			return true
+		}
+	}
+	return false
+}
+
+// startChecker launches the target's checker goroutine (caller holds reg.mu).
+func (t *Target) startChecker() {
+	if !t.spec.hc.enabled {
+		return
+	}
+	ctx, cancel := context.WithCancel(t.reg.ctx)
+	t.cancel = cancel
+	t.done = make(chan struct{})
+	t.reg.wg.Add(1)
+	go t.checkLoop(ctx, t.done)
+}
+
+// stopChecker stops the checker and waits for it (caller must not hold reg.mu).
+func (t *Target) stopChecker() {
+	t.reg.mu.Lock()
+	cancel, done := t.cancel, t.done
+	t.reg.mu.Unlock()
+	if cancel == nil {
+		return
+	}
+	cancel()
+	<-done
+}
+
+func (t *Target) checkLoop(ctx context.Context, done chan struct{}) {
+	defer t.reg.wg.Done()
+	defer close(done)
+	hc := &t.spec.hc
+	var okRun, failRun int
+	tick := time.NewTicker(hc.interval)
+	defer tick.Stop()
+	for {
+		err := t.safeCheck(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		t.record(err, &okRun, &failRun)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// safeCheck runs one check and turns a panic into a failed check: a checker must never take the
+// process down.
+func (t *Target) safeCheck(ctx context.Context) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			t.reg.log.Error("health check panicked", "target", t.spec.address, "panic", p)
+			err = fmt.Errorf("health check panicked: %v", p)
+		}
+	}()
+	cctx, cancel := context.WithTimeout(ctx, t.spec.hc.timeout)
+	defer cancel()
+	return t.check(cctx)
+}
+
+func (t *Target) record(err error, okRun, failRun *int) {
+	hc := &t.spec.hc
+	if err == nil {
+		*okRun++
+		*failRun = 0
+		if !t.activeUp.Load() && *okRun >= hc.healthy {
+			t.upSince.Store(t.reg.now())
+			t.activeUp.Store(true)
+			t.reg.bump()
+			t.reg.log.Info("target healthy", "target", t.spec.address, "protocol", t.spec.protocol)
+		}
+		return
+	}
+	*failRun++
+	*okRun = 0
+	t.setReason(err.Error())
+	if t.activeUp.Load() && *failRun >= hc.unhealthy {
+		t.activeUp.Store(false)
+		t.reg.bump()
+		t.reg.log.Warn("target unhealthy", "target", t.spec.address, "protocol", t.spec.protocol,
+			"reason", err.Error())
+	}
+}
+
+// checkAddr is the address checks go to (health_check.port overrides the target's port).
+func (t *Target) checkAddr() string {
+	if t.spec.hc.port == 0 {
+		return t.spec.address
+	}
+	host, _, err := net.SplitHostPort(t.spec.address)
+	if err != nil {
+		host = t.spec.address
+	}
+	return net.JoinHostPort(host, strconv.Itoa(t.spec.hc.port))
+}
+
+func (t *Target) check(ctx context.Context) error {
+	hc := &t.spec.hc
+	addr := t.checkAddr()
+	var d net.Dialer
+	switch hc.protocol {
+	case "tcp":
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return fmt.Errorf("tcp check: %w", err)
+		}
+		return c.Close()
+	case "tls":
+		c, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return fmt.Errorf("tls check: %w", err)
+		}
+		defer c.Close()
+		tc := tls.Client(c, t.checkTLS(addr))
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return fmt.Errorf("tls check: handshake: %w", err)
+		}
+		return nil
+	default: // http, https
+		tr := &http.Transport{
+			DialContext:       d.DialContext,
+			DisableKeepAlives: true, // a check must prove a fresh connection works
+			Proxy:             nil,
+		}
+		if hc.protocol == "https" {
+			tr.TLSClientConfig = t.checkTLS(addr)
+		}
+		defer tr.CloseIdleConnections()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, hc.protocol+"://"+addr+hc.path, nil)
+		if err != nil {
+			return fmt.Errorf("%s check: %w", hc.protocol, err)
+		}
+		req.Header.Set("User-Agent", "Fulcrum-HealthChecker/1.0")
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			return fmt.Errorf("%s check: %w", hc.protocol, err)
+		}
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		if !hc.matches(resp.StatusCode) {
+			return fmt.Errorf("%s check: status %d does not match", hc.protocol, resp.StatusCode)
+		}
+		return nil
+	}
+}
+
+// checkTLS is the client TLS for a check: the latest generation's group config, or (for a check
+// protocol the group does not use TLS for) unverified TLS, as ALB's https checks do not verify.
+func (t *Target) checkTLS(addr string) *tls.Config {
+	c := t.tlsConf.Load()
+	if c == nil {
+		return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12} //nolint:gosec // ALB https checks do not verify
+	}
+	c = c.Clone()
+	if c.ServerName == "" {
+		host, _, _ := net.SplitHostPort(addr)
+		c.ServerName = host
+	}
+	return c
+}

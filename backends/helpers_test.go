@@ -1,0 +1,149 @@
+package backends
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
+)
+
+func newReg(t testing.TB, opts ...Option) *Registry {
+	t.Helper()
+	r := NewRegistry(nil, opts...)
+	t.Cleanup(r.Close)
+	return r
+}
+
+// fakeClock makes time explicit in tests of slow start and ejection.
+type fakeClock struct{ ns atomic.Int64 }
+
+func (c *fakeClock) now() int64              { return c.ns.Load() }
+func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
+
+func withClock(r *Registry, c *fakeClock) { c.ns.Store(int64(time.Hour)); r.clock = c.now }
+
+func conf(groups ...configs.TargetGroup) *configs.Config {
+	return &configs.Config{TargetGroups: groups}
+}
+
+// noHC is a group whose targets need no server (Pick never dials).
+func noHC(name, alg string, weights ...int) configs.TargetGroup {
+	g := configs.TargetGroup{Name: name, Protocol: "http", Algorithm: alg,
+		HealthCheck: &configs.HealthCheck{Disabled: true}, DeregistrationDelay: "0s"}
+	for i, w := range weights {
+		g.Targets = append(g.Targets, configs.Target{Address: net.JoinHostPort("127.0.0.1", itoa(1000+i)), Weight: w})
+	}
+	return g
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
+
+func build(t testing.TB, r *Registry, c *configs.Config) *Set {
+	t.Helper()
+	s, err := r.Build(c, nil)
+	if err != nil {
+		t.Fatalf("Build: %v", err)
+	}
+	return s
+}
+
+func countPicks(g *Group, n int, client func(i int) netip.Addr) map[string]int {
+	out := map[string]int{}
+	for i := range n {
+		var ip netip.Addr
+		if client != nil {
+			ip = client(i)
+		}
+		if t := g.Pick(ip, nil); t != nil {
+			out[t.Addr()]++
+		} else {
+			out["<nil>"]++
+		}
+	}
+	return out
+}
+
+// waitFor polls cond (state changed by background checkers) within a bounded time.
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// testPKI is a CA and a leaf for 127.0.0.1 / backend.test.
+type testPKI struct {
+	caPEM   []byte
+	caFile  string
+	leaf    tls.Certificate
+	leafPin string
+	caPin   string
+}
+
+func newPKI(t testing.TB) *testPKI {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "backend.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		DNSNames: []string{"backend.test"}, IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(der)
+	p := &testPKI{
+		caPEM:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		leaf:    tls.Certificate{Certificate: [][]byte{der, caDER}, PrivateKey: key, Leaf: leaf},
+		leafPin: PinOf(leaf),
+		caPin:   PinOf(ca),
+	}
+	p.caFile = filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(p.caFile, p.caPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (p *testPKI) serverTLS() *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{p.leaf}, MinVersion: tls.VersionTLS12}
+}
+
+func stickinessOf(typ string) *configs.Stickiness { return &configs.Stickiness{Type: typ} }
+
+func (p *testPKI) leafPool() *x509.CertPool {
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(p.caPEM)
+	return pool
+}

@@ -1,0 +1,160 @@
+package backends
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Cookie names Fulcrum sets for stickiness (ALB's AWSALB and AWSALBAPP).
+const (
+	LBCookieName  = "FULCRUMLB"
+	AppCookieName = "FULCRUMLB_APP"
+)
+
+const macLen = 16 // truncated HMAC-SHA256: 128 bits is ample against forgery
+
+// StickyTarget returns the target a request is bound to by the group's stickiness cookie, or nil
+// (no stickiness, no cookie, a forged/expired/garbled cookie, or a target that is not routable
+// now): the caller then picks normally and calls SetSticky. source_ip stickiness lives in Pick.
+func (g *Group) StickyTarget(r *http.Request) *Target {
+	var name string
+	switch g.sticky {
+	case stickyLBCookie:
+		name = LBCookieName
+	case stickyAppCookie:
+		name = AppCookieName
+	default:
+		return nil
+	}
+	v, ok := findCookie(r.Header["Cookie"], name)
+	if !ok {
+		return nil
+	}
+	t := g.verifyCookie(name, v, time.Now().Unix())
+	if t == nil {
+		return nil
+	}
+	for _, x := range g.current().tgts {
+		if x == t {
+			return t
+		}
+	}
+	return nil
+}
+
+// SetSticky adds the stickiness cookie binding the client to t to the response header h. For
+// lb_cookie it always does (refreshing the expiry, as ALB does); for app_cookie only when the
+// application's response sets its cookie. Call it after the back end answered.
+func (g *Group) SetSticky(h http.Header, t *Target) {
+	if t == nil {
+		return
+	}
+	var name string
+	switch g.sticky {
+	case stickyLBCookie:
+		name = LBCookieName
+	case stickyAppCookie:
+		if !setsCookie(h, g.appCookie) {
+			return
+		}
+		name = AppCookieName
+	default:
+		return
+	}
+	exp := time.Now().Add(g.stickyDuration)
+	c := http.Cookie{
+		Name:     name,
+		Value:    g.cookieValue(name, t.id, exp.Unix()),
+		Path:     "/",
+		Expires:  exp,
+		MaxAge:   int(g.stickyDuration / time.Second),
+		HttpOnly: true,
+	}
+	h.Add("Set-Cookie", c.String())
+}
+
+// cookieValue is "ID.EXPIRY.MAC", MAC = HMAC(key, cookie name | group | ID | EXPIRY).
+func (g *Group) cookieValue(name, id string, exp int64) string {
+	b := make([]byte, 0, 80)
+	b = append(b, id...)
+	b = append(b, '.')
+	b = strconv.AppendInt(b, exp, 10)
+	mac := g.mac(name, b)
+	b = append(b, '.')
+	return string(base64.RawURLEncoding.AppendEncode(b, mac[:macLen]))
+}
+
+func (g *Group) mac(name string, idExp []byte) [sha256.Size]byte {
+	m := hmac.New(sha256.New, g.reg.stickyKey)
+	m.Write([]byte(name))
+	m.Write([]byte{0})
+	m.Write([]byte(g.name))
+	m.Write([]byte{0})
+	m.Write(idExp)
+	var out [sha256.Size]byte
+	m.Sum(out[:0])
+	return out
+}
+
+// verifyCookie checks a cookie value and returns its target, or nil.
+func (g *Group) verifyCookie(name, v string, now int64) *Target {
+	dot := strings.LastIndexByte(v, '.')
+	if dot < 0 || len(v)-dot-1 != base64.RawURLEncoding.EncodedLen(macLen) {
+		return nil
+	}
+	idExp, macB64 := v[:dot], v[dot+1:]
+	id, expS, ok := strings.Cut(idExp, ".")
+	if !ok {
+		return nil
+	}
+	exp, err := strconv.ParseInt(expS, 10, 64)
+	if err != nil || exp < now {
+		return nil
+	}
+	var got [macLen]byte
+	if n, err := base64.RawURLEncoding.Decode(got[:], []byte(macB64)); err != nil || n != macLen {
+		return nil
+	}
+	want := g.mac(name, []byte(idExp))
+	if !hmac.Equal(got[:], want[:macLen]) {
+		return nil
+	}
+	return g.byID[id]
+}
+
+// findCookie finds name's value in Cookie header lines without allocating (http.Request.Cookie
+// parses and allocates every cookie). Quotes around the value are removed.
+func findCookie(lines []string, name string) (string, bool) {
+	for _, line := range lines {
+		for len(line) > 0 {
+			var part string
+			part, line, _ = strings.Cut(line, ";")
+			part = strings.TrimSpace(part)
+			k, v, ok := strings.Cut(part, "=")
+			if !ok || k != name {
+				continue
+			}
+			if len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"' {
+				v = v[1 : len(v)-1]
+			}
+			return v, true
+		}
+	}
+	return "", false
+}
+
+// setsCookie reports whether response header h sets cookie name.
+func setsCookie(h http.Header, name string) bool {
+	for _, sc := range h["Set-Cookie"] {
+		k, _, ok := strings.Cut(sc, "=")
+		if ok && strings.TrimSpace(k) == name {
+			return true
+		}
+	}
+	return false
+}
