@@ -1,0 +1,182 @@
+package configs
+
+import (
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// The accessors below return the parsed forms that Validate sets once. Reading them on a
+// configuration that was not validated returns zero values.
+
+// ShutdownTimeoutDuration is the drain budget on SIGTERM.
+func (s *Server) ShutdownTimeoutDuration() time.Duration { return s.shutdownTimeout }
+
+// ValidityDuration is the authority certificate's validity.
+func (a *Authority) ValidityDuration() time.Duration { return a.validity }
+
+// LifetimeDuration is the lifetime of certificates issued by a private authority.
+func (c *Certificate) LifetimeDuration() time.Duration { return c.lifetime }
+
+// Imported reports whether the certificate is imported from files (never renewed).
+func (c *Certificate) Imported() bool { return c.CertFile != "" }
+
+// SlowStartDuration, DeregistrationDelayDuration, ConnectTimeoutDuration and
+// ResponseTimeoutDuration are the group's parsed durations.
+func (g *TargetGroup) SlowStartDuration() time.Duration           { return g.slowStart }
+func (g *TargetGroup) DeregistrationDelayDuration() time.Duration { return g.deregistrationDelay }
+func (g *TargetGroup) ConnectTimeoutDuration() time.Duration      { return g.connectTimeout }
+func (g *TargetGroup) ResponseTimeoutDuration() time.Duration     { return g.responseTimeout }
+
+// DurationValue is the stickiness cookie lifetime.
+func (s *Stickiness) DurationValue() time.Duration { return s.duration }
+
+// IntervalDuration and TimeoutDuration are the health check's parsed durations.
+func (h *HealthCheck) IntervalDuration() time.Duration { return h.interval }
+func (h *HealthCheck) TimeoutDuration() time.Duration  { return h.timeout }
+
+// Matches reports whether an HTTP status satisfies the health check's matcher.
+func (h *HealthCheck) Matches(status int) bool {
+	for _, r := range h.matcher {
+		if status >= r.Lo && status <= r.Hi {
+			return true
+		}
+	}
+	return false
+}
+
+// PortValue is the redirect port after validation: "" (keep), "#{port}" or digits.
+func (r *Redirect) PortValue() string { return r.port }
+
+// SourcePrefixes are the rule's parsed source_ips.
+func (r *Rule) SourcePrefixes() []netip.Prefix { return r.sourceIPs }
+
+// Action returns the rule's action as an Action value.
+func (r *Rule) Action() Action {
+	return Action{Forward: r.Forward, Redirect: r.Redirect, FixedResponse: r.FixedResponse}
+}
+
+// TrustedPrefixes are the listener's parsed trusted_proxies.
+func (l *Listener) TrustedPrefixes() []netip.Prefix { return l.trustedProxies }
+
+// IdleTimeoutDuration and HeaderTimeoutDuration are the listener's parsed timeouts.
+func (l *Listener) IdleTimeoutDuration() time.Duration   { return l.idleTimeout }
+func (l *Listener) HeaderTimeoutDuration() time.Duration { return l.headerTimeout }
+
+// HTTP2Enabled reports whether the listener offers HTTP/2 (ALPN h2); application https only.
+func (l *Listener) HTTP2Enabled() bool {
+	return l.Style == "application" && l.Protocol == "https" && (l.HTTP2 == nil || *l.HTTP2)
+}
+
+// TLSTerminated reports whether the listener terminates TLS.
+func (l *Listener) TLSTerminated() bool {
+	return l.Protocol == "https" || l.Protocol == "tls" || l.Protocol == "ssl"
+}
+
+// Layer7 reports whether the listener speaks HTTP.
+func (l *Listener) Layer7() bool { return l.Protocol == "http" || l.Protocol == "https" }
+
+// Resolve makes a path from the configuration relative to the config file's directory.
+func (c *Config) Resolve(p string) string {
+	if p == "" || filepath.IsAbs(p) || c.dir == "" {
+		return p
+	}
+	return filepath.Join(c.dir, p)
+}
+
+// Group returns the target group with the given name (including "@classic/NAME" groups), or nil.
+func (c *Config) Group(name string) *TargetGroup {
+	if c.groupIdx != nil {
+		if i, ok := c.groupIdx[name]; ok && i < len(c.TargetGroups) && c.TargetGroups[i].Name == name {
+			return &c.TargetGroups[i]
+		}
+		return nil
+	}
+	for i := range c.TargetGroups {
+		if c.TargetGroups[i].Name == name {
+			return &c.TargetGroups[i]
+		}
+	}
+	return nil
+}
+
+// Cert returns the certificate with the given name, or nil.
+func (c *Config) Cert(name string) *Certificate {
+	if c.certIdx != nil {
+		if i, ok := c.certIdx[name]; ok && i < len(c.Certificates) && c.Certificates[i].Name == name {
+			return &c.Certificates[i]
+		}
+		return nil
+	}
+	for i := range c.Certificates {
+		if c.Certificates[i].Name == name {
+			return &c.Certificates[i]
+		}
+	}
+	return nil
+}
+
+// Authority returns the authority with the given name, or nil.
+func (c *Config) Authority(name string) *Authority {
+	if c.authIdx != nil {
+		if i, ok := c.authIdx[name]; ok && i < len(c.Authorities) && c.Authorities[i].Name == name {
+			return &c.Authorities[i]
+		}
+		return nil
+	}
+	for i := range c.Authorities {
+		if c.Authorities[i].Name == name {
+			return &c.Authorities[i]
+		}
+	}
+	return nil
+}
+
+// Listener returns the listener with the given name, or nil.
+func (c *Config) Listener(name string) *Listener {
+	for i := range c.Listeners {
+		if c.Listeners[i].Name == name {
+			return &c.Listeners[i]
+		}
+	}
+	return nil
+}
+
+// Dir is the directory relative paths resolve against ("" when loaded without a file name).
+func (c *Config) Dir() string { return c.dir }
+
+// StateDirPath is server.state_dir resolved against the config file's directory.
+func (c *Config) StateDirPath() string { return c.Resolve(c.Server.StateDir) }
+
+// SecretRef splits a secret reference "env:NAME" or "file:PATH" (validated by Load). For "file"
+// the path is resolved against the config file's directory. It reads nothing.
+func (c *Config) SecretRef(s string) (kind, ref string) {
+	kind, ref, _ = strings.Cut(s, ":")
+	if kind == "file" {
+		ref = c.Resolve(ref)
+	}
+	return kind, ref
+}
+
+// ClassicListener is the name of the classic listener this group was synthesized for ("" for
+// groups written in the file).
+func (g *TargetGroup) ClassicListener() string { return g.classic }
+
+// AddrPort is the target's address when it is an IP literal (invalid for DNS names).
+func (t *Target) AddrPort() netip.AddrPort { return t.addr }
+
+// MatcherRanges are the health check's parsed matcher ranges (nil for tcp/tls checks).
+func (h *HealthCheck) MatcherRanges() []StatusRange { return h.matcher }
+
+// AddrPort is the listener's address when its host is an IP literal (invalid for "" or
+// "localhost" hosts; listen on Address).
+func (l *Listener) AddrPort() netip.AddrPort { return l.addr }
+
+// Synthesized reports whether the listener's DefaultAction or Forward was set by Validate
+// (classic listeners: forward to ClassicGroupName(l.Name)).
+func (l *Listener) Synthesized() bool { return l.synthesized }
+
+// ClassicGroupName is the name of the target group Validate synthesizes for a classic listener's
+// instances. The "@" cannot appear in a user's group name, so it never collides.
+func ClassicGroupName(listener string) string { return "@classic/" + listener }

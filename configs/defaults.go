@@ -1,0 +1,275 @@
+package configs
+
+import (
+	"strconv"
+	"strings"
+)
+
+// Default values. They are applied by applyDefaults only; README.md lists them.
+const (
+	DefaultStateDir            = "state"
+	DefaultShutdownTimeout     = "30s"
+	DefaultLogLevel            = "info"
+	DefaultKeyType             = "ecdsa-p256"
+	DefaultAuthorityValidity   = "87600h" // 10 years
+	DefaultCertificateLifetime = "2160h"  // 90 days
+	DefaultPKCS11Sessions      = 8
+	DefaultAlgorithm           = "round_robin"
+	DefaultDeregistrationDelay = "30s"
+	DefaultConnectTimeout      = "5s"
+	DefaultResponseTimeout     = "60s"
+	DefaultMaxIdleConns        = 1024
+	DefaultStickinessDuration  = "24h"
+	DefaultHCInterval          = "5s"
+	DefaultHCTimeout           = "2s"
+	DefaultHCHealthy           = 3
+	DefaultHCUnhealthy         = 2
+	DefaultHCPath              = "/"
+	DefaultHCMatcher           = "200-399"
+	DefaultIdleTimeout         = "60s"
+	DefaultNetworkIdleTimeout  = "350s"
+	DefaultHeaderTimeout       = "10s"
+	DefaultMaxHeaderBytes      = 65536
+	DefaultXFF                 = "append"
+	DefaultDesyncMitigation    = "defensive"
+	DefaultTLSPolicy           = "recommended"
+	DefaultALPNPolicy          = "None"
+)
+
+// applyDefaults fills every setting the operator left out, in place, and synthesizes the target
+// groups and actions of classic listeners. It is idempotent: running it on its own output changes
+// nothing. Defaults go only where a setting applies (no tls_policy on a plain listener), so that
+// validation can still tell a misplaced setting from a default.
+func applyDefaults(c *Config) {
+	s := &c.Server
+	def(&s.StateDir, DefaultStateDir)
+	def(&s.ShutdownTimeout, DefaultShutdownTimeout)
+	def(&s.LogLevel, DefaultLogLevel)
+
+	k := &c.Keystore
+	def(&k.Type, "software")
+	switch k.Type {
+	case "software":
+		def(&k.MasterKey, "file:"+strings.TrimSuffix(s.StateDir, "/")+"/master.key")
+	case "pkcs11":
+		if k.MaxSessions == 0 {
+			k.MaxSessions = DefaultPKCS11Sessions
+		}
+	}
+
+	for i := range c.Authorities {
+		a := &c.Authorities[i]
+		def(&a.CommonName, a.Name)
+		def(&a.KeyType, DefaultKeyType)
+		def(&a.Validity, DefaultAuthorityValidity)
+	}
+	for i := range c.Certificates {
+		ct := &c.Certificates[i]
+		if ct.CertFile == "" && ct.KeyFile == "" {
+			def(&ct.KeyType, DefaultKeyType)
+		}
+		if ct.Authority != "" {
+			def(&ct.Lifetime, DefaultCertificateLifetime)
+		}
+	}
+
+	// Forget what an earlier run synthesized, then synthesize afresh from the listeners.
+	groups := c.TargetGroups[:0:0]
+	for _, g := range c.TargetGroups {
+		if !g.synth {
+			groups = append(groups, g)
+		}
+	}
+	for i := range c.Listeners {
+		l := &c.Listeners[i]
+		if l.synthesized {
+			l.DefaultAction, l.Forward, l.synthesized = nil, nil, false
+		}
+		listenerDefaults(l)
+		if l.Style == "classic" {
+			groups = append(groups, classicGroup(l))
+			fw := Forward{{Group: ClassicGroupName(l.Name), Weight: 1, weightSet: true}}
+			if l.DefaultAction == nil && l.Forward == nil && len(l.Rules) == 0 {
+				if l.Layer7() {
+					l.DefaultAction = &Action{Forward: fw}
+				} else {
+					l.Forward = fw
+				}
+				l.synthesized = true
+			}
+		}
+	}
+	c.TargetGroups = groups
+
+	for i := range c.TargetGroups {
+		groupDefaults(&c.TargetGroups[i])
+	}
+}
+
+func listenerDefaults(l *Listener) {
+	if l.Style == "classic" {
+		switch l.Protocol {
+		case "http", "https":
+			def(&l.BackendProtocol, "http")
+		case "tcp", "ssl":
+			def(&l.BackendProtocol, "tcp")
+		}
+		def(&l.Algorithm, DefaultAlgorithm)
+		targetDefaults(l.Instances)
+	}
+	if l.Layer7() {
+		def(&l.XFF, DefaultXFF)
+		def(&l.DesyncMitigation, DefaultDesyncMitigation)
+		def(&l.HeaderTimeout, DefaultHeaderTimeout)
+		if l.MaxHeaderBytes == 0 {
+			l.MaxHeaderBytes = DefaultMaxHeaderBytes
+		}
+	}
+	if l.TLSTerminated() {
+		def(&l.TLSPolicy, DefaultTLSPolicy)
+	}
+	if l.Style == "network" && l.Protocol == "tls" {
+		def(&l.ALPNPolicy, DefaultALPNPolicy)
+	}
+	if l.Style == "network" {
+		def(&l.IdleTimeout, DefaultNetworkIdleTimeout)
+	} else {
+		def(&l.IdleTimeout, DefaultIdleTimeout)
+	}
+	if l.ClientAuth == nil {
+		l.ClientAuth = &ClientAuth{}
+	}
+	def(&l.ClientAuth.Mode, "off")
+	if l.DefaultAction != nil {
+		forwardDefaults(l.DefaultAction.Forward)
+	}
+	forwardDefaults(l.Forward)
+	for i := range l.Rules {
+		forwardDefaults(l.Rules[i].Forward)
+	}
+}
+
+// classicGroup translates a classic listener's instances, backend protocol, health check and
+// back-end TLS into an ordinary target group.
+func classicGroup(l *Listener) TargetGroup {
+	g := TargetGroup{
+		Name:      ClassicGroupName(l.Name),
+		Protocol:  l.BackendProtocol,
+		Targets:   append([]Target(nil), l.Instances...),
+		Algorithm: l.Algorithm,
+		TLS:       l.BackendTLS,
+		classic:   l.Name,
+		synth:     true,
+	}
+	if g.Protocol == "ssl" {
+		g.Protocol = "tls"
+	}
+	if l.ProxyProtocol && !l.Layer7() {
+		g.ProxyProtocol = "v1"
+	}
+	if h := l.HealthCheck; h != nil {
+		hc := &HealthCheck{
+			Interval:           h.Interval,
+			Timeout:            h.Timeout,
+			HealthyThreshold:   h.HealthyThreshold,
+			UnhealthyThreshold: h.UnhealthyThreshold,
+		}
+		if proto, port, path, ok := parseClassicTarget(h.Target); ok {
+			hc.Protocol, hc.Port, hc.Path = proto, port, path
+		}
+		g.HealthCheck = hc
+	}
+	return g
+}
+
+// parseClassicTarget splits ELB Classic's "PROTO:PORT[/path]" into a health-check protocol, port
+// and path. "" is fine (the defaults apply).
+func parseClassicTarget(s string) (proto string, port int, path string, ok bool) {
+	if s == "" {
+		return "", 0, "", true
+	}
+	p, rest, found := strings.Cut(s, ":")
+	if !found {
+		return "", 0, "", false
+	}
+	switch strings.ToUpper(p) {
+	case "HTTP":
+		proto = "http"
+	case "HTTPS":
+		proto = "https"
+	case "TCP":
+		proto = "tcp"
+	case "SSL":
+		proto = "tls"
+	default:
+		return "", 0, "", false
+	}
+	portStr := rest
+	if i := strings.IndexByte(rest, '/'); i >= 0 {
+		portStr, path = rest[:i], rest[i:]
+	}
+	n, err := strconv.Atoi(portStr)
+	if err != nil || n < 1 || n > 65535 || portStr[0] == '+' {
+		return "", 0, "", false
+	}
+	if (proto == "tcp" || proto == "tls") && path != "" {
+		return "", 0, "", false
+	}
+	return proto, n, path, true
+}
+
+func groupDefaults(g *TargetGroup) {
+	def(&g.Algorithm, DefaultAlgorithm)
+	def(&g.DeregistrationDelay, DefaultDeregistrationDelay)
+	def(&g.ConnectTimeout, DefaultConnectTimeout)
+	if g.Protocol == "http" || g.Protocol == "https" {
+		def(&g.ResponseTimeout, DefaultResponseTimeout)
+	}
+	if g.MaxIdleConns == 0 {
+		g.MaxIdleConns = DefaultMaxIdleConns
+	}
+	targetDefaults(g.Targets)
+	if st := g.Stickiness; st != nil && (st.Type == "lb_cookie" || st.Type == "app_cookie") {
+		def(&st.Duration, DefaultStickinessDuration)
+	}
+	if g.HealthCheck == nil {
+		g.HealthCheck = &HealthCheck{}
+	}
+	h := g.HealthCheck
+	def(&h.Protocol, g.Protocol)
+	def(&h.Interval, DefaultHCInterval)
+	def(&h.Timeout, DefaultHCTimeout)
+	if h.HealthyThreshold == 0 {
+		h.HealthyThreshold = DefaultHCHealthy
+	}
+	if h.UnhealthyThreshold == 0 {
+		h.UnhealthyThreshold = DefaultHCUnhealthy
+	}
+	if h.Protocol == "http" || h.Protocol == "https" {
+		def(&h.Path, DefaultHCPath)
+		def(&h.Matcher, DefaultHCMatcher)
+	}
+}
+
+// targetDefaults gives weight 1 to targets whose weight was not written.
+func targetDefaults(ts []Target) {
+	for i := range ts {
+		if !ts[i].weightSet && ts[i].Weight == 0 && ts[i].bad == "" {
+			ts[i].Weight = 1
+		}
+	}
+}
+
+func forwardDefaults(f Forward) {
+	for i := range f {
+		if !f[i].weightSet && f[i].Weight == 0 && f[i].bad == "" {
+			f[i].Weight = 1
+		}
+	}
+}
+
+func def(p *string, v string) {
+	if *p == "" {
+		*p = v
+	}
+}

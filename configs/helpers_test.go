@@ -1,0 +1,5 @@
+package configs
+
+import "net/netip"
+
+func netipAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

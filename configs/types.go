@@ -1,0 +1,276 @@
+// Package configs is Fulcrum's configuration: the TOML schema of SPEC section 4 as plain data,
+// strict loading, defaults in one place and validation that reports every problem in one run.
+//
+// Exported fields are exactly what the operator typed. Parsed forms (durations, prefixes,
+// compiled patterns, matcher ranges) are unexported and set once by validation; read them
+// through the accessor methods. Nothing in this package opens a socket or starts a goroutine.
+package configs
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Config is one configuration file.
+type Config struct {
+	Server       Server        `toml:"server"`
+	Keystore     Keystore      `toml:"keystore"`
+	Authorities  []Authority   `toml:"authorities"`
+	Certificates []Certificate `toml:"certificates"`
+	TargetGroups []TargetGroup `toml:"target_groups"`
+	Listeners    []Listener    `toml:"listeners"`
+
+	// File is the path the configuration was loaded from ("" when loaded from bytes).
+	File string `toml:"-"`
+	dir  string // directory relative paths resolve against
+
+	// Lookup tables set by Validate (nil before): name -> index.
+	groupIdx, certIdx, authIdx map[string]int
+}
+
+// Server holds process-wide settings.
+type Server struct {
+	Admin            string `toml:"admin"`              // "host:port" of the admin endpoint; "" disables
+	AdminAllowPublic bool   `toml:"admin_allow_public"` // allow a non-loopback admin address
+	StateDir         string `toml:"state_dir"`
+	ShutdownTimeout  string `toml:"shutdown_timeout"`
+	AccessLog        string `toml:"access_log"` // "", "stdout", "stderr" or a file path
+	LogLevel         string `toml:"log_level"`  // debug | info | warn | error
+
+	shutdownTimeout time.Duration
+}
+
+// Keystore says where private keys are generated and used.
+type Keystore struct {
+	Type        string `toml:"type"`         // software | pkcs11
+	MasterKey   string `toml:"master_key"`   // software: "file:PATH" or "env:NAME"
+	Module      string `toml:"module"`       // pkcs11: path of the PKCS#11 module
+	TokenLabel  string `toml:"token_label"`  // pkcs11: token chosen by label, never by slot
+	Pin         string `toml:"pin"`          // pkcs11: "env:NAME" or "file:PATH"
+	MaxSessions int    `toml:"max_sessions"` // pkcs11: session pool size
+}
+
+// Authority is a private certificate authority whose key lives in the keystore.
+type Authority struct {
+	Name       string `toml:"name"`
+	CommonName string `toml:"common_name"`
+	KeyType    string `toml:"key_type"`
+	Validity   string `toml:"validity"`
+
+	validity time.Duration
+}
+
+// Certificate is a certificate the manager issues (authority or ACME) or imports.
+type Certificate struct {
+	Name       string   `toml:"name"`
+	Domains    []string `toml:"domains"`
+	Authority  string   `toml:"authority"`
+	ACME       string   `toml:"acme"`         // ACME directory URL
+	ACMEEmail  string   `toml:"acme_email"`   // account contact
+	ACMECAFile string   `toml:"acme_ca_file"` // extra root to trust for the ACME server (private ACME)
+	KeyType    string   `toml:"key_type"`
+	Lifetime   string   `toml:"lifetime"`
+	CertFile   string   `toml:"cert_file"` // imported
+	KeyFile    string   `toml:"key_file"`  // imported
+
+	lifetime time.Duration
+}
+
+// Target is one back end of a target group. In TOML it is either "host:port" or
+// { address = "host:port", weight = N }.
+type Target struct {
+	Address string `toml:"address"`
+	Weight  int    `toml:"weight"`
+
+	weightSet bool   // weight was written (so 0 means drained, not "default 1")
+	bad       string // decoding problem, reported by validation with the element's position
+	addr      netip.AddrPort
+}
+
+// TargetGroup is a pool of targets with one protocol and one balancing policy.
+type TargetGroup struct {
+	Name                string       `toml:"name"`
+	Protocol            string       `toml:"protocol"` // http | https | tcp | tls
+	Targets             []Target     `toml:"targets"`
+	Algorithm           string       `toml:"algorithm"`
+	SlowStart           string       `toml:"slow_start"`
+	DeregistrationDelay string       `toml:"deregistration_delay"`
+	HTTP2               bool         `toml:"http2"`
+	ProxyProtocol       string       `toml:"proxy_protocol"`   // "", "v1", "v2"
+	ConnectTimeout      string       `toml:"connect_timeout"`  // dial budget (default 5s)
+	ResponseTimeout     string       `toml:"response_timeout"` // time to response headers before 504 (default 60s)
+	MaxIdleConns        int          `toml:"max_idle_conns"`   // idle keep-alive connections kept per target (default 1024)
+	Stickiness          *Stickiness  `toml:"stickiness"`
+	TLS                 *BackendTLS  `toml:"tls"`
+	HealthCheck         *HealthCheck `toml:"health_check"`
+
+	slowStart, deregistrationDelay, connectTimeout, responseTimeout time.Duration
+	classic                                                         string // listener this group was synthesized for
+	synth                                                           bool   // synthesized by applyDefaults (classic listener)
+}
+
+// Stickiness binds a client to a target.
+type Stickiness struct {
+	Type     string `toml:"type"` // lb_cookie | app_cookie | source_ip
+	Duration string `toml:"duration"`
+	Cookie   string `toml:"cookie"` // app_cookie: the application's cookie name
+
+	duration time.Duration
+}
+
+// BackendTLS is how Fulcrum verifies (and authenticates to) TLS targets.
+type BackendTLS struct {
+	ServerName         string   `toml:"server_name"`
+	Authority          string   `toml:"authority"`
+	CAFile             string   `toml:"ca_file"`
+	PinPublicKeys      []string `toml:"pin_public_keys"` // "sha256/BASE64" of the SubjectPublicKeyInfo
+	ClientCertificate  string   `toml:"client_certificate"`
+	InsecureSkipVerify bool     `toml:"insecure_skip_verify"` // explicit opt-out, for lab use only
+}
+
+// HealthCheck is an active health check.
+type HealthCheck struct {
+	Protocol           string `toml:"protocol"` // http | https | tcp | tls
+	Path               string `toml:"path"`
+	Port               int    `toml:"port"` // 0 = the target's port
+	Interval           string `toml:"interval"`
+	Timeout            string `toml:"timeout"`
+	HealthyThreshold   int    `toml:"healthy_threshold"`
+	UnhealthyThreshold int    `toml:"unhealthy_threshold"`
+	Matcher            string `toml:"matcher"` // "200", "200-399", "200,204,300-399"
+	Disabled           bool   `toml:"disabled"`
+
+	interval, timeout time.Duration
+	matcher           []StatusRange
+}
+
+// StatusRange is an inclusive range of HTTP status codes.
+type StatusRange struct{ Lo, Hi int }
+
+// ClassicHealthCheck is ELB Classic's health check: target = "PROTO:PORT[/path]".
+type ClassicHealthCheck struct {
+	Target             string `toml:"target"`
+	Interval           string `toml:"interval"`
+	Timeout            string `toml:"timeout"`
+	HealthyThreshold   int    `toml:"healthy_threshold"`
+	UnhealthyThreshold int    `toml:"unhealthy_threshold"`
+}
+
+// ClientAuth is mutual TLS on a listener.
+type ClientAuth struct {
+	Mode      string `toml:"mode"` // off | verify | passthrough
+	Authority string `toml:"authority"`
+	CAFile    string `toml:"ca_file"`
+}
+
+// HeaderOps rewrites headers.
+type HeaderOps struct {
+	Set    map[string]string `toml:"set"`
+	Add    map[string]string `toml:"add"`
+	Remove []string          `toml:"remove"`
+}
+
+// WeightedGroup is one target group of a forward action.
+type WeightedGroup struct {
+	Group  string `toml:"group"`
+	Weight int    `toml:"weight"`
+
+	weightSet bool   // weight was written (so 0 means "no traffic", not "default 1")
+	bad       string // decoding problem, reported by validation with the element's position
+}
+
+// Forward is a forward action. In TOML it is either "group" or [{ group = "a", weight = 90 }, ...].
+type Forward []WeightedGroup
+
+// Redirect is an ALB redirect action; empty fields keep the request's value ("#{host}" etc. allowed).
+type Redirect struct {
+	Protocol string `toml:"protocol"`
+	Host     string `toml:"host"`
+	Port     any    `toml:"port"` // 443 or "#{port}"
+	Path     string `toml:"path"`
+	Query    string `toml:"query"`
+	Status   int    `toml:"status"` // 301 | 302 | 307 | 308
+
+	port string
+}
+
+// FixedResponse is an ALB fixed-response action.
+type FixedResponse struct {
+	Status      int    `toml:"status"`
+	ContentType string `toml:"content_type"`
+	Body        string `toml:"body"`
+}
+
+// Action is what a listener does with a request: exactly one of Forward, Redirect, FixedResponse.
+type Action struct {
+	Forward       Forward        `toml:"forward"`
+	Redirect      *Redirect      `toml:"redirect"`
+	FixedResponse *FixedResponse `toml:"fixed_response"`
+}
+
+// Rule is a listener rule: conditions (AND across, OR within) and one action.
+type Rule struct {
+	Priority  int                 `toml:"priority"`
+	Hosts     []string            `toml:"hosts"`
+	Paths     []string            `toml:"paths"`
+	Methods   []string            `toml:"methods"`
+	Headers   map[string][]string `toml:"headers"`
+	Query     map[string][]string `toml:"query"`
+	SourceIPs []string            `toml:"source_ips"`
+
+	Forward       Forward        `toml:"forward"`
+	Redirect      *Redirect      `toml:"redirect"`
+	FixedResponse *FixedResponse `toml:"fixed_response"`
+
+	RequestHeaders  *HeaderOps `toml:"request_headers"`
+	ResponseHeaders *HeaderOps `toml:"response_headers"`
+
+	sourceIPs []netip.Prefix
+}
+
+// Listener is one listening socket and what it does.
+type Listener struct {
+	Name     string `toml:"name"`
+	Style    string `toml:"style"`    // application | network | classic
+	Protocol string `toml:"protocol"` // http | https | tcp | tls | ssl
+	Address  string `toml:"address"`
+
+	Certificates []string    `toml:"certificates"`
+	TLSPolicy    string      `toml:"tls_policy"` // recommended | tls13 | compatible
+	ClientAuth   *ClientAuth `toml:"client_auth"`
+	ALPNPolicy   string      `toml:"alpn_policy"` // network tls listeners (NLB names)
+	HTTP2        *bool       `toml:"http2"`       // application https: default true
+
+	TrustedProxies      []string `toml:"trusted_proxies"`
+	AcceptProxyProtocol bool     `toml:"accept_proxy_protocol"`
+
+	XFF                     string `toml:"xff"`               // append | preserve | remove
+	DesyncMitigation        string `toml:"desync_mitigation"` // monitor | defensive | strictest
+	DropInvalidHeaderFields bool   `toml:"drop_invalid_header_fields"`
+	IdleTimeout             string `toml:"idle_timeout"`
+	HeaderTimeout           string `toml:"header_timeout"` // time to read request headers (default 10s)
+	MaxHeaderBytes          int    `toml:"max_header_bytes"`
+	MaxConnections          int    `toml:"max_connections"` // 0 = unlimited
+
+	// application
+	DefaultAction *Action `toml:"default_action"`
+	Rules         []Rule  `toml:"rules"`
+
+	// network
+	Forward Forward `toml:"forward"`
+
+	// classic
+	BackendProtocol string              `toml:"backend_protocol"`
+	Instances       []Target            `toml:"instances"`
+	ProxyProtocol   bool                `toml:"proxy_protocol"`
+	HealthCheck     *ClassicHealthCheck `toml:"health_check"`
+	BackendTLS      *BackendTLS         `toml:"backend_tls"`
+	RequestHeaders  *HeaderOps          `toml:"request_headers"`
+	ResponseHeaders *HeaderOps          `toml:"response_headers"`
+	Algorithm       string              `toml:"algorithm"`
+
+	trustedProxies             []netip.Prefix
+	idleTimeout, headerTimeout time.Duration
+	addr                       netip.AddrPort
+	synthesized                bool // DefaultAction / Forward were set by Validate (classic)
+}
