@@ -1,0 +1,133 @@
+// Package softhsmtest creates a throw-away SoftHSM2 token for a test package.
+//
+// SOFTHSM2_CONF is read by the module at C_Initialize and is process-wide, so a test package
+// calls Setup once from TestMain and all its tests share the token.
+package softhsmtest
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+
+	"os"
+	"os/exec"
+	"path/filepath"
+)
+
+// Module is where Debian/Ubuntu install SoftHSM2.
+const Module = "/usr/lib/softhsm/libsofthsm2.so"
+
+// Token labels and PINs used by the tests.
+const (
+	Label = "fulcrum"
+	Pin   = "1234"
+	SOPin = "5678"
+)
+
+// Token is a SoftHSM2 token in a temporary directory.
+type Token struct {
+	Dir      string // the directory holding SOFTHSM2_CONF and tokens/
+	TokenDir string // directories.tokendir
+}
+
+// Available reports whether the module and the softhsm2-util tool are installed.
+func Available() bool {
+	if _, err := os.Stat(Module); err != nil {
+		return false
+	}
+	_, err := exec.LookPath("softhsm2-util")
+	return err == nil
+}
+
+// MustSkip reports whether tests needing SoftHSM may be skipped: only when it is absent and
+// CI is unset (in CI a missing HSM is a failure).
+func MustSkip() bool { return !Available() && os.Getenv("CI") == "" }
+
+// Setup creates a token labelled Label under dir and points SOFTHSM2_CONF at it.
+func Setup(dir string) (*Token, error) {
+	if !Available() {
+		return nil, fmt.Errorf("softhsm2 is not installed (%s)", Module)
+	}
+	t := &Token{Dir: dir, TokenDir: filepath.Join(dir, "tokens")}
+	if err := os.MkdirAll(t.TokenDir, 0o700); err != nil {
+		return nil, err
+	}
+	conf := filepath.Join(dir, "softhsm2.conf")
+	body := fmt.Sprintf("directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n", t.TokenDir)
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		return nil, err
+	}
+	os.Setenv("SOFTHSM2_CONF", conf)
+	out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", Label, "--pin", Pin, "--so-pin", SOPin).CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("softhsm2-util --init-token: %v: %s", err, out)
+	}
+	return t, nil
+}
+
+// Remove moves the token's files away (an HSM outage); Restore puts them back.
+func (t *Token) Remove() error  { return os.Rename(t.TokenDir, t.TokenDir+".away") }
+func (t *Token) Restore() error { return os.Rename(t.TokenDir+".away", t.TokenDir) }
+
+// AssertSensitive reads CKA_VALUE of the private key labelled name directly through PKCS#11
+// and expects CKR_ATTRIBUTE_SENSITIVE. It never finalizes the module, which the keystore
+// shares in this process.
+func AssertSensitive(t testing.TB, module, label, pin, name string) {
+	t.Helper()
+	p := pkcs11.New(module)
+	if p == nil {
+		t.Fatal("load module")
+	}
+	defer p.Destroy()
+	if err := p.Initialize(); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED)) {
+		t.Fatal(err)
+	}
+	slots, err := p.GetSlotList(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var slot uint
+	found := false
+	for _, s := range slots {
+		ti, err := p.GetTokenInfo(s)
+		if err == nil && ti.Label == label {
+			slot, found = s, true
+		}
+	}
+	if !found {
+		t.Fatal("token not found")
+	}
+	sh, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.CloseSession(sh)
+	if err := p.Login(sh, pkcs11.CKU_USER, pin); err != nil && !errors.Is(err, pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN)) {
+		t.Fatal(err)
+	}
+	if err := p.FindObjectsInit(sh, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, name),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	objs, _, err := p.FindObjects(sh, 4)
+	p.FindObjectsFinal(sh)
+	if err != nil || len(objs) != 1 {
+		t.Fatalf("find private key %s: %v (%d objects)", name, err, len(objs))
+	}
+	_, err = p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	if !errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_SENSITIVE)) {
+		t.Fatalf("reading CKA_VALUE of %s: got %v, want CKR_ATTRIBUTE_SENSITIVE", name, err)
+	}
+	attrs, err := p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if attrs[0].Value[0] != 1 || attrs[1].Value[0] != 0 {
+		t.Fatalf("CKA_SENSITIVE=%v CKA_EXTRACTABLE=%v", attrs[0].Value, attrs[1].Value)
+	}
+}

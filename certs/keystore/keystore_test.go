@@ -1,0 +1,256 @@
+package keystore
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/certs/internal/softhsmtest"
+	"github.com/fulcrum-lb/fulcrum/configs"
+)
+
+var token *softhsmtest.Token
+
+func TestMain(m *testing.M) {
+	if softhsmtest.Available() {
+		dir, err := os.MkdirTemp("", "softhsm-keystore-*")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		token, err = softhsmtest.Setup(dir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		code := m.Run()
+		os.RemoveAll(dir)
+		os.Exit(code)
+	}
+	os.Exit(m.Run())
+}
+
+func needHSM(t testing.TB) {
+	t.Helper()
+	if token == nil {
+		if softhsmtest.MustSkip() {
+			t.Skip("softhsm2 not installed")
+		}
+		t.Fatal("softhsm2 not installed (CI is set)")
+	}
+}
+
+func openHSM(t testing.TB) Keystore {
+	t.Helper()
+	needHSM(t)
+	t.Setenv("TEST_HSM_PIN", softhsmtest.Pin)
+	ks, err := Open(context.Background(), configs.Keystore{Type: "pkcs11", Module: softhsmtest.Module, TokenLabel: softhsmtest.Label, Pin: "env:TEST_HSM_PIN", MaxSessions: 8}, Options{Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ks.Close() })
+	return ks
+}
+
+func signVerify(t testing.TB, s crypto.Signer) error {
+	t.Helper()
+	d := sha256.Sum256([]byte("hello"))
+	sig, err := s.Sign(rand.Reader, d[:], crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	if !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), d[:], sig) {
+		t.Fatal("signature does not verify")
+	}
+	return nil
+}
+
+func TestSoftwareSealed(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	ks, err := Open(ctx, configs.Keystore{}, Options{StateDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ks.Generate(ctx, "cert-www-1", ECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := signVerify(t, s); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, "master.key")); err != nil || fi.Mode().Perm() != 0o600 || fi.Size() != 32 {
+		t.Fatalf("master key: %v %v", fi, err)
+	}
+	priv := s.(countingSigner).Signer.(*ecdsa.PrivateKey)
+	raw, _ := priv.Bytes()
+	assertNoKeyOnDisk(t, dir, raw)
+
+	// A second keystore over the same state finds the key again.
+	ks2, err := Open(ctx, configs.Keystore{MasterKey: "file:" + filepath.Join(dir, "master.key")}, Options{StateDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := ks2.Signer(ctx, "cert-www-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s2.Public().(*ecdsa.PublicKey).Equal(s.Public()) {
+		t.Fatal("reloaded key differs")
+	}
+	// Renaming a sealed file into another key name fails (the name is authenticated).
+	b, _ := os.ReadFile(filepath.Join(dir, "keys", "cert-www-1.sealed"))
+	os.WriteFile(filepath.Join(dir, "keys", "other.sealed"), b, 0o600)
+	if _, err := ks2.Signer(ctx, "other"); err == nil {
+		t.Fatal("renamed sealed key opened")
+	}
+	// A wrong master key fails.
+	t.Setenv("TEST_MK", base64.StdEncoding.EncodeToString(make([]byte, 32)))
+	ks3, err := Open(ctx, configs.Keystore{MasterKey: "env:TEST_MK"}, Options{StateDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ks3.Signer(ctx, "cert-www-1"); err == nil {
+		t.Fatal("opened with the wrong master key")
+	}
+	if _, err := ks2.Signer(ctx, "missing"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("missing key: %v", err)
+	}
+	if err := ks2.Delete(ctx, "cert-www-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "keys", "cert-www-1.sealed")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatal("sealed file survived Delete")
+	}
+	if _, err := ks.Generate(ctx, "../x", ECDSAP256); err == nil {
+		t.Fatal("path traversal in key name accepted")
+	}
+}
+
+// assertNoKeyOnDisk scans dir for PEM private keys and for the raw key bytes.
+func assertNoKeyOnDisk(t testing.TB, dir string, raw []byte) {
+	t.Helper()
+	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(b, []byte("PRIVATE KEY")) {
+			t.Errorf("%s contains a PEM private key", p)
+		}
+		if len(raw) > 0 && bytes.Contains(b, raw) {
+			t.Errorf("%s contains the raw private key", p)
+		}
+		return nil
+	})
+}
+
+func TestPKCS11KeysSensitive(t *testing.T) {
+	ks := openHSM(t)
+	ctx := context.Background()
+	s, err := ks.Generate(ctx, "t-sensitive", ECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := signVerify(t, s); err != nil {
+		t.Fatal(err)
+	}
+	if got := ks.Describe(); got != "pkcs11 token fulcrum" {
+		t.Fatalf("Describe = %q", got)
+	}
+	softhsmtest.AssertSensitive(t, softhsmtest.Module, softhsmtest.Label, softhsmtest.Pin, "t-sensitive")
+	// Found again by label.
+	if err := ks.Delete(ctx, "t-sensitive"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ks.Signer(ctx, "t-sensitive"); err == nil {
+		t.Fatal("deleted key found")
+	}
+}
+
+func TestPKCS11Outage(t *testing.T) {
+	ks := openHSM(t)
+	ctx := context.Background()
+	s, err := ks.Generate(ctx, "t-outage", ECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := signVerify(t, s); err != nil {
+		t.Fatal(err)
+	}
+	if err := token.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	restored := false
+	defer func() {
+		if !restored {
+			token.Restore()
+		}
+	}()
+	failed := false
+	for i := 0; i < 200 && !failed; i++ {
+		if err := signVerify(t, s); err != nil {
+			t.Logf("sign during outage: %v", err)
+			failed = true
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !failed {
+		t.Fatal("signatures kept working with the token removed")
+	}
+	if err := token.Restore(); err != nil {
+		t.Fatal(err)
+	}
+	restored = true
+	start := time.Now()
+	for {
+		err := signVerify(t, s)
+		if err == nil {
+			break
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("no recovery 5s after restore: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("recovered %v after restore; rebuilds=%d", time.Since(start), ks.Stats().Rebuilds.Load())
+}
+
+func benchSign(b *testing.B, ks Keystore) {
+	s, err := ks.Generate(context.Background(), "bench-sign", ECDSAP256)
+	if err != nil {
+		b.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := s.Sign(rand.Reader, d[:], crypto.SHA256); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkSignECDSAP256PKCS11(b *testing.B) { benchSign(b, openHSM(b)) }
+func BenchmarkSignECDSAP256Software(b *testing.B) {
+	ks, err := Open(context.Background(), configs.Keystore{}, Options{StateDir: b.TempDir()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchSign(b, ks)
+}

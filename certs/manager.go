@@ -1,0 +1,785 @@
+// Package certs is Fulcrum's certificate manager: the keystore (PKCS#11 or the sealed software
+// keystore), private authorities, the certificate lifecycle (issue, import, renew), SNI
+// selection and TLS policies.
+//
+// certmagic keeps the certificate cache and its name index; the lifecycle is ours because
+// certmagic cannot manage a certificate whose key stays in an HSM (it PEM-encodes keys). Our
+// loop generates the key in the keystore, builds the CSR with the keystore signer, calls the
+// issuer, stores the certificate with a key reference (never key material) and installs it
+// with CacheUnmanagedTLSCertificate, removing the old hash after the new one is in.
+package certs
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+	"github.com/fulcrum-lb/fulcrum/certs/keystore"
+	"github.com/fulcrum-lb/fulcrum/configs"
+	"go.uber.org/zap"
+)
+
+// ExpiryWarning is how long before expiry imported (and failing) certificates are warned about.
+const ExpiryWarning = 45 * 24 * time.Hour
+
+const tagPrefix = "fulcrum/"
+
+// Manager owns the keystore, the certificate cache and every certificate's renewal loop.
+type Manager struct {
+	log      *slog.Logger
+	ks       keystore.Keystore
+	stateDir string
+	prefix   string // per-state-dir key-name prefix so several instances can share one token
+	cache    *certmagic.Cache
+	cmcfg    *certmagic.Config
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex // control plane: Reconcile, Renew, Import, Close
+	closed bool
+	cfg    atomic.Pointer[configs.Config]
+	snap   atomic.Pointer[snapshot]
+
+	tickets ticketKeys
+}
+
+// snapshot is one immutable generation of authorities and certificates.
+type snapshot struct {
+	auths map[string]*Authority
+	certs map[string]*entry
+}
+
+// entry is one configured certificate. cur is what handshakes serve; it is replaced atomically.
+type entry struct {
+	name     string
+	spec     configs.Certificate
+	kind     string // "issued", "imported" (cert_file) or "stored" (imported into state by Import)
+	usage    Usage
+	kt       keystore.KeyType
+	lifetime time.Duration
+	auth     *Authority
+
+	cur      atomic.Pointer[tls.Certificate]
+	failures atomic.Int64
+
+	mu       sync.Mutex // serialises renewals
+	hash     string     // certmagic cache hash of cur
+	gen      int
+	keyName  string
+	location string
+
+	kick   chan struct{}
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// storedCert is state_dir/certificates/NAME.json: the chain and a key reference, never a key.
+type storedCert struct {
+	Name        string   `json:"name"`
+	Kind        string   `json:"kind"`
+	Generation  int      `json:"generation"`
+	Key         string   `json:"key"`          // keystore key name
+	KeyLocation string   `json:"key_location"` // keystore description
+	KeyType     string   `json:"key_type"`
+	Domains     []string `json:"domains"`
+	Usage       Usage    `json:"usage"`
+	Issuer      string   `json:"issuer"`
+	Chain       string   `json:"chain"` // PEM certificates only
+}
+
+// NewManager opens the keystore, loads or creates the authorities and loads, issues or imports
+// every certificate. Background loops run until Close (or until ctx is cancelled).
+func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Manager, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	stateDir := cfg.Server.StateDir
+	if stateDir == "" {
+		stateDir = "state"
+	}
+	stateDir = cfg.Resolve(stateDir)
+	if err := os.MkdirAll(filepath.Join(stateDir, "certificates"), 0o700); err != nil {
+		return nil, fmt.Errorf("certs: state dir: %w", err)
+	}
+	prefix, err := instancePrefix(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	ks, err := keystore.Open(ctx, cfg.Keystore, keystore.Options{StateDir: stateDir, Resolve: cfg.Resolve, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	m := &Manager{log: log, ks: ks, stateDir: stateDir, prefix: prefix}
+	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	m.cache = certmagic.NewCache(certmagic.CacheOptions{
+		GetConfigForCert: func(certmagic.Certificate) (*certmagic.Config, error) { return m.cmcfg, nil },
+		Logger:           zap.NewNop(),
+	})
+	// certmagic must never reach the network on its own: explicit issuer, no OCSP, no ARI,
+	// no on-demand issuance, storage under our state dir.
+	m.cmcfg = certmagic.New(m.cache, certmagic.Config{
+		Issuers: []certmagic.Issuer{refuseIssuer{}},
+		OCSP:    certmagic.OCSPConfig{DisableStapling: true},
+		Storage: &certmagic.FileStorage{Path: filepath.Join(stateDir, "certmagic")},
+		Logger:  zap.NewNop(),
+	})
+	m.cmcfg.DisableARI = true
+	m.tickets.init()
+
+	snap, fresh, err := m.prepare(ctx, cfg, nil)
+	if err != nil {
+		m.cache.Stop()
+		ks.Close()
+		m.cancel()
+		return nil, err
+	}
+	m.cfg.Store(cfg)
+	m.commit(snap, fresh, nil)
+
+	m.wg.Add(2)
+	go m.rotateTickets()
+	go m.watchExpiry()
+	// Stop when the caller's context ends, too.
+	go func() {
+		select {
+		case <-ctx.Done():
+			m.Close()
+		case <-m.ctx.Done():
+		}
+	}()
+	return m, nil
+}
+
+// Keystore is the manager's keystore (its Stats feed the metrics).
+func (m *Manager) Keystore() keystore.Keystore { return m.ks }
+
+// Authority returns a configured authority, or nil.
+func (m *Manager) Authority(name string) *Authority { return m.snap.Load().auths[name] }
+
+// Reconcile applies a reloaded configuration: new certificates are issued or loaded and
+// removed ones retired. Everything new is built first; on any failure nothing changes.
+func (m *Manager) Reconcile(cfg *configs.Config) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("certs: manager closed")
+	}
+	old := m.cfg.Load()
+	if !reflect.DeepEqual(old.Keystore, cfg.Keystore) {
+		return errors.New("certs: changing [keystore] needs a restart")
+	}
+	if cfg.Resolve(orDefault(cfg.Server.StateDir, "state")) != m.stateDir {
+		return errors.New("certs: changing server.state_dir needs a restart")
+	}
+	oldSnap := m.snap.Load()
+	snap, fresh, err := m.prepare(m.ctx, cfg, oldSnap)
+	if err != nil {
+		return err
+	}
+	m.cfg.Store(cfg)
+	m.commit(snap, fresh, oldSnap)
+	return nil
+}
+
+// prepare builds a snapshot for cfg, reusing unchanged authorities and certificates of old.
+// It returns the entries that are new (to install and start) and touches nothing served.
+func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapshot) (*snapshot, []*entry, error) {
+	s := &snapshot{auths: map[string]*Authority{}, certs: map[string]*entry{}}
+	var errs []error
+	for _, a := range cfg.Authorities {
+		if old != nil {
+			if oa := old.auths[a.Name]; oa != nil && oa.Cert.Subject.CommonName == commonName(a) {
+				s.auths[a.Name] = oa
+				continue
+			}
+		}
+		auth, created, err := loadOrCreateAuthority(ctx, m.ks, m.stateDir, m.prefix, a)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if created {
+			m.log.Info("created authority", "authority", a.Name, "key", m.ks.Describe(), "not_after", auth.Cert.NotAfter)
+		}
+		s.auths[a.Name] = auth
+	}
+	if len(errs) > 0 {
+		return nil, nil, errors.Join(errs...)
+	}
+	clientNames := map[string]bool{}
+	for _, g := range cfg.TargetGroups {
+		if g.TLS != nil && g.TLS.ClientCertificate != "" {
+			clientNames[g.TLS.ClientCertificate] = true
+		}
+	}
+	for _, l := range cfg.Listeners {
+		for _, n := range l.Certificates {
+			if cfg.Cert(n) == nil {
+				errs = append(errs, fmt.Errorf("certs: listener %s: unknown certificate %q", l.Name, n))
+			}
+		}
+	}
+	var fresh []*entry
+	for _, c := range cfg.Certificates {
+		e := &entry{name: c.Name, spec: c, usage: UsageServer, kt: keystore.KeyType(orDefault(c.KeyType, string(keystore.DefaultKeyType)))}
+		if clientNames[c.Name] {
+			e.usage |= UsageClient
+		}
+		e.lifetime = c.LifetimeDuration()
+		if e.lifetime <= 0 {
+			e.lifetime = parseDur(c.Lifetime, DefaultLifetime)
+		}
+		switch {
+		case c.CertFile != "":
+			e.kind = "imported"
+		case c.Authority != "":
+			e.kind = "issued"
+			e.auth = s.auths[c.Authority]
+			if e.auth == nil {
+				errs = append(errs, fmt.Errorf("certs: certificate %s: unknown authority %q", c.Name, c.Authority))
+				continue
+			}
+		case c.ACME != "":
+			errs = append(errs, fmt.Errorf("certs: certificate %s: ACME issuance is not implemented yet", c.Name))
+			continue
+		default:
+			e.kind = "stored" // imported into the state dir with Import
+		}
+		if old != nil {
+			if oe := old.certs[c.Name]; oe != nil && reflect.DeepEqual(oe.spec, c) && oe.auth == e.auth && oe.usage == e.usage && oe.kind == e.kind {
+				s.certs[c.Name] = oe
+				continue
+			}
+		}
+		if err := m.load(ctx, cfg, e); err != nil {
+			errs = append(errs, fmt.Errorf("certs: certificate %s: %w", c.Name, err))
+			continue
+		}
+		s.certs[c.Name] = e
+		fresh = append(fresh, e)
+	}
+	if len(errs) > 0 {
+		return nil, nil, errors.Join(errs...)
+	}
+	return s, fresh, nil
+}
+
+// commit installs the fresh entries, publishes the snapshot and retires what old alone held.
+func (m *Manager) commit(s *snapshot, fresh []*entry, old *snapshot) {
+	for _, e := range fresh {
+		if err := m.install(e, e.cur.Load()); err != nil {
+			m.log.Error("certificate cache", "certificate", e.name, "err", err)
+		}
+	}
+	m.snap.Store(s)
+	for _, e := range fresh {
+		if e.kind == "issued" {
+			m.startRenewal(e)
+		}
+	}
+	if old == nil {
+		return
+	}
+	for name, oe := range old.certs {
+		if s.certs[name] == oe {
+			continue
+		}
+		m.stopRenewal(oe)
+		oe.mu.Lock()
+		if oe.hash != "" {
+			m.cache.Remove([]string{oe.hash})
+		}
+		oe.mu.Unlock()
+	}
+}
+
+// load fills e.cur: imported from files, or from the state dir, or freshly issued.
+func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error {
+	switch e.kind {
+	case "imported":
+		// The key is kept in memory only; the operator's key file is the source of truth
+		// (imported certificates are never renewed, as in ACM).
+		tc, err := tls.LoadX509KeyPair(cfg.Resolve(e.spec.CertFile), cfg.Resolve(orDefault(e.spec.KeyFile, e.spec.CertFile)))
+		if err != nil {
+			return fmt.Errorf("import %s: %w", e.spec.CertFile, err)
+		}
+		e.location = "memory (imported from " + e.spec.KeyFile + ")"
+		e.cur.Store(&tc)
+		m.warnExpiry(e, tc.Leaf)
+		return nil
+	case "stored":
+		st, tc, err := m.readStored(ctx, e.name)
+		if err != nil {
+			return fmt.Errorf("no certificate imported into the state dir (use the import command): %w", err)
+		}
+		e.gen, e.keyName, e.location = st.Generation, st.Key, m.ks.Describe()+": "+st.Key
+		e.cur.Store(tc)
+		m.warnExpiry(e, tc.Leaf)
+		return nil
+	}
+	if st, tc, err := m.readStored(ctx, e.name); err == nil {
+		if m.storedMatches(e, st, tc.Leaf) {
+			e.gen, e.keyName, e.location = st.Generation, st.Key, st.KeyLocation
+			e.cur.Store(tc)
+			m.log.Info("reusing stored certificate", "certificate", e.name, "serial", serialHex(tc.Leaf), "not_after", tc.Leaf.NotAfter)
+			return nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		m.log.Warn("stored certificate unusable; issuing a new one", "certificate", e.name, "err", err)
+		// Keep counting generations so new key names never collide with old ones.
+		if b, rerr := os.ReadFile(m.certPath(e.name)); rerr == nil {
+			var st storedCert
+			if json.Unmarshal(b, &st) == nil {
+				e.gen = st.Generation
+			}
+		}
+	}
+	tc, st, err := m.issue(ctx, e, e.gen+1)
+	if err != nil {
+		return err
+	}
+	e.gen, e.keyName, e.location = st.Generation, st.Key, st.KeyLocation
+	e.cur.Store(tc)
+	return nil
+}
+
+func (m *Manager) storedMatches(e *entry, st *storedCert, leaf *x509.Certificate) bool {
+	return st.Kind == "issued" &&
+		slices.Equal(normDomains(st.Domains), normDomains(e.spec.Domains)) &&
+		st.Issuer == e.auth.IssuerKey() &&
+		st.KeyType == string(e.kt) &&
+		st.Usage == e.usage &&
+		time.Now().Before(leaf.NotAfter) &&
+		chainsTo(leaf, e.auth)
+}
+
+func chainsTo(leaf *x509.Certificate, a *Authority) bool {
+	return leaf.CheckSignatureFrom(a.Cert) == nil
+}
+
+// readStored loads state_dir/certificates/NAME.json and finds its key in the keystore.
+func (m *Manager) readStored(ctx context.Context, name string) (*storedCert, *tls.Certificate, error) {
+	b, err := os.ReadFile(m.certPath(name))
+	if err != nil {
+		return nil, nil, err
+	}
+	var st storedCert
+	if err := json.Unmarshal(b, &st); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", m.certPath(name), err)
+	}
+	chain, err := parseChainPEM([]byte(st.Chain))
+	if err != nil {
+		return nil, nil, err
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return nil, nil, err
+	}
+	signer, err := m.ks.Signer(ctx, st.Key)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
+		return nil, nil, fmt.Errorf("key %s does not match the stored certificate", st.Key)
+	}
+	return &st, &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}, nil
+}
+
+func (m *Manager) certPath(name string) string {
+	return filepath.Join(m.stateDir, "certificates", name+".json")
+}
+
+func (m *Manager) keyName(name string, gen int) string {
+	return m.prefix + "cert-" + name + "-" + strconv.Itoa(gen)
+}
+
+// issue generates generation gen's key in the keystore, has the CSR signed and stores the
+// result with a key reference.
+func (m *Manager) issue(ctx context.Context, e *entry, gen int) (*tls.Certificate, *storedCert, error) {
+	keyName := m.keyName(e.name, gen)
+	signer, err := m.ks.Generate(ctx, keyName, e.kt)
+	if err != nil {
+		return nil, nil, err
+	}
+	fail := func(err error) (*tls.Certificate, *storedCert, error) {
+		_ = m.ks.Delete(ctx, keyName)
+		return nil, nil, err
+	}
+	req := &x509.CertificateRequest{}
+	for _, d := range e.spec.Domains {
+		if ip := net.ParseIP(d); ip != nil {
+			req.IPAddresses = append(req.IPAddresses, ip)
+		} else {
+			req.DNSNames = append(req.DNSNames, strings.ToLower(d))
+		}
+	}
+	if len(e.spec.Domains) > 0 && len(e.spec.Domains[0]) <= 64 {
+		req.Subject = pkix.Name{CommonName: e.spec.Domains[0]}
+	}
+	csrDER, err := x509.CreateCertificateRequest(rand.Reader, req, signer)
+	if err != nil {
+		return fail(fmt.Errorf("csr signed by %s: %w", m.ks.Describe(), err))
+	}
+	csr, err := x509.ParseCertificateRequest(csrDER)
+	if err != nil {
+		return fail(err)
+	}
+	issuer := e.auth.Issuer(e.lifetime, e.usage)
+	ic, err := issuer.Issue(ctx, csr)
+	if err != nil {
+		return fail(fmt.Errorf("issue: %w", err))
+	}
+	chain, err := parseChainPEM(ic.Certificate)
+	if err != nil {
+		return fail(err)
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return fail(err)
+	}
+	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
+		return fail(errors.New("issuer returned a certificate for another key"))
+	}
+	st := &storedCert{Name: e.name, Kind: "issued", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
+		KeyType: string(e.kt), Domains: e.spec.Domains, Usage: e.usage, Issuer: issuer.IssuerKey(), Chain: string(ic.Certificate)}
+	if err := m.writeStored(st); err != nil {
+		return fail(err)
+	}
+	m.log.Info("issued certificate", "certificate", e.name, "serial", serialHex(leaf), "not_after", leaf.NotAfter, "key", st.KeyLocation)
+	return &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}, st, nil
+}
+
+func (m *Manager) writeStored(st *storedCert) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(m.certPath(st.Name), b, 0o600); err != nil {
+		return fmt.Errorf("store certificate %s: %w", st.Name, err)
+	}
+	return nil
+}
+
+// install puts tc into the certmagic cache (tagged with the certificate name) and removes the
+// previous hash only after the new one is in, so no handshake ever finds nothing.
+// Callers hold e.mu or own e exclusively.
+func (m *Manager) install(e *entry, tc *tls.Certificate) error {
+	hash, err := m.cmcfg.CacheUnmanagedTLSCertificate(m.ctx, *tc, []string{tagPrefix + e.name})
+	if err != nil {
+		return err
+	}
+	e.cur.Store(tc)
+	if e.hash != "" && e.hash != hash {
+		m.cache.Remove([]string{e.hash})
+	}
+	e.hash = hash
+	return nil
+}
+
+func (m *Manager) startRenewal(e *entry) {
+	ctx, cancel := context.WithCancel(m.ctx)
+	e.cancel, e.done, e.kick = cancel, make(chan struct{}), make(chan struct{}, 1)
+	m.wg.Add(1)
+	go m.renewLoop(ctx, e)
+}
+
+func (m *Manager) stopRenewal(e *entry) {
+	if e.cancel != nil {
+		e.cancel()
+		<-e.done
+	}
+}
+
+// renewAt is when a third of the certificate's lifetime is left.
+func renewAt(leaf *x509.Certificate) time.Time {
+	life := leaf.NotAfter.Sub(leaf.NotBefore)
+	return leaf.NotAfter.Add(-life / 3)
+}
+
+// renewLoop renews e when a third of its lifetime is left, backing off on failures.
+func (m *Manager) renewLoop(ctx context.Context, e *entry) {
+	defer m.wg.Done()
+	defer close(e.done)
+	defer func() {
+		if r := recover(); r != nil {
+			m.log.Error("renewal loop panic", "certificate", e.name, "panic", r)
+		}
+	}()
+	backoff := time.Duration(0)
+	for {
+		next := renewAt(e.cur.Load().Leaf)
+		if backoff > 0 {
+			next = time.Now().Add(backoff)
+		}
+		t := time.NewTimer(time.Until(next))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-e.kick:
+			t.Stop()
+		case <-t.C:
+		}
+		if err := m.renew(ctx, e); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			n := e.failures.Add(1)
+			backoff = min(max(2*backoff, 500*time.Millisecond), 5*time.Minute)
+			// Never back off past expiry by much: keep retrying at least every tenth of the lifetime.
+			if lt := e.cur.Load().Leaf; lt != nil {
+				backoff = min(backoff, max(lt.NotAfter.Sub(lt.NotBefore)/10, 500*time.Millisecond))
+			}
+			m.log.Error("renewal failed", "certificate", e.name, "failures", n, "retry_in", backoff, "err", err)
+			continue
+		}
+		backoff = 0
+	}
+}
+
+// renew issues generation gen+1, swaps it in and deletes generation gen-1's key (one previous
+// generation is kept so handshakes that already picked the old certificate still sign).
+func (m *Manager) renew(ctx context.Context, e *entry) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	tc, st, err := m.issue(ctx, e, e.gen+1)
+	if err != nil {
+		return err
+	}
+	if err := m.install(e, tc); err != nil {
+		return err
+	}
+	prevGen := e.gen
+	e.gen, e.keyName, e.location = st.Generation, st.Key, st.KeyLocation
+	e.failures.Store(0)
+	if prevGen >= 1 {
+		if err := m.ks.Delete(ctx, m.keyName(e.name, prevGen-1)); err != nil {
+			m.log.Warn("deleting an old key generation", "certificate", e.name, "err", err)
+		}
+	}
+	return nil
+}
+
+// Renew renews a certificate now (issued certificates only).
+func (m *Manager) Renew(name string) error {
+	e := m.snap.Load().certs[name]
+	if e == nil {
+		return fmt.Errorf("certs: unknown certificate %q", name)
+	}
+	if e.kind != "issued" {
+		return fmt.Errorf("certs: %s is imported; imported certificates are never renewed", name)
+	}
+	return m.renew(m.ctx, e)
+}
+
+// Import stores an externally issued certificate and key: the key goes into the keystore
+// (sealed, or refused by a PKCS#11 token) and the chain into the state dir. A configured
+// certificate of that name with neither authority, acme nor cert_file serves it, immediately
+// if it is loaded.
+func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return fmt.Errorf("certs: import %s: %w", name, err)
+	}
+	signer, ok := pair.PrivateKey.(crypto.Signer)
+	if !ok {
+		return fmt.Errorf("certs: import %s: key is not a signer", name)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	gen := 1
+	if st, _, err := m.readStored(m.ctx, name); err == nil {
+		gen = st.Generation + 1
+	}
+	keyName := m.prefix + "import-" + name + "-" + strconv.Itoa(gen)
+	ks, err := m.ks.Import(m.ctx, keyName, signer)
+	if err != nil {
+		return fmt.Errorf("certs: import %s into %s: %w", name, m.ks.Describe(), err)
+	}
+	var chainPEM []byte
+	for _, der := range pair.Certificate {
+		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	st := &storedCert{Name: name, Kind: "imported", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
+		Domains: pair.Leaf.DNSNames, Issuer: pair.Leaf.Issuer.String(), Chain: string(chainPEM)}
+	if err := m.writeStored(st); err != nil {
+		return err
+	}
+	if e := m.snap.Load().certs[name]; e != nil && e.kind == "stored" {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		tc := &tls.Certificate{Certificate: pair.Certificate, PrivateKey: ks, Leaf: pair.Leaf}
+		if err := m.install(e, tc); err != nil {
+			return err
+		}
+		if e.keyName != "" && e.keyName != keyName {
+			_ = m.ks.Delete(m.ctx, e.keyName)
+		}
+		e.gen, e.keyName, e.location = gen, keyName, st.KeyLocation
+	}
+	return nil
+}
+
+// Export returns the served chain as PEM. Keys are never exported.
+func (m *Manager) Export(name string) ([]byte, error) {
+	e := m.snap.Load().certs[name]
+	if e == nil {
+		return nil, fmt.Errorf("certs: unknown certificate %q", name)
+	}
+	var out []byte
+	for _, der := range e.cur.Load().Certificate {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	return out, nil
+}
+
+// CertInfo describes a managed certificate for the CLI and the admin endpoint.
+type CertInfo struct {
+	Name          string
+	Kind          string // issued | imported | stored
+	Domains       []string
+	Issuer        string
+	Serial        string // hex
+	NotBefore     time.Time
+	NotAfter      time.Time
+	RenewAt       time.Time // zero for imported certificates
+	KeyLocation   string
+	Generation    int
+	RenewFailures int64
+}
+
+// List describes every certificate, sorted by name.
+func (m *Manager) List() []CertInfo {
+	s := m.snap.Load()
+	out := make([]CertInfo, 0, len(s.certs))
+	for _, e := range s.certs {
+		e.mu.Lock()
+		tc := e.cur.Load()
+		ci := CertInfo{Name: e.name, Kind: e.kind, Domains: slices.Clone(tc.Leaf.DNSNames), Issuer: tc.Leaf.Issuer.CommonName,
+			Serial: serialHex(tc.Leaf), NotBefore: tc.Leaf.NotBefore, NotAfter: tc.Leaf.NotAfter,
+			KeyLocation: e.location, Generation: e.gen, RenewFailures: e.failures.Load()}
+		e.mu.Unlock()
+		for _, ip := range tc.Leaf.IPAddresses {
+			ci.Domains = append(ci.Domains, ip.String())
+		}
+		if e.kind == "issued" {
+			ci.RenewAt = renewAt(tc.Leaf)
+		}
+		out = append(out, ci)
+	}
+	slices.SortFunc(out, func(a, b CertInfo) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// Close stops every background loop and releases the keystore. Safe to call twice.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return
+	}
+	m.closed = true
+	m.mu.Unlock()
+	m.cancel()
+	m.wg.Wait()
+	m.cache.Stop()
+	if err := m.ks.Close(); err != nil {
+		m.log.Warn("closing keystore", "err", err)
+	}
+}
+
+// watchExpiry logs certificates within ExpiryWarning of expiry twice a day.
+func (m *Manager) watchExpiry() {
+	defer m.wg.Done()
+	t := time.NewTicker(12 * time.Hour)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+			for _, e := range m.snap.Load().certs {
+				m.warnExpiry(e, e.cur.Load().Leaf)
+			}
+		}
+	}
+}
+
+func (m *Manager) warnExpiry(e *entry, leaf *x509.Certificate) {
+	if leaf == nil {
+		return
+	}
+	left := time.Until(leaf.NotAfter)
+	if left < ExpiryWarning && (e.kind != "issued" || e.failures.Load() > 0) {
+		m.log.Warn("certificate expires soon", "certificate", e.name, "kind", e.kind, "not_after", leaf.NotAfter, "days_left", int(left.Hours()/24))
+	}
+}
+
+// refuseIssuer keeps certmagic from ever falling back to its default ACME issuer.
+type refuseIssuer struct{}
+
+func (refuseIssuer) IssuerKey() string { return "fulcrum-none" }
+func (refuseIssuer) Issue(context.Context, *x509.CertificateRequest) (*certmagic.IssuedCertificate, error) {
+	return nil, errors.New("certmagic issuance is disabled in Fulcrum")
+}
+
+func instancePrefix(stateDir string) (string, error) {
+	p := filepath.Join(stateDir, "instance-id")
+	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) == 8 {
+		return "f" + strings.TrimSpace(string(b)) + "-", nil
+	}
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	id := hex.EncodeToString(b)
+	if err := writeFileAtomic(p, []byte(id+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("certs: instance id: %w", err)
+	}
+	return "f" + id + "-", nil
+}
+
+func serialHex(c *x509.Certificate) string {
+	if c == nil {
+		return ""
+	}
+	return hex.EncodeToString(c.SerialNumber.Bytes())
+}
+
+func normDomains(d []string) []string {
+	out := make([]string, len(d))
+	for i, s := range d {
+		out[i] = strings.TrimSuffix(strings.ToLower(s), ".")
+	}
+	slices.Sort(out)
+	return out
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}

@@ -1,0 +1,329 @@
+package certs
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
+)
+
+// Session-ticket key rotation: a new key every TicketRotation, the previous one still accepted.
+const TicketRotation = 12 * time.Hour
+
+var (
+	errNoCertificate = errors.New("certs: no certificate for this listener")
+	errACMEOnly      = errors.New("certs: acme-tls/1 is not served (no ACME issuer)")
+)
+
+// Cipher suites by policy. TLS 1.3 suites are not configurable in Go and are all AEAD.
+var (
+	suitesRecommended = []uint16{
+		tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+		tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+		tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+		tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+		tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+		tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+	}
+	suitesCompatible = append(append([]uint16(nil), suitesRecommended...),
+		tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA,
+		tls.TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA,
+		tls.TLS_RSA_WITH_AES_128_GCM_SHA256,
+		tls.TLS_RSA_WITH_AES_256_GCM_SHA384,
+		tls.TLS_RSA_WITH_AES_128_CBC_SHA,
+		tls.TLS_RSA_WITH_AES_256_CBC_SHA,
+	)
+)
+
+// ServerTLS returns the listener's TLS configuration: its policy, SNI among ONLY its
+// certificates (exact name, then wildcard, then its first certificate), rotated session
+// tickets and client authentication. The caller sets NextProtos.
+func (m *Manager) ServerTLS(l *configs.Listener) (*tls.Config, error) {
+	if len(l.Certificates) == 0 {
+		return nil, fmt.Errorf("certs: listener %s has no certificates", l.Name)
+	}
+	snap := m.snap.Load()
+	names := append([]string(nil), l.Certificates...)
+	set := make(map[string]struct{}, len(names))
+	for _, n := range names {
+		if snap.certs[n] == nil {
+			return nil, fmt.Errorf("certs: listener %s: unknown certificate %q", l.Name, n)
+		}
+		set[n] = struct{}{}
+	}
+	tc := &tls.Config{
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return m.pick(names, set, hello)
+		},
+	}
+	switch l.TLSPolicy {
+	case "", "recommended":
+		tc.MinVersion = tls.VersionTLS12
+		tc.CipherSuites = suitesRecommended
+	case "tls13":
+		tc.MinVersion = tls.VersionTLS13
+	case "compatible":
+		tc.MinVersion = tls.VersionTLS10
+		tc.CipherSuites = suitesCompatible
+	default:
+		return nil, fmt.Errorf("certs: listener %s: unknown tls_policy %q", l.Name, l.TLSPolicy)
+	}
+	// Tickets are encrypted under per-listener keys derived from the rotating secrets, so a
+	// ticket from one listener never resumes on another (different certificates or mTLS).
+	holder := m.tickets.holder(l.Name)
+	tc.WrapSession = holder.EncryptTicket
+	tc.UnwrapSession = holder.DecryptTicket
+
+	if ca := l.ClientAuth; ca != nil {
+		switch ca.Mode {
+		case "", "off":
+		case "verify":
+			pool, err := m.trustPool(ca.Authority, ca.CAFile)
+			if err != nil {
+				return nil, fmt.Errorf("certs: listener %s client_auth: %w", l.Name, err)
+			}
+			if pool == nil {
+				return nil, fmt.Errorf("certs: listener %s: client_auth verify needs authority or ca_file", l.Name)
+			}
+			tc.ClientCAs = pool
+			tc.ClientAuth = tls.RequireAndVerifyClientCert
+		case "passthrough":
+			// The chain is handed to the back end in headers; verification is theirs.
+			tc.ClientAuth = tls.RequestClientCert
+		default:
+			return nil, fmt.Errorf("certs: listener %s: unknown client_auth mode %q", l.Name, ca.Mode)
+		}
+	}
+	return tc, nil
+}
+
+// pick selects the certificate for a ClientHello among the listener's certificates.
+func (m *Manager) pick(names []string, set map[string]struct{}, hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	// tls-alpn-01 probes would otherwise cost a cache walk each; we have no ACME issuer.
+	if len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == "acme-tls/1" {
+		return nil, errACMEOnly
+	}
+	snap := m.snap.Load()
+	if name := normalizeSNI(hello.ServerName); name != "" {
+		// certmagic's index returns exact matches first, then wildcard candidates.
+		for _, c := range m.cache.AllMatchingCertificates(name) {
+			for _, tag := range c.Tags {
+				n, ok := strings.CutPrefix(tag, tagPrefix)
+				if !ok {
+					continue
+				}
+				if _, mine := set[n]; !mine {
+					continue
+				}
+				if e := snap.certs[n]; e != nil {
+					if tc := e.cur.Load(); tc != nil {
+						return tc, nil
+					}
+				}
+			}
+		}
+	}
+	// Unknown or absent SNI: the listener's first certificate, never an internal_error alert.
+	for _, n := range names {
+		if e := snap.certs[n]; e != nil {
+			if tc := e.cur.Load(); tc != nil {
+				return tc, nil
+			}
+		}
+	}
+	return nil, errNoCertificate
+}
+
+func normalizeSNI(s string) string {
+	s = strings.TrimSuffix(s, ".")
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= 'A' && c <= 'Z' {
+			return strings.ToLower(s)
+		}
+	}
+	return s
+}
+
+// trustPool is the authority's CA certificate or the certificates in caFile; nil if neither.
+func (m *Manager) trustPool(authority, caFile string) (*x509.CertPool, error) {
+	switch {
+	case authority != "":
+		a := m.snap.Load().auths[authority]
+		if a == nil {
+			return nil, fmt.Errorf("unknown authority %q", authority)
+		}
+		return a.Pool(), nil
+	case caFile != "":
+		p := caFile
+		if cfg := m.cfg.Load(); cfg != nil {
+			p = cfg.Resolve(caFile)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("%s: no certificates", p)
+		}
+		return pool, nil
+	}
+	return nil, nil
+}
+
+// ClientTLS is the TLS configuration for dialing a target group's targets (re-encryption and
+// health checks): trust from tls.authority or ca_file (system roots otherwise), ServerName,
+// public-key pinning and a managed client certificate. It satisfies backends.TLSProvider.
+func (m *Manager) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	bt := g.TLS
+	if bt == nil {
+		return tc, nil
+	}
+	tc.ServerName = bt.ServerName
+	pool, err := m.trustPool(bt.Authority, bt.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("certs: target group %s tls: %w", g.Name, err)
+	}
+	tc.RootCAs = pool
+	tc.InsecureSkipVerify = bt.InsecureSkipVerify
+	if len(bt.PinPublicKeys) > 0 {
+		pins := make([][32]byte, 0, len(bt.PinPublicKeys))
+		for _, p := range bt.PinPublicKeys {
+			pin, err := ParsePin(p)
+			if err != nil {
+				return nil, fmt.Errorf("certs: target group %s: %w", g.Name, err)
+			}
+			pins = append(pins, pin)
+		}
+		// VerifyConnection runs after chain verification (and also with InsecureSkipVerify).
+		tc.VerifyConnection = func(cs tls.ConnectionState) error {
+			for _, c := range cs.PeerCertificates {
+				sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+				for _, p := range pins {
+					if hmac.Equal(sum[:], p[:]) {
+						return nil
+					}
+				}
+			}
+			return fmt.Errorf("certs: target group %s: no pinned public key in the server's chain", g.Name)
+		}
+	}
+	if name := bt.ClientCertificate; name != "" {
+		if m.snap.Load().certs[name] == nil {
+			return nil, fmt.Errorf("certs: target group %s: unknown client_certificate %q", g.Name, name)
+		}
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			if e := m.snap.Load().certs[name]; e != nil {
+				if c := e.cur.Load(); c != nil {
+					return c, nil
+				}
+			}
+			return &tls.Certificate{}, nil // no certificate rather than a failed handshake
+		}
+	}
+	return tc, nil
+}
+
+// ParsePin parses "sha256/BASE64" (the SHA-256 of a SubjectPublicKeyInfo).
+func ParsePin(s string) ([32]byte, error) {
+	var out [32]byte
+	b64, ok := strings.CutPrefix(s, "sha256/")
+	if !ok {
+		return out, fmt.Errorf("pin %q: want sha256/BASE64", s)
+	}
+	b, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil || len(b) != 32 {
+		return out, fmt.Errorf("pin %q: want 32 base64 bytes", s)
+	}
+	copy(out[:], b)
+	return out, nil
+}
+
+// PinOf returns the "sha256/BASE64" pin of a certificate's public key.
+func PinOf(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return "sha256/" + base64.StdEncoding.EncodeToString(sum[:])
+}
+
+// ticketKeys holds the rotating ticket secrets (newest first) and one ticket-encryption
+// holder Config per listener name; only the manager's rotation goroutine changes the secrets.
+type ticketKeys struct {
+	mu      sync.Mutex
+	secrets [][32]byte
+	holders map[string]*tls.Config
+}
+
+func (t *ticketKeys) init() {
+	t.holders = map[string]*tls.Config{}
+	t.secrets = [][32]byte{newSecret()}
+}
+
+func newSecret() [32]byte {
+	var s [32]byte
+	if _, err := rand.Read(s[:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	return s
+}
+
+func deriveTicketKeys(secrets [][32]byte, listener string) [][32]byte {
+	out := make([][32]byte, len(secrets))
+	for i, s := range secrets {
+		h := hmac.New(sha256.New, s[:])
+		h.Write([]byte("fulcrum session ticket/" + listener))
+		copy(out[i][:], h.Sum(nil))
+	}
+	return out
+}
+
+func (t *ticketKeys) holder(listener string) *tls.Config {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if h := t.holders[listener]; h != nil {
+		return h
+	}
+	h := &tls.Config{}
+	h.SetSessionTicketKeys(deriveTicketKeys(t.secrets, listener))
+	t.holders[listener] = h
+	return h
+}
+
+func (t *ticketKeys) rotate() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.secrets = [][32]byte{newSecret(), t.secrets[0]}
+	for name, h := range t.holders {
+		h.SetSessionTicketKeys(deriveTicketKeys(t.secrets, name))
+	}
+}
+
+// rotateTickets is the manager-owned goroutine that rotates session-ticket keys.
+func (m *Manager) rotateTickets() {
+	defer m.wg.Done()
+	t := time.NewTicker(TicketRotation)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+			m.tickets.rotate()
+		}
+	}
+}
+
+// RotateTicketKeys rotates now (tests, or an operator after a suspected key leak).
+func (m *Manager) RotateTicketKeys() { m.tickets.rotate() }
