@@ -1,0 +1,453 @@
+package listener
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/backends"
+	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/listener/desync"
+	"github.com/fulcrum-lb/fulcrum/router"
+)
+
+// httpState is one generation of an HTTP listener: everything a request needs, built once per
+// configuration and swapped atomically on reload. A request loads it once and keeps it.
+type httpState struct {
+	cfg     *configs.Listener
+	table   *router.Table
+	actions [][]*groupProxy // by router rule ID: the proxies of the action's groups, in action order
+	trusted []netip.Prefix
+	tlsOn   bool
+	proto   string // X-Forwarded-Proto
+	port    string // X-Forwarded-Port
+	desync  desync.Mode
+	obs     Observer
+}
+
+// groupProxy is the reverse proxy of one target group within one listener generation.
+type groupProxy struct {
+	group *backends.Group
+	rp    *httputil.ReverseProxy
+}
+
+// reqInfo is what one request carries through the proxy. It is pooled: a request borrows one in
+// ServeHTTP and returns it when the response is written.
+type reqInfo struct {
+	st         *httpState
+	rule       *router.Rule
+	group      *backends.Group
+	target     *backends.Target
+	client     netip.AddrPort
+	trusted    bool // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
+	closeAfter bool // desync: forward, then close both connections
+	bodyErr    error
+	reason     string // error reason for the access log
+	requestID  string
+	start      time.Time
+	targetAddr string
+	targetDur  time.Duration
+}
+
+type ctxKey struct{}
+
+var reqInfoPool = sync.Pool{New: func() any { return new(reqInfo) }}
+
+func infoOf(r *http.Request) *reqInfo {
+	ri, _ := r.Context().Value(ctxKey{}).(*reqInfo)
+	return ri
+}
+
+// errNoTarget means no healthy target: the client gets 503 without any dial.
+var errNoTarget = errors.New("no healthy target")
+
+// ServeHTTP is the per-request entry point of every HTTP listener.
+func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ri := reqInfoPool.Get().(*reqInfo)
+	*ri = reqInfo{st: st, start: time.Now()}
+	defer reqInfoPool.Put(ri)
+
+	ri.client = clientAddrPort(r.RemoteAddr)
+	ri.trusted = inPrefixes(st.trusted, ri.client.Addr())
+	sw := acquireStatusWriter(w)
+	defer releaseStatusWriter(sw)
+
+	st.serve(sw, r, ri)
+	if st.obs != nil {
+		st.observe(r, ri, sw)
+	}
+}
+
+// observe hands the finished request to metrics and the access log.
+func (st *httpState) observe(r *http.Request, ri *reqInfo, sw *statusWriter) {
+	rec := recordPool.Get().(*RequestRecord)
+	*rec = RequestRecord{
+		Listener:       st.cfg.Name,
+		Time:           ri.start,
+		Duration:       time.Since(ri.start),
+		TargetDuration: ri.targetDur,
+		Client:         ri.client,
+		Target:         ri.targetAddr,
+		Status:         sw.status,
+		BytesIn:        r.ContentLength,
+		BytesOut:       sw.written,
+		Method:         r.Method,
+		URI:            r.RequestURI,
+		Proto:          r.Proto,
+		Host:           r.Host,
+		UserAgent:      r.UserAgent(),
+		RequestID:      ri.requestID,
+		Reason:         ri.reason,
+		RulePriority:   -1,
+	}
+	if ri.group != nil {
+		rec.Group = ri.group.Name()
+	}
+	if ri.rule != nil {
+		rec.RulePriority = ri.rule.Priority
+	}
+	if cs := r.TLS; cs != nil {
+		rec.TLSVersion, rec.Cipher, rec.SNI = cs.Version, cs.CipherSuite, cs.ServerName
+	} else if dc := desync.ConnFromContext(r.Context()); dc != nil { // HTTP/1 over TLS comes through the sniffer
+		if cs, ok := dc.ConnectionState(); ok {
+			rec.TLSVersion, rec.Cipher, rec.SNI = cs.Version, cs.CipherSuite, cs.ServerName
+		}
+	}
+	st.obs.Request(rec)
+	recordPool.Put(rec)
+}
+
+func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
+	// Framing first: a request whose body length is ambiguous never reaches a target on a
+	// kept-alive connection, whatever the mitigation mode (RFC 9112 section 6.3).
+	if r.ProtoMajor == 1 {
+		tier, reason := desync.Classify(r)
+		if st.obs != nil && tier != desync.Compliant {
+			st.obs.Desync(st.cfg.Name, tier, reason)
+		}
+		v := desync.Decide(st.desync, tier)
+		if v.Block {
+			ri.reason = "desync:" + reason.String()
+			badRequest(w, "request rejected: "+reason.String())
+			return
+		}
+		ri.closeAfter = v.CloseAfter
+		if ri.closeAfter {
+			w.Header().Set("Connection", "close")
+		}
+	}
+
+	rule := st.table.MatchHTTP(r, r.Host, ri.client.Addr())
+	ri.rule = rule
+	a := rule.Action
+	switch a.Kind {
+	case router.ActionFixedResponse:
+		if rule.ResponseHeaders != nil {
+			rule.ResponseHeaders.Apply(w.Header())
+		}
+		a.WriteFixed(w)
+	case router.ActionRedirect:
+		if rule.ResponseHeaders != nil {
+			rule.ResponseHeaders.Apply(w.Header())
+		}
+		w.Header().Set("Location", a.RedirectLocation(r, r.Host, st.tlsOn, st.port))
+		w.WriteHeader(a.RedirectStatus())
+	default:
+		proxies := st.actions[rule.ID]
+		i := 0
+		if len(proxies) > 1 {
+			i = a.PickGroup(rand.Uint64())
+		}
+		gp := proxies[i]
+		ri.group = gp.group
+		if r.Body != nil && r.Body != http.NoBody {
+			r.Body = &bodyWatcher{ReadCloser: r.Body, ri: ri}
+		}
+		gp.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri)))
+	}
+}
+
+// newGroupProxy builds the reverse proxy of one group for one listener generation.
+func (st *httpState) newGroupProxy(g *backends.Group) *groupProxy {
+	scheme := "http"
+	if g.Config().Protocol == "https" {
+		scheme = "https"
+	}
+	gp := &groupProxy{group: g}
+	gp.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = scheme
+			pr.Out.URL.Host = "target.invalid" // the transport sets the picked target
+			pr.Out.Host = pr.In.Host           // ALB forwards the client's Host
+			st.rewrite(pr)
+		},
+		Transport:      &pickTransport{group: g},
+		ModifyResponse: st.modifyResponse,
+		ErrorHandler:   st.errorHandler,
+		BufferPool:     bufferPool{},
+		ErrorLog:       discardLog,
+	}
+	return gp
+}
+
+// rewrite sets the forwarded headers, the request id and the rule's header operations.
+// ReverseProxy has already removed hop-by-hop headers (including those named in Connection)
+// and the inbound X-Forwarded-* headers, so nothing a client sends can remove ours.
+func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
+	ri := infoOf(pr.In)
+	h := pr.Out.Header
+	client := ri.client.Addr().Unmap().String()
+	prior := pr.In.Header.Values("X-Forwarded-For")
+	switch st.cfg.XFF {
+	case "remove":
+		h.Del("X-Forwarded-For")
+	case "preserve":
+		// ALB preserve: send the header unchanged. We believe it only from a trusted peer; from
+		// anyone else the chain would be a forgery, so the target gets the peer alone.
+		if ri.trusted {
+			if len(prior) > 0 {
+				h["X-Forwarded-For"] = prior
+			}
+		} else {
+			h.Set("X-Forwarded-For", client)
+		}
+	default: // append
+		if ri.trusted && len(prior) > 0 {
+			h.Set("X-Forwarded-For", strings.Join(prior, ", ")+", "+client)
+		} else {
+			h.Set("X-Forwarded-For", client)
+		}
+	}
+	h.Set("X-Forwarded-Proto", st.proto)
+	h.Set("X-Forwarded-Port", st.port)
+
+	id := ""
+	if ri.trusted {
+		id = pr.In.Header.Get("X-Request-Id")
+	}
+	if id == "" || len(id) > 200 {
+		id = newRequestID()
+	}
+	ri.requestID = id
+	h.Set("X-Request-Id", id)
+
+	if ops := ri.rule.RequestHeaders; ops != nil {
+		ops.Apply(h)
+	}
+	if ri.closeAfter {
+		pr.Out.Close = true // the target connection is not reused after an ambiguous request
+	}
+}
+
+func (st *httpState) modifyResponse(resp *http.Response) error {
+	ri := infoOf(resp.Request)
+	if ri == nil {
+		return nil
+	}
+	if ops := ri.rule.ResponseHeaders; ops != nil {
+		ops.Apply(resp.Header)
+	}
+	if ri.group != nil && ri.target != nil {
+		ri.group.SetSticky(resp.Header, ri.target)
+	}
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The connection becomes a WebSocket (or other upgraded) stream: no more HTTP heads.
+		if dc := desync.ConnFromContext(resp.Request.Context()); dc != nil {
+			dc.StopSniffing()
+		}
+	}
+	return nil
+}
+
+// errorHandler maps proxy errors to statuses a user can tell apart.
+func (st *httpState) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	ri := infoOf(r)
+	status := http.StatusBadGateway
+	reason := "target_error"
+	var ne net.Error
+	switch {
+	case errors.Is(err, errNoTarget):
+		status, reason = http.StatusServiceUnavailable, "no_healthy_target"
+	case ri != nil && ri.bodyErr != nil:
+		status, reason = http.StatusBadRequest, "client_body_error"
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		// The client went away; nobody reads the answer. 499 is nginx's word for it.
+		status, reason = 499, "client_closed"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		status, reason = http.StatusGatewayTimeout, "target_timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		reason = "target_refused"
+	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
+		reason = "target_closed"
+	}
+	if ri != nil {
+		ri.reason = reason
+	}
+	if status == 499 {
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	if status == http.StatusBadRequest {
+		w.Header().Set("Connection", "close")
+	}
+	w.WriteHeader(status)
+	fmt.Fprintf(w, "%d %s\n", status, http.StatusText(status))
+}
+
+// pickTransport picks the target for each request, counts it in flight until the response body
+// is closed, reports passive health, and retries a request that never reached a target (a
+// refused dial, no body sent) once on another target.
+type pickTransport struct {
+	group *backends.Group
+}
+
+func (t *pickTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	ri := infoOf(req)
+	g := t.group
+	target := g.StickyTarget(req)
+	if target == nil {
+		target = g.Pick(ri.client.Addr(), nil)
+	}
+	if target == nil {
+		return nil, errNoTarget
+	}
+	rt := g.Transport()
+	for attempt := 0; ; attempt++ {
+		req.URL.Host = target.Addr()
+		ri.target, ri.targetAddr = target, target.Addr()
+		target.Acquire()
+		t0 := time.Now()
+		resp, err := rt.RoundTrip(req)
+		ri.targetDur = time.Since(t0)
+		if err == nil {
+			target.ReportSuccess()
+			resp.Body = wrapBody(resp.Body, target)
+			return resp, nil
+		}
+		target.Release()
+		if ri.bodyErr != nil || req.Context().Err() != nil {
+			return nil, err // the client's fault, not the target's
+		}
+		target.ReportFailure()
+		if attempt == 0 && neverSent(err) && (req.Body == nil || req.Body == http.NoBody) {
+			if next := g.Pick(ri.client.Addr(), target); next != nil && next != target {
+				target = next
+				continue
+			}
+		}
+		return nil, err
+	}
+}
+
+// neverSent reports whether err means the request never left us: the dial failed.
+func neverSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// releaseBody releases the target's in-flight slot when the response body is done.
+type releaseBody struct {
+	io.ReadCloser
+	once   sync.Once
+	target *backends.Target
+}
+
+func (b *releaseBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.target.Release)
+	return err
+}
+
+// releaseRWBody keeps an upgraded (101) body writable, as ReverseProxy requires for WebSockets.
+type releaseRWBody struct {
+	releaseBody
+	w io.Writer
+}
+
+func (b *releaseRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
+
+func wrapBody(body io.ReadCloser, t *backends.Target) io.ReadCloser {
+	if rw, ok := body.(io.ReadWriteCloser); ok {
+		return &releaseRWBody{releaseBody: releaseBody{ReadCloser: rw, target: t}, w: rw}
+	}
+	return &releaseBody{ReadCloser: body, target: t}
+}
+
+// bodyWatcher remembers a failed read of the client's body so the error maps to 400, not 502.
+type bodyWatcher struct {
+	io.ReadCloser
+	ri *reqInfo
+}
+
+func (b *bodyWatcher) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.ri.bodyErr = err
+	}
+	return n, err
+}
+
+func badRequest(w http.ResponseWriter, msg string) {
+	w.Header().Set("Connection", "close")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusBadRequest)
+	io.WriteString(w, "400 Bad Request: "+msg+"\n")
+}
+
+func newRequestID() string {
+	var b [16]byte
+	crand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// clientAddrPort parses a RemoteAddr without allocating ("ip:port" or "[ip6]:port").
+func clientAddrPort(s string) netip.AddrPort {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	return ap
+}
+
+func inPrefixes(ps []netip.Prefix, a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func portOf(addr string) string {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ""
+	}
+	if _, err := strconv.Atoi(p); err != nil {
+		return ""
+	}
+	return p
+}
+
+// bufferPool lends ReverseProxy its 32 KiB copy buffers instead of allocating one per request.
+type bufferPool struct{}
+
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *copyBuffers.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { copyBuffers.Put(&b) }

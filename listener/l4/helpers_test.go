@@ -1,0 +1,198 @@
+package l4
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"math/big"
+	"net"
+
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testCA issues leaf certificates for test servers.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newCA(t testing.TB) *testCA {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "l4 test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &testCA{cert: cert, key: key, pool: pool}
+}
+
+func (ca *testCA) leaf(t testing.TB, names ...string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: names[0]},
+		DNSNames: names, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// target is a test back end; handler runs per connection.
+type target struct {
+	ln    net.Listener
+	addr  string
+	wg    sync.WaitGroup
+	conns atomic.Int64
+}
+
+func startTarget(t testing.TB, ln net.Listener, handler func(net.Conn)) *target {
+	t.Helper()
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tg := &target{ln: ln, addr: ln.Addr().String()}
+	tg.wg.Add(1)
+	go func() {
+		defer tg.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			tg.conns.Add(1)
+			tg.wg.Add(1)
+			go func() {
+				defer tg.wg.Done()
+				defer c.Close()
+				handler(c)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); tg.wg.Wait() })
+	return tg
+}
+
+// echo copies until EOF, then half-closes: the reply to a half-close.
+func echo(c net.Conn) {
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	io.Copy(c, c)
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+}
+
+// addrDialer dials one address and records the metadata of every connection.
+type addrDialer struct {
+	addr  string
+	mu    sync.Mutex
+	metas []ConnMeta
+	done  atomic.Int64
+}
+
+func (d *addrDialer) DialFor(ctx context.Context, m *ConnMeta) (net.Conn, func(), error) {
+	d.mu.Lock()
+	d.metas = append(d.metas, *m)
+	d.mu.Unlock()
+	var nd net.Dialer
+	c, err := nd.DialContext(ctx, "tcp", d.addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, func() { d.done.Add(1) }, nil
+}
+
+func (d *addrDialer) lastMeta() ConnMeta {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.metas[len(d.metas)-1]
+}
+
+func mustState(t testing.TB, c Config) *State {
+	t.Helper()
+	st, err := NewState(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+// startServer runs a Server on ln (a fresh loopback listener when nil).
+func startServer(t testing.TB, ln net.Listener, st *State, opt Options) *Server {
+	t.Helper()
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := NewServer(ln, st, opt)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve() }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-served; err != ErrServerClosed {
+			t.Errorf("Serve returned %v", err)
+		}
+	})
+	return s
+}
+
+func dial(t testing.TB, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	return c.(*net.TCPConn)
+}
+
+func readAll(t testing.TB, r io.Reader) string {
+	t.Helper()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	return string(b)
+}
+
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}

@@ -1,0 +1,236 @@
+package l4
+
+import (
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/listener/inbound"
+)
+
+// The relay moves bytes both ways until both directions saw EOF, one failed, or nothing moved
+// for the idle timeout.
+//
+// Zero copy: when both ends of a direction are *net.TCPConn, the direction calls
+// (*net.TCPConn).ReadFrom(*net.TCPConn), which the runtime turns into splice(2) through a pipe.
+// The copy is then invisible until it returns, so idle detection works on coarse return
+// points instead of per-read bookkeeping:
+//   - each direction arms a read deadline one tick ahead on its source; when it fires the copy
+//     returns with the bytes it moved, the direction records progress and re-arms (a read
+//     timeout inside splice leaves the pipe empty, so resuming loses nothing);
+//   - no write deadline is ever set while a copy may resume: a write timeout inside splice
+//     would drop the bytes still in the pipe;
+//   - a per-connection watchdog closes both ends when no direction reported progress for
+//     IdleTimeout+tick: this catches both directions blocked writing to peers that do not read.
+//     A direction that is writing very slowly reports progress after each pipe-full (1 MiB)
+//     pumped, so a stream slower than ~1 MiB per IdleTimeout counts as idle.
+//
+// An idle connection therefore closes between IdleTimeout and IdleTimeout+tick after its last
+// byte (tick = IdleTimeout/8, at most 30s).
+
+var errIdle = errors.New("l4: idle timeout")
+
+// spliceCopies counts entries into the TCP->TCP ReadFrom branch (tests check the zero-copy
+// branch is taken; strace shows the kernel then uses splice).
+var spliceCopies atomic.Uint64
+
+type relay struct {
+	idle, tick time.Duration
+	last       atomic.Int64 // monotonic nanoseconds (since epoch) of the last observed progress
+	aborted    atomic.Bool
+	idleClosed atomic.Bool
+	client     net.Conn
+	upstream   net.Conn
+	watchdog   atomic.Pointer[time.Timer]
+	epoch      time.Time
+}
+
+func (r *relay) now() int64 { return int64(time.Since(r.epoch)) }
+
+// abort closes both ends so every blocked copy returns.
+func (r *relay) abort() {
+	if r.aborted.CompareAndSwap(false, true) {
+		r.client.Close()
+		r.upstream.Close()
+	}
+}
+
+func (r *relay) watch() {
+	if r.aborted.Load() {
+		return
+	}
+	quiet := time.Duration(r.now() - r.last.Load())
+	if quiet >= r.idle+r.tick {
+		r.idleClosed.Store(true)
+		r.abort()
+		return
+	}
+	if t := r.watchdog.Load(); t != nil {
+		t.Reset(r.idle + r.tick - quiet)
+	}
+}
+
+// half is one direction.
+type half struct {
+	r   *relay
+	src net.Conn
+	dst net.Conn
+	// viaWrapper: src is a PROXY-protocol conn whose buffer may hold client bytes; read once
+	// through it (with a buffer >= inbound.ReadBufferSize), then read its socket directly.
+	viaWrapper bool
+	counter    *atomic.Uint64
+	moved      int64
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// run copies src to dst until EOF (then half-closes dst), an error or idleness.
+func (h *half) run() (err error) {
+	defer func() {
+		if err != nil {
+			h.r.abort()
+		}
+	}()
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			bufPool.Put(bp)
+		}
+	}()
+	for {
+		deadline := time.Now().Add(h.r.tick)
+		if err := h.src.SetReadDeadline(deadline); err != nil {
+			return err
+		}
+		var n int64
+		var cerr error
+		eof := false
+		sr, okr := h.src.(*net.TCPConn)
+		sw, okw := h.dst.(*net.TCPConn)
+		if okr && okw && !h.viaWrapper {
+			spliceCopies.Add(1)
+			n, cerr = sw.ReadFrom(sr) // splice(2); nil error means EOF
+			eof = cerr == nil
+			if n > 0 {
+				h.progress(n)
+			}
+		} else {
+			if bp == nil {
+				bp = bufPool.Get().(*[]byte)
+			}
+			n, eof, cerr = h.copyBuffered(*bp, deadline)
+			if h.viaWrapper && n > 0 {
+				h.viaWrapper = false
+				h.src = inbound.Socket(h.src) // nothing buffered any more: splice may follow
+				continue
+			}
+		}
+		if eof {
+			closeWrite(h.dst)
+			return nil
+		}
+		if h.r.aborted.Load() {
+			return nil // the other direction or the watchdog ended the relay
+		}
+		if errors.Is(cerr, os.ErrDeadlineExceeded) {
+			if time.Duration(h.r.now()-h.r.last.Load()) >= h.r.idle {
+				h.r.idleClosed.Store(true)
+				return errIdle
+			}
+			continue
+		}
+		return cerr
+	}
+}
+
+func (h *half) progress(n int64) {
+	h.moved += n
+	h.counter.Add(uint64(n))
+	h.r.last.Store(h.r.now())
+}
+
+// copyBuffered is the user-space copy (TLS on either side, or the first read through the
+// PROXY layer). It returns on EOF, error, or after the first read when viaWrapper is set. The
+// read deadline is refreshed at most once per half tick, and the shared counters are updated
+// at the same points, so the per-read cost stays a clock read.
+func (h *half) copyBuffered(buf []byte, deadline time.Time) (n int64, eof bool, err error) {
+	if h.viaWrapper && len(buf) < inbound.ReadBufferSize {
+		panic("l4: copy buffer smaller than the PROXY header buffer")
+	}
+	var pending int64
+	defer func() {
+		if pending > 0 {
+			h.progress(pending)
+		}
+	}()
+	refresh := deadline.Add(-h.r.tick / 2)
+	for {
+		nr, rerr := h.src.Read(buf)
+		if nr > 0 {
+			nw, werr := h.dst.Write(buf[:nr])
+			n += int64(nw)
+			pending += int64(nw)
+			if werr != nil {
+				return n, false, werr
+			}
+			if h.viaWrapper {
+				return n, false, nil
+			}
+			if now := time.Now(); now.After(refresh) {
+				h.progress(pending)
+				pending = 0
+				deadline = now.Add(h.r.tick)
+				refresh = now.Add(h.r.tick / 2)
+				if err := h.src.SetReadDeadline(deadline); err != nil {
+					return n, false, err
+				}
+			}
+		}
+		if rerr != nil {
+			if rerr == io.EOF {
+				return n, true, nil
+			}
+			return n, false, rerr
+		}
+	}
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+// closeWrite half-closes c: close_notify for TLS, then FIN on the socket below.
+func closeWrite(c net.Conn) {
+	switch v := c.(type) {
+	case *tls.Conn:
+		_ = v.CloseWrite()
+		closeWrite(v.NetConn())
+	case closeWriter:
+		_ = v.CloseWrite()
+	default:
+		if s := inbound.Socket(c); s != c {
+			closeWrite(s)
+		}
+	}
+}
+
+// relayConns runs both directions to the end. up is client->upstream.
+func relayConns(st *State, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64) (up, down int64, idle bool, err error) {
+	r := &relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, epoch: time.Now()}
+	r.last.Store(r.now())
+	r.watchdog.Store(time.AfterFunc(r.idle+r.tick, r.watch))
+	defer r.watchdog.Load().Stop()
+
+	uh := &half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
+	// Writes to the client go to the socket under the PROXY layer (the header is consumed).
+	dh := &half{r: r, src: upstream, dst: inbound.Socket(client), counter: out}
+	errc := make(chan error, 1)
+	go func() { errc <- dh.run() }()
+	e1 := uh.run()
+	e2 := <-errc
+	r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
+	return uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(e1, e2)
+}

@@ -1,0 +1,92 @@
+package listener
+
+import (
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/listener/desync"
+)
+
+// Observer receives what metrics and access logs need. It is called on the request path, so an
+// implementation must not block: count with pre-bound metrics, hand log lines to a bounded queue.
+type Observer interface {
+	// Request is called once per finished HTTP request. rec is only valid during the call.
+	Request(rec *RequestRecord)
+	// Desync is called for every request that is not compliant.
+	Desync(listener string, tier desync.Tier, reason desync.Reason)
+}
+
+// RequestRecord is one HTTP request as the access log sees it (the fields of an ALB access log).
+type RequestRecord struct {
+	Listener       string
+	Time           time.Time
+	Duration       time.Duration // first byte in to last byte out
+	TargetDuration time.Duration // time until the target's response headers
+	Client         netip.AddrPort
+	Target         string
+	Group          string
+	Status         int
+	BytesIn        int64
+	BytesOut       int64
+	Method         string
+	URI            string
+	Proto          string
+	Host           string
+	UserAgent      string
+	TLSVersion     uint16
+	Cipher         uint16
+	SNI            string
+	RulePriority   int // 0 = default action, -1 = none matched yet (rejected before routing)
+	RequestID      string
+	Reason         string // why it failed, "" when it did not
+}
+
+var recordPool = sync.Pool{New: func() any { return new(RequestRecord) }}
+
+// statusWriter records the status and the bytes written. It unwraps for http.ResponseController,
+// which ReverseProxy uses to flush streams and hijack upgraded connections.
+type statusWriter struct {
+	http.ResponseWriter
+	status  int
+	written int64
+}
+
+var statusWriterPool = sync.Pool{New: func() any { return new(statusWriter) }}
+
+func acquireStatusWriter(w http.ResponseWriter) *statusWriter {
+	sw := statusWriterPool.Get().(*statusWriter)
+	*sw = statusWriter{ResponseWriter: w}
+	return sw
+}
+
+func releaseStatusWriter(sw *statusWriter) {
+	sw.ResponseWriter = nil
+	statusWriterPool.Put(sw)
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 || code == http.StatusSwitchingProtocols {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	w.written += int64(n)
+	return n, err
+}
+
+// Flush is direct (not only through Unwrap) because ReverseProxy flushes streaming responses often.
+func (w *statusWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
