@@ -19,9 +19,6 @@ func (a *Authority) ValidityDuration() time.Duration { return a.validity }
 // LifetimeDuration is the lifetime of certificates issued by a private authority.
 func (c *Certificate) LifetimeDuration() time.Duration { return c.lifetime }
 
-// Imported reports whether the certificate is imported from files (never renewed).
-func (c *Certificate) Imported() bool { return c.CertFile != "" }
-
 // SlowStartDuration, DeregistrationDelayDuration, ConnectTimeoutDuration and
 // ResponseTimeoutDuration are the group's parsed durations.
 func (g *TargetGroup) SlowStartDuration() time.Duration           { return g.slowStart }

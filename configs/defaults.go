@@ -65,7 +65,7 @@ func applyDefaults(c *Config) {
 	}
 	for i := range c.Certificates {
 		ct := &c.Certificates[i]
-		if ct.CertFile == "" && ct.KeyFile == "" {
+		if ct.CertFile == "" && ct.KeyFile == "" && !ct.Imported {
 			def(&ct.KeyType, DefaultKeyType)
 		}
 		if ct.Authority != "" {

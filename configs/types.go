@@ -70,8 +70,11 @@ type Certificate struct {
 	ACMECAFile string   `toml:"acme_ca_file"` // extra root to trust for the ACME server (private ACME)
 	KeyType    string   `toml:"key_type"`
 	Lifetime   string   `toml:"lifetime"`
-	CertFile   string   `toml:"cert_file"` // imported
-	KeyFile    string   `toml:"key_file"`  // imported
+	CertFile   string   `toml:"cert_file"` // imported from files
+	KeyFile    string   `toml:"key_file"`  // imported from files
+	// Imported: the certificate and key are imported into the keystore with
+	// `fulcrum certs import NAME -cert F -key F` (the key is sealed there, never renewed).
+	Imported bool `toml:"imported"`
 
 	lifetime time.Duration
 }

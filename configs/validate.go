@@ -340,8 +340,14 @@ func (v *validator) certificate(s scope, ct *Certificate) {
 			s.errf("key_type", "an imported certificate's key type comes from key_file: remove key_type")
 		}
 	}
+	if ct.Imported {
+		sources++
+		if len(ct.Domains) > 0 || ct.KeyType != "" {
+			s.errf("imported", "an imported certificate takes its names and key type from what is imported: remove domains and key_type")
+		}
+	}
 	if sources != 1 {
-		s.errf("", "a certificate needs exactly one source: authority = \"NAME\", acme = \"URL\", or cert_file + key_file (found %d)", sources)
+		s.errf("", "a certificate needs exactly one source: authority = \"NAME\", acme = \"URL\", cert_file + key_file, or imported = true (found %d)", sources)
 	}
 	if ct.ACME == "" && (ct.ACMEEmail != "" || ct.ACMECAFile != "") {
 		s.errf("acme_email", "acme_email and acme_ca_file apply only with acme = \"URL\"")
