@@ -39,15 +39,51 @@ type HTTPListener struct {
 	server atomic.Pointer[serverGen]
 	front  atomic.Pointer[frontDoor] // PROXY protocol and TLS for new connections
 
+	stats httpStats
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // accept loop and retired servers' drains
 }
 
+// httpStats are a listener's connection counters, read by the metrics collector at scrape time.
+type httpStats struct {
+	active, accepted          atomic.Int64
+	handshakes, handshakeErrs atomic.Uint64
+	resumed                   atomic.Uint64
+}
+
+// HTTPStats is a snapshot of an HTTP listener's counters.
+type HTTPStats struct {
+	Active, Accepted                     int64
+	Handshakes, HandshakeErrors, Resumed uint64
+}
+
+// Stats returns the listener's counters.
+func (l *HTTPListener) Stats() HTTPStats {
+	return HTTPStats{
+		Active: l.stats.active.Load(), Accepted: l.stats.accepted.Load(),
+		Handshakes: l.stats.handshakes.Load(), HandshakeErrors: l.stats.handshakeErrs.Load(),
+		Resumed: l.stats.resumed.Load(),
+	}
+}
+
+// connState counts open connections. It runs on net/http's goroutines and must not call
+// RemoteAddr (that would read a PROXY header on the accept path).
+func (l *HTTPListener) connState(_ net.Conn, s http.ConnState) {
+	switch s {
+	case http.StateNew:
+		l.stats.active.Add(1)
+		l.stats.accepted.Add(1)
+	case http.StateHijacked, http.StateClosed:
+		l.stats.active.Add(-1)
+	}
+}
+
 // frontDoor is how a freshly accepted connection is prepared before HTTP sees it.
 type frontDoor struct {
 	layer *inbound.Layer // inbound PROXY protocol; nil = none
-	tls  *tls.Config                      // nil = plain HTTP
+	tls   *tls.Config    // nil = plain HTTP
 
 	handshakeTimeout time.Duration
 	maxHeaderBytes   int
@@ -74,6 +110,7 @@ func newHTTPListener(sock net.Listener, st *httpState, fd *frontDoor, shutdownBu
 
 // update swaps in a new generation. In-flight requests finish on the generation they loaded.
 func (l *HTTPListener) update(st *httpState, fd *frontDoor, shutdownBudget time.Duration) {
+	l.name = st.cfg.Name // guarded by the runtime's reload lock, like every reader of name
 	l.state.Store(st)
 	l.front.Store(fd)
 	if cur := l.server.Load(); cur == nil || cur.key != serverKey(st) {
@@ -96,6 +133,7 @@ func (l *HTTPListener) installServer(st *httpState, shutdownBudget time.Duration
 		MaxHeaderBytes:    c.MaxHeaderBytes,
 		ErrorLog:          discardLog,
 		ConnContext:       desync.ConnContext,
+		ConnState:         l.connState,
 		// TLS is terminated by our accept loop (tls.Server), so ServeTLS is not used; HTTP/2 is
 		// selected through TLSNextProto after the handshake negotiated "h2".
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
@@ -188,11 +226,17 @@ func (l *HTTPListener) handshake(c net.Conn, fd *frontDoor) {
 	tc.SetDeadline(time.Now().Add(fd.handshakeTimeout))
 	err := tc.HandshakeContext(l.ctx)
 	if err != nil {
+		l.stats.handshakeErrs.Add(1)
 		tc.Close()
 		return
 	}
 	tc.SetDeadline(time.Time{})
-	if tc.ConnectionState().NegotiatedProtocol == "h2" {
+	cs := tc.ConnectionState()
+	l.stats.handshakes.Add(1)
+	if cs.DidResume {
+		l.stats.resumed.Add(1)
+	}
+	if cs.NegotiatedProtocol == "h2" {
 		l.deliver(tc)
 		return
 	}

@@ -46,7 +46,8 @@ func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string
 	return l
 }
 
-func (l *L4Listener) update(st *l4State) {
+func (l *L4Listener) update(st *l4State, name string) {
+	l.name = name
 	l.layer.Store(st.layer)
 	l.srv.Store(st.state)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
+	"github.com/fulcrum-lb/fulcrum/listener/l4"
 	"github.com/fulcrum-lb/fulcrum/router"
 )
 
@@ -168,7 +169,7 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 			keptH[p.cfg.Address] = true
 			ch.Updated = append(ch.Updated, p.cfg.Name)
 		case p.keepL4 != nil:
-			p.keepL4.update(p.l4St)
+			p.keepL4.update(p.l4St, p.cfg.Name)
 			keptL4[p.cfg.Address] = true
 			ch.Updated = append(ch.Updated, p.cfg.Name)
 		}
@@ -358,6 +359,28 @@ func (rt *Runtime) Shutdown(ctx context.Context) error {
 	rt.reg.Close()
 	rt.cm.Close()
 	return ctx.Err()
+}
+
+// ListenerStats is one listener's counters for the metrics collector.
+type ListenerStats struct {
+	Name string
+	Kind string // "http" or "l4"
+	HTTP HTTPStats
+	L4   l4.Stats
+}
+
+// Stats returns every listener's counters.
+func (rt *Runtime) Stats() []ListenerStats {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	out := make([]ListenerStats, 0, len(rt.http)+len(rt.l4))
+	for _, l := range rt.http {
+		out = append(out, ListenerStats{Name: l.name, Kind: "http", HTTP: l.Stats()})
+	}
+	for _, l := range rt.l4 {
+		out = append(out, ListenerStats{Name: l.name, Kind: "l4", L4: l.Stats()})
+	}
+	return out
 }
 
 // Addrs maps listener names to bound addresses (for tests that listen on port 0).
