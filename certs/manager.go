@@ -63,6 +63,11 @@ type Manager struct {
 	snap   atomic.Pointer[snapshot]
 
 	tickets ticketKeys
+
+	chal      challenges    // pending ACME challenges, answered by the listeners
+	acmeStart chan struct{} // closed by StartACME
+	acmeOnce  sync.Once
+	acctMu    sync.Mutex // account keys are shared by certificates: find-or-generate once
 }
 
 // snapshot is one immutable generation of authorities and certificates.
@@ -75,20 +80,25 @@ type snapshot struct {
 type entry struct {
 	name     string
 	spec     configs.Certificate
-	kind     string // "issued", "imported" (cert_file) or "stored" (imported into state by Import)
+	kind     string // "issued", "acme", "imported" (cert_file) or "stored" (imported into state by Import)
 	usage    Usage
 	kt       keystore.KeyType
 	lifetime time.Duration
 	auth     *Authority
+	acme     *acmeIssuer
 
-	cur      atomic.Pointer[tls.Certificate]
+	cur      atomic.Pointer[tls.Certificate] // nil while an ACME certificate is pending
 	failures atomic.Int64
 
 	mu       sync.Mutex // serialises renewals
+	meta     sync.Mutex // gen, keyName, location for readers that must not wait for a renewal
 	hash     string     // certmagic cache hash of cur
 	gen      int
 	keyName  string
 	location string
+
+	ready     chan struct{} // closed when cur is first set
+	readyOnce sync.Once
 
 	kick   chan struct{}
 	cancel context.CancelFunc
@@ -131,7 +141,7 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	if err != nil {
 		return nil, err
 	}
-	m := &Manager{log: log, ks: ks, stateDir: stateDir, prefix: prefix}
+	m := &Manager{log: log, ks: ks, stateDir: stateDir, prefix: prefix, acmeStart: make(chan struct{})}
 	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	m.cache = certmagic.NewCache(certmagic.CacheOptions{
 		GetConfigForCert: func(certmagic.Certificate) (*certmagic.Config, error) { return m.cmcfg, nil },
@@ -243,7 +253,7 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 	}
 	var fresh []*entry
 	for _, c := range cfg.Certificates {
-		e := &entry{name: c.Name, spec: c, usage: UsageServer, kt: keystore.KeyType(orDefault(c.KeyType, string(keystore.DefaultKeyType)))}
+		e := &entry{name: c.Name, spec: c, usage: UsageServer, ready: make(chan struct{}), kt: keystore.KeyType(orDefault(c.KeyType, string(keystore.DefaultKeyType)))}
 		if clientNames[c.Name] {
 			e.usage |= UsageClient
 		}
@@ -262,8 +272,7 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 				continue
 			}
 		case c.ACME != "":
-			errs = append(errs, fmt.Errorf("certs: certificate %s: ACME issuance is not implemented yet", c.Name))
-			continue
+			e.kind = "acme"
 		default:
 			e.kind = "stored" // imported into the state dir with Import
 		}
@@ -272,6 +281,14 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 				s.certs[c.Name] = oe
 				continue
 			}
+		}
+		if e.kind == "acme" {
+			iss, err := m.newACMEIssuer(cfg, c)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("certs: certificate %s: %w", c.Name, err))
+				continue
+			}
+			e.acme = iss
 		}
 		if err := m.load(ctx, cfg, e); err != nil {
 			errs = append(errs, fmt.Errorf("certs: certificate %s: %w", c.Name, err))
@@ -289,13 +306,16 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 // commit installs the fresh entries, publishes the snapshot and retires what old alone held.
 func (m *Manager) commit(s *snapshot, fresh []*entry, old *snapshot) {
 	for _, e := range fresh {
+		if e.cur.Load() == nil {
+			continue // ACME certificate pending: its loop obtains it
+		}
 		if err := m.install(e, e.cur.Load()); err != nil {
 			m.log.Error("certificate cache", "certificate", e.name, "err", err)
 		}
 	}
 	m.snap.Store(s)
 	for _, e := range fresh {
-		if e.kind == "issued" {
+		if e.renewable() {
 			m.startRenewal(e)
 		}
 	}
@@ -346,6 +366,7 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 			m.log.Info("reusing stored certificate", "certificate", e.name, "serial", serialHex(tc.Leaf), "not_after", tc.Leaf.NotAfter)
 			return nil
 		}
+		e.gen = st.Generation
 	} else if !errors.Is(err, os.ErrNotExist) {
 		m.log.Warn("stored certificate unusable; issuing a new one", "certificate", e.name, "err", err)
 		// Keep counting generations so new key names never collide with old ones.
@@ -356,6 +377,13 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 			}
 		}
 	}
+	if e.kind == "acme" {
+		// Obtained in the background by the renewal loop once StartACME is called: the
+		// challenges are answered by listeners that are not bound yet, and a reload must not
+		// wait for a CA.
+		m.log.Info("ACME certificate pending", "certificate", e.name, "acme", e.spec.ACME)
+		return nil
+	}
 	tc, st, err := m.issue(ctx, e, e.gen+1)
 	if err != nil {
 		return err
@@ -365,14 +393,42 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 	return nil
 }
 
+// setKey records the key behind cur. Writers hold e.mu (or own e exclusively).
+func (e *entry) setKey(gen int, keyName, location string) {
+	e.meta.Lock()
+	e.gen, e.keyName, e.location = gen, keyName, location
+	e.meta.Unlock()
+}
+
+// describeKey is where cur's key lives and its generation.
+func (m *Manager) describeKey(e *entry) (string, int) {
+	e.meta.Lock()
+	defer e.meta.Unlock()
+	return e.location, e.gen
+}
+
+// renewable: certificates the lifecycle loop renews (never imported ones).
+func (e *entry) renewable() bool { return e.kind == "issued" || e.kind == "acme" }
+
+// issuer is the certmagic.Issuer that signs e's CSRs.
+func (e *entry) issuer() certmagic.Issuer {
+	if e.kind == "acme" {
+		return e.acme
+	}
+	return e.auth.Issuer(e.lifetime, e.usage)
+}
+
 func (m *Manager) storedMatches(e *entry, st *storedCert, leaf *x509.Certificate) bool {
-	return st.Kind == "issued" &&
+	ok := st.Kind == e.kind &&
 		slices.Equal(normDomains(st.Domains), normDomains(e.spec.Domains)) &&
-		st.Issuer == e.auth.IssuerKey() &&
+		st.Issuer == e.issuer().IssuerKey() &&
 		st.KeyType == string(e.kt) &&
 		st.Usage == e.usage &&
-		time.Now().Before(leaf.NotAfter) &&
-		chainsTo(leaf, e.auth)
+		time.Now().Before(leaf.NotAfter)
+	if e.kind == "issued" {
+		ok = ok && chainsTo(leaf, e.auth)
+	}
+	return ok
 }
 
 func chainsTo(leaf *x509.Certificate, a *Authority) bool {
@@ -446,7 +502,7 @@ func (m *Manager) issue(ctx context.Context, e *entry, gen int) (*tls.Certificat
 	if err != nil {
 		return fail(err)
 	}
-	issuer := e.auth.Issuer(e.lifetime, e.usage)
+	issuer := e.issuer()
 	ic, err := issuer.Issue(ctx, csr)
 	if err != nil {
 		return fail(fmt.Errorf("issue: %w", err))
@@ -462,7 +518,7 @@ func (m *Manager) issue(ctx context.Context, e *entry, gen int) (*tls.Certificat
 	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
 		return fail(errors.New("issuer returned a certificate for another key"))
 	}
-	st := &storedCert{Name: e.name, Kind: "issued", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
+	st := &storedCert{Name: e.name, Kind: e.kind, Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
 		KeyType: string(e.kt), Domains: e.spec.Domains, Usage: e.usage, Issuer: issuer.IssuerKey(), Chain: string(ic.Certificate)}
 	if err := m.writeStored(st); err != nil {
 		return fail(err)
@@ -491,6 +547,7 @@ func (m *Manager) install(e *entry, tc *tls.Certificate) error {
 		return err
 	}
 	e.cur.Store(tc)
+	e.readyOnce.Do(func() { close(e.ready) })
 	if e.hash != "" && e.hash != hash {
 		m.cache.Remove([]string{e.hash})
 	}
@@ -527,9 +584,19 @@ func (m *Manager) renewLoop(ctx context.Context, e *entry) {
 			m.log.Error("renewal loop panic", "certificate", e.name, "panic", r)
 		}
 	}()
+	if e.kind == "acme" {
+		select {
+		case <-m.acmeStart:
+		case <-ctx.Done():
+			return
+		}
+	}
 	backoff := time.Duration(0)
 	for {
-		next := renewAt(e.cur.Load().Leaf)
+		next := time.Now() // pending: obtain now
+		if tc := e.cur.Load(); tc != nil {
+			next = renewAt(tc.Leaf)
+		}
 		if backoff > 0 {
 			next = time.Now().Add(backoff)
 		}
@@ -547,10 +614,15 @@ func (m *Manager) renewLoop(ctx context.Context, e *entry) {
 				return
 			}
 			n := e.failures.Add(1)
-			backoff = min(max(2*backoff, 500*time.Millisecond), 5*time.Minute)
+			lo, hi := 500*time.Millisecond, 5*time.Minute
+			if e.kind == "acme" {
+				lo, hi = acmeRetryMin, acmeRetryMax
+			}
+			backoff = min(max(2*backoff, lo), hi)
 			// Never back off past expiry by much: keep retrying at least every tenth of the lifetime.
-			if lt := e.cur.Load().Leaf; lt != nil {
-				backoff = min(backoff, max(lt.NotAfter.Sub(lt.NotBefore)/10, 500*time.Millisecond))
+			if tc := e.cur.Load(); tc != nil {
+				lt := tc.Leaf
+				backoff = min(backoff, max(lt.NotAfter.Sub(lt.NotBefore)/10, lo))
 			}
 			m.log.Error("renewal failed", "certificate", e.name, "failures", n, "retry_in", backoff, "err", err)
 			continue
@@ -572,7 +644,7 @@ func (m *Manager) renew(ctx context.Context, e *entry) error {
 		return err
 	}
 	prevGen := e.gen
-	e.gen, e.keyName, e.location = st.Generation, st.Key, st.KeyLocation
+	e.setKey(st.Generation, st.Key, st.KeyLocation)
 	e.failures.Store(0)
 	if prevGen >= 1 {
 		if err := m.ks.Delete(ctx, m.keyName(e.name, prevGen-1)); err != nil {
@@ -582,14 +654,34 @@ func (m *Manager) renew(ctx context.Context, e *entry) error {
 	return nil
 }
 
+// WaitCertificate waits until the named certificate is served (an ACME certificate is pending
+// until its first order completes). It returns at once for every other certificate.
+func (m *Manager) WaitCertificate(ctx context.Context, name string) error {
+	e := m.snap.Load().certs[name]
+	if e == nil {
+		return fmt.Errorf("certs: unknown certificate %q", name)
+	}
+	select {
+	case <-e.ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("certs: waiting for %s: %w", name, ctx.Err())
+	case <-m.ctx.Done():
+		return errors.New("certs: manager closed")
+	}
+}
+
 // Renew renews a certificate now (issued certificates only).
 func (m *Manager) Renew(name string) error {
 	e := m.snap.Load().certs[name]
 	if e == nil {
 		return fmt.Errorf("certs: unknown certificate %q", name)
 	}
-	if e.kind != "issued" {
+	if !e.renewable() {
 		return fmt.Errorf("certs: %s is imported; imported certificates are never renewed", name)
+	}
+	if e.kind == "acme" && !m.acmeStarted() {
+		return fmt.Errorf("certs: %s is an ACME certificate: only a running fulcrum (whose listeners answer the challenges) renews it", name)
 	}
 	return m.renew(m.ctx, e)
 }
@@ -637,7 +729,7 @@ func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
 		if e.keyName != "" && e.keyName != keyName {
 			_ = m.ks.Delete(m.ctx, e.keyName)
 		}
-		e.gen, e.keyName, e.location = gen, keyName, st.KeyLocation
+		e.setKey(gen, keyName, st.KeyLocation)
 	}
 	return nil
 }
@@ -648,8 +740,12 @@ func (m *Manager) Export(name string) ([]byte, error) {
 	if e == nil {
 		return nil, fmt.Errorf("certs: unknown certificate %q", name)
 	}
+	tc := e.cur.Load()
+	if tc == nil {
+		return nil, fmt.Errorf("certs: %s is not issued yet (ACME pending)", name)
+	}
 	var out []byte
-	for _, der := range e.cur.Load().Certificate {
+	for _, der := range tc.Certificate {
 		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
 	}
 	return out, nil
@@ -658,7 +754,7 @@ func (m *Manager) Export(name string) ([]byte, error) {
 // CertInfo describes a managed certificate for the CLI and the admin endpoint.
 type CertInfo struct {
 	Name          string
-	Kind          string // issued | imported | stored
+	Kind          string // issued | acme | imported | stored
 	Domains       []string
 	Issuer        string
 	Serial        string // hex
@@ -668,6 +764,7 @@ type CertInfo struct {
 	KeyLocation   string
 	Generation    int
 	RenewFailures int64
+	Pending       bool // ACME certificate not obtained yet: the certificate fields are empty
 }
 
 // List describes every certificate, sorted by name.
@@ -675,16 +772,22 @@ func (m *Manager) List() []CertInfo {
 	s := m.snap.Load()
 	out := make([]CertInfo, 0, len(s.certs))
 	for _, e := range s.certs {
-		e.mu.Lock()
+		// Not under e.mu: a renewal holds it for the whole issuance (an ACME order can take
+		// minutes), and List feeds the admin endpoint and metrics.
 		tc := e.cur.Load()
-		ci := CertInfo{Name: e.name, Kind: e.kind, Domains: slices.Clone(tc.Leaf.DNSNames), Issuer: tc.Leaf.Issuer.CommonName,
-			Serial: serialHex(tc.Leaf), NotBefore: tc.Leaf.NotBefore, NotAfter: tc.Leaf.NotAfter,
-			KeyLocation: e.location, Generation: e.gen, RenewFailures: e.failures.Load()}
-		e.mu.Unlock()
+		ci := CertInfo{Name: e.name, Kind: e.kind, RenewFailures: e.failures.Load()}
+		if tc == nil {
+			ci.Pending, ci.Domains, ci.Issuer = true, slices.Clone(e.spec.Domains), e.spec.ACME
+			out = append(out, ci)
+			continue
+		}
+		ci.Domains, ci.Issuer = slices.Clone(tc.Leaf.DNSNames), tc.Leaf.Issuer.CommonName
+		ci.Serial, ci.NotBefore, ci.NotAfter = serialHex(tc.Leaf), tc.Leaf.NotBefore, tc.Leaf.NotAfter
+		ci.KeyLocation, ci.Generation = m.describeKey(e)
 		for _, ip := range tc.Leaf.IPAddresses {
 			ci.Domains = append(ci.Domains, ip.String())
 		}
-		if e.kind == "issued" {
+		if e.renewable() {
 			ci.RenewAt = renewAt(tc.Leaf)
 		}
 		out = append(out, ci)
@@ -721,7 +824,9 @@ func (m *Manager) watchExpiry() {
 			return
 		case <-t.C:
 			for _, e := range m.snap.Load().certs {
-				m.warnExpiry(e, e.cur.Load().Leaf)
+				if tc := e.cur.Load(); tc != nil {
+					m.warnExpiry(e, tc.Leaf)
+				}
 			}
 		}
 	}
@@ -732,7 +837,7 @@ func (m *Manager) warnExpiry(e *entry, leaf *x509.Certificate) {
 		return
 	}
 	left := time.Until(leaf.NotAfter)
-	if left < ExpiryWarning && (e.kind != "issued" || e.failures.Load() > 0) {
+	if left < ExpiryWarning && (!e.renewable() || e.failures.Load() > 0) {
 		m.log.Warn("certificate expires soon", "certificate", e.name, "kind", e.kind, "not_after", leaf.NotAfter, "days_left", int(left.Hours()/24))
 	}
 }

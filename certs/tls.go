@@ -22,7 +22,7 @@ const TicketRotation = 12 * time.Hour
 
 var (
 	errNoCertificate = errors.New("certs: no certificate for this listener")
-	errACMEOnly      = errors.New("certs: acme-tls/1 is not served (no ACME issuer)")
+	errACMEOnly      = errors.New("certs: acme-tls/1 is served only during a TLS-ALPN-01 validation")
 )
 
 // Cipher suites by policy. TLS 1.3 suites are not configurable in Go and are all AEAD.
@@ -66,6 +66,15 @@ func (m *Manager) ServerTLS(l *configs.Listener) (*tls.Config, error) {
 	tc := &tls.Config{
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return m.pick(names, set, hello)
+		},
+		// TLS-ALPN-01 validation needs acme-tls/1 negotiated, which the listener's NextProtos
+		// never list: such hellos get their own small config (or are refused). A caller that
+		// wraps this hook must keep the NextProtos of the configs it returns.
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			if onlyACMETLS(hello) {
+				return m.acmeConfigFor(hello)
+			}
+			return nil, nil
 		},
 	}
 	switch l.TLSPolicy {
@@ -111,8 +120,9 @@ func (m *Manager) ServerTLS(l *configs.Listener) (*tls.Config, error) {
 
 // pick selects the certificate for a ClientHello among the listener's certificates.
 func (m *Manager) pick(names []string, set map[string]struct{}, hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	// tls-alpn-01 probes would otherwise cost a cache walk each; we have no ACME issuer.
-	if len(hello.SupportedProtos) == 1 && hello.SupportedProtos[0] == "acme-tls/1" {
+	// tls-alpn-01 hellos are answered by GetConfigForClient; without a pending challenge they
+	// would otherwise cost a cache walk each.
+	if onlyACMETLS(hello) {
 		return nil, errACMEOnly
 	}
 	snap := m.snap.Load()

@@ -118,9 +118,15 @@ func AssertSensitive(t testing.TB, module, label, pin, name string) {
 	if err != nil || len(objs) != 1 {
 		t.Fatalf("find private key %s: %v (%d objects)", name, err, len(objs))
 	}
-	_, err = p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	// The secret is CKA_VALUE for EC keys and CKA_PRIVATE_EXPONENT (with the primes) for RSA.
+	secret, secretName := uint(pkcs11.CKA_VALUE), "CKA_VALUE"
+	kt, err := p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, nil)})
+	if err == nil && len(kt) == 1 && len(kt[0].Value) > 0 && kt[0].Value[0] == byte(pkcs11.CKK_RSA) {
+		secret, secretName = pkcs11.CKA_PRIVATE_EXPONENT, "CKA_PRIVATE_EXPONENT"
+	}
+	_, err = p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{pkcs11.NewAttribute(secret, nil)})
 	if !errors.Is(err, pkcs11.Error(pkcs11.CKR_ATTRIBUTE_SENSITIVE)) {
-		t.Fatalf("reading CKA_VALUE of %s: got %v, want CKR_ATTRIBUTE_SENSITIVE", name, err)
+		t.Fatalf("reading %s of %s: got %v, want CKR_ATTRIBUTE_SENSITIVE", secretName, name, err)
 	}
 	attrs, err := p.GetAttributeValue(sh, objs[0], []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil), pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil)})
