@@ -78,6 +78,9 @@ func Start(ctx context.Context, cfg *configs.Config, opts Options) (*Runtime, er
 		cm.Close()
 		return nil, err
 	}
+	// ACME orders start only now: HTTP-01 and TLS-ALPN-01 challenges are answered by the
+	// listeners just bound.
+	cm.StartACME()
 	rt.ready.Store(true)
 	return rt, nil
 }

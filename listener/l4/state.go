@@ -187,6 +187,9 @@ func withALPN(cfg *tls.Config, protos []string) *tls.Config {
 			if err != nil || got == nil {
 				return got, err
 			}
+			if len(got.NextProtos) == 1 && got.NextProtos[0] == "acme-tls/1" {
+				return got, nil // a TLS-ALPN-01 challenge answer keeps its protocol
+			}
 			got = got.Clone() // never mutate the manager's config
 			got.NextProtos = protos
 			return got, nil
