@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -34,8 +35,11 @@ type httpState struct {
 	tlsOn   bool
 	proto   string // X-Forwarded-Proto
 	port    string // X-Forwarded-Port
-	desync  desync.Mode
-	obs     Observer
+	// The same two as header values, shared by every request of the generation so that setting
+	// them costs no allocation. Read-only; cap == len, so an append elsewhere copies.
+	protoHdr, portHdr []string
+	desync            desync.Mode
+	obs               Observer
 }
 
 // groupProxy is the reverse proxy of one target group within one listener generation.
@@ -52,10 +56,10 @@ type reqInfo struct {
 	group      *backends.Group
 	target     *backends.Target
 	client     netip.AddrPort
-	trusted    bool // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
-	closeAfter bool // desync: forward, then close both connections
-	bodyErr    error
-	reason     string // error reason for the access log
+	trusted    bool         // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
+	closeAfter bool         // desync: forward, then close both connections
+	body       *bodyWatcher // the client's request body, nil when there is none
+	reason     string       // error reason for the access log
 	requestID  string
 	start      time.Time
 	targetAddr string
@@ -173,10 +177,34 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		}
 		gp := proxies[i]
 		ri.group = gp.group
+		// The proxy works on a shallow copy: net/http must keep seeing its own body type on r,
+		// or after an early answer it drains up to 256 KiB of an unwanted upload before replying
+		// instead of closing the connection.
+		out := r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri))
 		if r.Body != nil && r.Body != http.NoBody {
-			r.Body = &bodyWatcher{ReadCloser: r.Body, ri: ri}
+			bw := &bodyWatcher{ReadCloser: r.Body}
+			ri.body = bw
+			out.Body = bw
+			if r.ProtoMajor == 1 && r.ContentLength < 0 && r.Header.Get("Expect") == "" {
+				// Chunked: read the first chunk's size line before the target sees anything
+				// (net/http's transport sends the head before the body), so a malformed chunk
+				// size is answered 400 and never forwarded. Later chunks stream; a bad one
+				// aborts the target connection mid-body, which is never reused.
+				if !bw.prime() {
+					ri.reason = "client_body_error"
+					badRequest(w, "malformed request body")
+					return
+				}
+			}
 		}
-		gp.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri)))
+		gp.rp.ServeHTTP(w, out)
+		if ri.body != nil && r.ProtoMajor == 1 && w.status != http.StatusSwitchingProtocols && !ri.body.eof.Load() {
+			// The target answered before the upload ended. The transport may still be blocked
+			// reading the client's body (holding it, so net/http cannot even decide to close),
+			// and would stay so until the client sends more: expire the read, so the answer goes
+			// out now and the connection closes instead of carrying on.
+			http.NewResponseController(w).SetReadDeadline(time.Now())
+		}
 	}
 }
 
@@ -185,6 +213,10 @@ func (st *httpState) newGroupProxy(g *backends.Group) *groupProxy {
 	scheme := "http"
 	if g.Config().Protocol == "https" {
 		scheme = "https"
+	}
+	if st.protoHdr == nil { // built once per generation, before it serves (runtime.buildHTTPState)
+		st.protoHdr = []string{st.proto}
+		st.portHdr = []string{st.port}
 	}
 	gp := &groupProxy{group: g}
 	gp.rp = &httputil.ReverseProxy{
@@ -209,7 +241,7 @@ func (st *httpState) newGroupProxy(g *backends.Group) *groupProxy {
 func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
 	ri := infoOf(pr.In)
 	h := pr.Out.Header
-	client := ri.client.Addr().Unmap().String()
+	client := clientIP(pr.In.RemoteAddr, ri.client)
 	prior := pr.In.Header.Values("X-Forwarded-For")
 	switch st.cfg.XFF {
 	case "remove":
@@ -231,8 +263,8 @@ func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
 			h.Set("X-Forwarded-For", client)
 		}
 	}
-	h.Set("X-Forwarded-Proto", st.proto)
-	h.Set("X-Forwarded-Port", st.port)
+	h["X-Forwarded-Proto"] = st.protoHdr
+	h["X-Forwarded-Port"] = st.portHdr
 
 	id := ""
 	if ri.trusted {
@@ -281,7 +313,7 @@ func (st *httpState) errorHandler(w http.ResponseWriter, r *http.Request, err er
 	switch {
 	case errors.Is(err, errNoTarget):
 		status, reason = http.StatusServiceUnavailable, "no_healthy_target"
-	case ri != nil && ri.bodyErr != nil:
+	case ri != nil && ri.body.failed():
 		status, reason = http.StatusBadRequest, "client_body_error"
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 		// The client went away; nobody reads the answer. 499 is nginx's word for it.
@@ -339,7 +371,7 @@ func (t *pickTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		target.Release()
-		if ri.bodyErr != nil || req.Context().Err() != nil {
+		if ri.body.failed() || req.Context().Err() != nil {
 			return nil, err // the client's fault, not the target's
 		}
 		target.ReportFailure()
@@ -388,18 +420,53 @@ func wrapBody(body io.ReadCloser, t *backends.Target) io.ReadCloser {
 }
 
 // bodyWatcher remembers a failed read of the client's body so the error maps to 400, not 502.
+// It is not pooled and records into itself, atomically: the transport may still be reading the
+// body after the handler returned (a target that answered before the upload ended), while the
+// handler goroutine and the pooled reqInfo have moved on.
 type bodyWatcher struct {
 	io.ReadCloser
-	ri *reqInfo
+	bad, eof atomic.Bool
+
+	// A primed first byte (see prime), returned by the first Read.
+	pending bool
+	preN    int // 0 or 1
+	pre     [1]byte
+	preErr  error // returned with the primed byte (nil or io.EOF)
+}
+
+// prime reads the first byte of the body now; false when that read failed (a malformed body).
+func (b *bodyWatcher) prime() bool {
+	n, err := b.ReadCloser.Read(b.pre[:])
+	if err != nil && err != io.EOF {
+		b.bad.Store(true)
+		return false
+	}
+	b.pending = n == 1 || err == io.EOF
+	if err == io.EOF {
+		b.eof.Store(true)
+	}
+	b.preN, b.preErr = n, err
+	return true
 }
 
 func (b *bodyWatcher) Read(p []byte) (int, error) {
+	if b.pending && len(p) > 0 {
+		// Only the byte already read: reading more now could wait on a client that streams
+		// and waits for the answer.
+		b.pending = false
+		p[0] = b.pre[0]
+		return b.preN, b.preErr
+	}
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && err != io.EOF {
-		b.ri.bodyErr = err
+	if err == io.EOF {
+		b.eof.Store(true)
+	} else if err != nil {
+		b.bad.Store(true)
 	}
 	return n, err
 }
+
+func (b *bodyWatcher) failed() bool { return b != nil && b.bad.Load() }
 
 func badRequest(w http.ResponseWriter, msg string) {
 	w.Header().Set("Connection", "close")
@@ -412,6 +479,24 @@ func newRequestID() string {
 	var b [16]byte
 	crand.Read(b[:])
 	return hex.EncodeToString(b[:])
+}
+
+// clientIP is the client's address for X-Forwarded-For. It is the host part of RemoteAddr, which
+// net formats canonically, so the common case is a substring and costs no allocation; an
+// IPv4-mapped IPv6 peer is written as IPv4.
+func clientIP(remote string, ap netip.AddrPort) string {
+	a := ap.Addr()
+	if !a.IsValid() || a.Is4In6() || a.Zone() != "" {
+		return a.Unmap().String()
+	}
+	host := remote
+	if i := strings.LastIndexByte(host, ':'); i > 0 {
+		host = host[:i]
+	}
+	if len(host) > 1 && host[0] == '[' && host[len(host)-1] == ']' {
+		host = host[1 : len(host)-1]
+	}
+	return host
 }
 
 // clientAddrPort parses a RemoteAddr without allocating ("ip:port" or "[ip6]:port").
