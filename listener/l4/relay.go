@@ -16,10 +16,11 @@ import (
 // The relay moves bytes both ways until both directions saw EOF, one failed, or nothing moved
 // for the idle timeout.
 //
-// Zero copy: when both ends of a direction are *net.TCPConn, the direction calls
-// (*net.TCPConn).ReadFrom(*net.TCPConn), which the runtime turns into splice(2) through a pipe.
-// The copy is then invisible until it returns, so idle detection works on coarse return
-// points instead of per-read bookkeeping:
+// Zero copy: when both ends of a direction are *net.TCPConn, the direction waits for data
+// without a pipe and then calls (*net.TCPConn).ReadFrom on exactly the queued bytes, which the
+// runtime turns into splice(2) through a pooled pipe (spliceReady: an idle stream pins no pipe).
+// The copy is invisible until it returns, so idle detection works on coarse return points
+// instead of per-read bookkeeping:
 //   - each direction arms a read deadline one tick ahead on its source; when it fires the copy
 //     returns with the bytes it moved, the direction records progress and re-arms (a read
 //     timeout inside splice leaves the pipe empty, so resuming loses nothing);
@@ -114,8 +115,7 @@ func (h *half) run() (err error) {
 		sw, okw := h.dst.(*net.TCPConn)
 		if okr && okw && !h.viaWrapper {
 			spliceCopies.Add(1)
-			n, cerr = sw.ReadFrom(sr) // splice(2); nil error means EOF
-			eof = cerr == nil
+			n, eof, cerr = spliceReady(sw, sr) // splice(2) of what is queued, see splice_linux.go
 			if n > 0 {
 				h.progress(n)
 			}
@@ -127,6 +127,10 @@ func (h *half) run() (err error) {
 			if h.viaWrapper && n > 0 {
 				h.viaWrapper = false
 				h.src = inbound.Socket(h.src) // nothing buffered any more: splice may follow
+				if _, ok := h.dst.(*net.TCPConn); ok {
+					bufPool.Put(bp) // splice from now on: an idle stream keeps no buffer
+					bp = nil
+				}
 				continue
 			}
 		}
@@ -136,6 +140,9 @@ func (h *half) run() (err error) {
 		}
 		if h.r.aborted.Load() {
 			return nil // the other direction or the watchdog ended the relay
+		}
+		if cerr == nil {
+			continue // a burst moved (spliceReady): wait for the next one
 		}
 		if errors.Is(cerr, os.ErrDeadlineExceeded) {
 			if time.Duration(h.r.now()-h.r.last.Load()) >= h.r.idle {
