@@ -11,7 +11,7 @@ test: deps vet
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
-TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx
+TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey
 deps:
 	@missing=""; \
 	for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -42,6 +42,14 @@ demo: build
 	echo "  hey -z 10s -c 50 http://127.0.0.1:8080/              # load"; \
 	echo "  kill -HUP \$$(pgrep -f 'bin/fulcrum -config')        # live reload"; echo; \
 	./bin/fulcrum -config configs/quickstart.toml
+
+# Load-test recipe: sample back ends, Fulcrum pinned to CPU 1 (GOMAXPROCS=1), wrk or hey on CPU 0,
+# plain HTTP, HTTPS and TCP pass-through next to the same load straight to a back end, 10 s each.
+# Observation cost: make bench BENCH_FLAGS='-observe both -reps 3'
+BENCH_FLAGS ?=
+bench: build
+	@command -v wrk >/dev/null || command -v hey >/dev/null || { echo "make bench needs wrk or hey (apt-get install wrk)"; exit 1; }
+	$(GO) run ./cmd/fulcrum-bench -fulcrum bin/fulcrum -echo bin/fulcrum-echo $(BENCH_FLAGS)
 
 # Native fuzzing beyond the seed corpus, 30 s per target: make fuzz
 fuzz:

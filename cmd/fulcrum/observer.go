@@ -4,14 +4,15 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -82,7 +83,7 @@ func newObserver(cfg *configs.Config, log *slog.Logger) (*observer, error) {
 	o.reg.MustRegister(o.requests, o.duration, o.targetLatency, o.bytesIn, o.bytesOut, o.desyncs,
 		o.reloads, o.logDropped, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	var err error
-	if o.access, err = openAccessLog(cfg.Server.AccessLog, o.logDropped); err != nil {
+	if o.access, err = openAccessLog(cfg, o.logDropped); err != nil {
 		return nil, err
 	}
 	o.bind(cfg)
@@ -177,7 +178,7 @@ type accessLog struct {
 	w       io.Writer
 	f       *os.File
 	mu      sync.Mutex // guards w and f between the writer goroutine and reopen
-	queue   chan accessEntry
+	queue   chan listener.RequestRecord
 	dropped prometheus.Counter
 	cancel  context.CancelFunc
 	done    chan struct{}
@@ -194,9 +195,11 @@ type accessEntry struct {
 	TargetProcessingTime  float64 `json:"target_processing_time"`
 	ResponseTime          float64 `json:"response_time"`
 	Status                int     `json:"elb_status_code"`
+	TargetStatus          int     `json:"target_status_code"` // 0 when no target answered
 	ReceivedBytes         int64   `json:"received_bytes"`
 	SentBytes             int64   `json:"sent_bytes"`
 	Request               string  `json:"request"`
+	Host                  string  `json:"host"`
 	UserAgent             string  `json:"user_agent"`
 	SSLProtocol           string  `json:"ssl_protocol"`
 	SSLCipher             string  `json:"ssl_cipher"`
@@ -206,17 +209,29 @@ type accessEntry struct {
 	ErrorReason           string  `json:"error_reason"`
 }
 
-func openAccessLog(dest string, dropped prometheus.Counter) (*accessLog, error) {
-	a := &accessLog{queue: make(chan accessEntry, 8192), dropped: dropped, done: make(chan struct{})}
-	switch dest {
+// accessLogQueue is how many lines may wait for the writer; beyond it lines are dropped and
+// counted, so a slow disk never slows requests down.
+const accessLogQueue = 8192
+
+// openAccessLog opens the access log: "" (none), "stdout", "stderr" or a file path (relative to
+// the configuration file).
+func openAccessLog(cfg *configs.Config, dropped prometheus.Counter) (*accessLog, error) {
+	switch dest := cfg.Server.AccessLog; dest {
 	case "":
 		return nil, nil
 	case "stdout":
-		a.w = os.Stdout
+		return newAccessLog(os.Stdout, "", dropped, accessLogQueue)
 	case "stderr":
-		a.w = os.Stderr
+		return newAccessLog(os.Stderr, "", dropped, accessLogQueue)
 	default:
-		a.path = dest
+		return newAccessLog(nil, cfg.Resolve(dest), dropped, accessLogQueue)
+	}
+}
+
+// newAccessLog starts the writer: to w, or to the file at path when path is set.
+func newAccessLog(w io.Writer, path string, dropped prometheus.Counter, queue int) (*accessLog, error) {
+	a := &accessLog{queue: make(chan listener.RequestRecord, queue), dropped: dropped, done: make(chan struct{}), path: path, w: w}
+	if path != "" {
 		if err := a.reopen(); err != nil {
 			return nil, err
 		}
@@ -227,20 +242,34 @@ func openAccessLog(dest string, dropped prometheus.Counter) (*accessLog, error) 
 	return a, nil
 }
 
+// write queues the record without blocking; the writer goroutine formats it. The record is
+// copied (its strings are immutable, so the copy is shallow and allocation-free).
 func (a *accessLog) write(rec *listener.RequestRecord) {
+	select {
+	case a.queue <- *rec:
+	default:
+		a.dropped.Inc()
+	}
+}
+
+// newEntry is the line's fields as a struct: the documented schema (json tags), used by tests
+// and as the reference appendEntry must match.
+func newEntry(rec *listener.RequestRecord) accessEntry {
 	e := accessEntry{
 		Time:                  rec.Time.UTC().Format(time.RFC3339Nano),
 		Listener:              rec.Listener,
-		Client:                rec.Client.String(),
+		Client:                clientString(rec),
 		Target:                rec.Target,
 		TargetGroup:           rec.Group,
 		RequestProcessingTime: 0,
 		TargetProcessingTime:  rec.TargetDuration.Seconds(),
 		ResponseTime:          rec.Duration.Seconds(),
 		Status:                rec.Status,
+		TargetStatus:          targetStatus(rec),
 		ReceivedBytes:         max(rec.BytesIn, 0),
 		SentBytes:             rec.BytesOut,
 		Request:               rec.Method + " " + rec.URI + " " + rec.Proto,
+		Host:                  rec.Host,
 		UserAgent:             rec.UserAgent,
 		SNI:                   rec.SNI,
 		RulePriority:          rec.RulePriority,
@@ -251,11 +280,155 @@ func (a *accessLog) write(rec *listener.RequestRecord) {
 		e.SSLProtocol = tls.VersionName(rec.TLSVersion)
 		e.SSLCipher = tls.CipherSuiteName(rec.Cipher)
 	}
-	select {
-	case a.queue <- e:
-	default:
-		a.dropped.Inc()
+	return e
+}
+
+func clientString(rec *listener.RequestRecord) string {
+	if !rec.Client.IsValid() {
+		return ""
 	}
+	return rec.Client.String()
+}
+
+// appendEntry appends the JSON line for rec (what json.Marshal(newEntry(rec)) gives, without
+// reflection or allocation: the writer shares the proxy's core under GOMAXPROCS=1).
+func appendEntry(b []byte, rec *listener.RequestRecord) []byte {
+	b = append(b, `{"time":"`...)
+	b = rec.Time.UTC().AppendFormat(b, time.RFC3339Nano)
+	b = append(b, `","listener":`...)
+	b = appendJSONString(b, rec.Listener)
+	b = append(b, `,"client":"`...)
+	if rec.Client.IsValid() {
+		b = rec.Client.AppendTo(b)
+	}
+	b = append(b, `","target":`...)
+	b = appendJSONString(b, rec.Target)
+	b = append(b, `,"target_group":`...)
+	b = appendJSONString(b, rec.Group)
+	b = append(b, `,"request_processing_time":0,"target_processing_time":`...)
+	b = strconv.AppendFloat(b, rec.TargetDuration.Seconds(), 'f', -1, 64)
+	b = append(b, `,"response_time":`...)
+	b = strconv.AppendFloat(b, rec.Duration.Seconds(), 'f', -1, 64)
+	b = append(b, `,"elb_status_code":`...)
+	b = strconv.AppendInt(b, int64(rec.Status), 10)
+	b = append(b, `,"target_status_code":`...)
+	b = strconv.AppendInt(b, int64(targetStatus(rec)), 10)
+	b = append(b, `,"received_bytes":`...)
+	b = strconv.AppendInt(b, max(rec.BytesIn, 0), 10)
+	b = append(b, `,"sent_bytes":`...)
+	b = strconv.AppendInt(b, rec.BytesOut, 10)
+	b = append(b, `,"request":"`...)
+	b = appendJSONChars(b, rec.Method)
+	b = append(b, ' ')
+	b = appendJSONChars(b, rec.URI)
+	b = append(b, ' ')
+	b = appendJSONChars(b, rec.Proto)
+	b = append(b, `","host":`...)
+	b = appendJSONString(b, rec.Host)
+	b = append(b, `,"user_agent":`...)
+	b = appendJSONString(b, rec.UserAgent)
+	b = append(b, `,"ssl_protocol":`...)
+	if rec.TLSVersion != 0 {
+		b = appendJSONString(b, tls.VersionName(rec.TLSVersion))
+		b = append(b, `,"ssl_cipher":`...)
+		b = appendJSONString(b, cipherName(rec.Cipher))
+	} else {
+		b = append(b, `"","ssl_cipher":""`...)
+	}
+	b = append(b, `,"sni":`...)
+	b = appendJSONString(b, rec.SNI)
+	b = append(b, `,"matched_rule_priority":`...)
+	b = strconv.AppendInt(b, int64(rec.RulePriority), 10)
+	b = append(b, `,"trace_id":`...)
+	b = appendJSONString(b, rec.RequestID)
+	b = append(b, `,"error_reason":`...)
+	b = appendJSONString(b, rec.Reason)
+	return append(b, '}', '\n')
+}
+
+// cipherNames caches tls.CipherSuiteName, which builds the whole suite list on every call (14
+// allocations: the largest cost of an HTTPS access-log line before this cache).
+var cipherNames = func() map[uint16]string {
+	m := map[uint16]string{}
+	for _, cs := range append(tls.CipherSuites(), tls.InsecureCipherSuites()...) {
+		m[cs.ID] = cs.Name
+	}
+	return m
+}()
+
+func cipherName(id uint16) string {
+	if n, ok := cipherNames[id]; ok {
+		return n
+	}
+	return tls.CipherSuiteName(id)
+}
+
+func appendJSONString(b []byte, s string) []byte {
+	b = append(b, '"')
+	b = appendJSONChars(b, s)
+	return append(b, '"')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONChars escapes s for a JSON string as encoding/json does (quotes, backslash, control
+// characters, <, >, &, U+2028/U+2029; invalid UTF-8 becomes U+FFFD). Request lines and user
+// agents are client-controlled: a line must never break out of its field.
+func appendJSONChars(b []byte, s string) []byte {
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	return append(b, s[start:]...)
+}
+
+// targetStatus is the status the target answered with. The listener sets Reason exactly when it
+// answered itself (no healthy target, dial or read error, timeout, client gone, rejected
+// request), so a record with a target and no reason carries the target's own status.
+// TODO(listener): a TargetStatus field in RequestRecord would make this explicit.
+func targetStatus(rec *listener.RequestRecord) int {
+	if rec.Target == "" || rec.Reason != "" {
+		return 0
+	}
+	return rec.Status
 }
 
 func (a *accessLog) run(ctx context.Context) {
@@ -267,46 +440,50 @@ func (a *accessLog) run(ctx context.Context) {
 	}()
 	var bw *bufio.Writer
 	var cur io.Writer // what bw writes to; a file replaced by reopen is closed once flushed
-	flush := time.NewTicker(200 * time.Millisecond)
-	defer flush.Stop()
-	write := func(e accessEntry) {
-		a.mu.Lock()
-		if cur != a.w || bw == nil {
-			if bw != nil {
-				bw.Flush()
-				if f, ok := cur.(*os.File); ok && f != a.f && f != os.Stdout && f != os.Stderr {
-					f.Close()
-				}
-			}
-			cur = a.w
-			bw = bufio.NewWriterSize(cur, 64<<10)
+	// sync switches to the writer reopen installed: everything queued before goes to the old
+	// file (flushed, then closed), everything after to the new one. Called with a.mu held.
+	sync := func() {
+		if cur == a.w && bw != nil {
+			return
 		}
-		b, _ := json.Marshal(e)
-		bw.Write(b)
-		bw.WriteByte('\n')
+		if bw != nil {
+			bw.Flush()
+			if f, ok := cur.(*os.File); ok && f != a.f && f != os.Stdout && f != os.Stderr {
+				f.Close()
+			}
+		}
+		cur = a.w
+		bw = bufio.NewWriterSize(cur, 64<<10)
+	}
+	line := make([]byte, 0, 1024)
+	write := func(rec *listener.RequestRecord) {
+		line = appendEntry(line[:0], rec)
+		a.mu.Lock()
+		sync()
+		bw.Write(line)
 		a.mu.Unlock()
 	}
+	flush := func() {
+		a.mu.Lock()
+		sync()
+		bw.Flush()
+		a.mu.Unlock()
+	}
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
 	for {
 		select {
 		case e := <-a.queue:
-			write(e)
-		case <-flush.C:
-			a.mu.Lock()
-			if bw != nil {
-				bw.Flush()
-			}
-			a.mu.Unlock()
+			write(&e)
+		case <-tick.C:
+			flush()
 		case <-ctx.Done():
 			for {
 				select {
 				case e := <-a.queue:
-					write(e)
+					write(&e)
 				default:
-					a.mu.Lock()
-					if bw != nil {
-						bw.Flush()
-					}
-					a.mu.Unlock()
+					flush()
 					return
 				}
 			}

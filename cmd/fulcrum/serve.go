@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -85,6 +86,8 @@ type daemon struct {
 	rt    *listener.Runtime
 	obs   *observer
 	admin *adminServer
+
+	reloadMu sync.Mutex
 }
 
 func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slog.Logger) (*daemon, error) {
@@ -92,7 +95,13 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	if err != nil {
 		return nil, err
 	}
-	rt, err := listener.Start(ctx, cfg, listener.Options{Log: log, Observer: obs})
+	opts := listener.Options{Log: log}
+	if cfg.Server.Admin != "" || cfg.Server.AccessLog != "" {
+		// Nobody can read metrics without the admin endpoint, so with neither it nor an access
+		// log the request path skips observation altogether (the "off" of fulcrum-bench).
+		opts.Observer = obs
+	}
+	rt, err := listener.Start(ctx, cfg, opts)
 	if err != nil {
 		obs.Close()
 		return nil, err
@@ -100,7 +109,7 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	d := &daemon{path: path, log: log, rt: rt, obs: obs}
 	obs.attach(rt)
 	if cfg.Server.Admin != "" {
-		if d.admin, err = startAdmin(cfg.Server.Admin, d); err != nil {
+		if d.admin, err = startAdmin(cfg.Server.Admin, cfg.Server.AdminAllowPublic, d); err != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			rt.Shutdown(sctx)
@@ -111,28 +120,50 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	return d, nil
 }
 
-// reload loads the file again and applies it; a bad file changes nothing.
-func (d *daemon) reload(trigger string) (*listener.Changes, error) {
+// reload loads the file again and applies it; a bad file changes nothing. Reloads are
+// serialized (SIGHUP and the admin API may race) so the metrics bound match the generation served.
+func (d *daemon) reload(trigger string) reloadResult {
+	d.reloadMu.Lock()
+	defer d.reloadMu.Unlock()
 	t0 := time.Now()
+	res := reloadResult{Trigger: trigger}
 	cfg, err := configs.LoadFile(d.path)
 	if err == nil {
-		var ch *listener.Changes
 		old := d.rt.Config()
 		d.obs.bind(cfg) // before the swap, so the new generation's first requests are counted
-		ch, err = d.rt.Reload(context.Background(), cfg)
-		if err != nil {
+		var ch *listener.Changes
+		if ch, err = d.rt.Reload(context.Background(), cfg); err != nil {
 			d.obs.bind(old)
-		}
-		if err == nil {
-			d.obs.reloaded(true)
-			d.log.Info("reloaded", "trigger", trigger, "took", time.Since(t0), "added", ch.Added, "removed", ch.Removed, "updated", ch.Updated)
-			return ch, nil
+		} else {
+			res.OK = true
+			res.Changes = diffConfigs(old, cfg)
+			res.Runtime = &runtimeDiff{Added: nonNil(ch.Added), Removed: nonNil(ch.Removed), Updated: nonNil(ch.Updated)}
 		}
 	}
-	d.obs.reloaded(false)
+	res.Took = time.Since(t0).Round(time.Microsecond).String()
+	d.obs.reloaded(res.OK)
+	if res.OK {
+		d.log.Info("reloaded", "trigger", trigger, "took", res.Took, "changes", res.Changes.summary())
+		if len(res.Changes.RestartRequired) > 0 {
+			d.log.Warn("reloaded, but these settings take effect only after a restart", "settings", res.Changes.RestartRequired)
+		}
+		return res
+	}
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			res.Errors = append(res.Errors, line)
+		}
+	}
 	d.log.Error("reload refused; the running configuration keeps serving", "trigger", trigger,
-		"err", strings.ReplaceAll(err.Error(), "\n", "; "))
-	return nil, err
+		"err", strings.Join(res.Errors, "; "))
+	return res
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
 }
 
 func (d *daemon) reopenLogs() {

@@ -1,0 +1,146 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// driveLoad sends n GETs to url over c concurrent connections, with hey when it is installed
+// (what operators use) and a Go loop otherwise. It returns how many answered each status.
+func driveLoad(t *testing.T, url string, n, c int) map[int]int {
+	t.Helper()
+	if hey, err := exec.LookPath("hey"); err == nil {
+		out, err := exec.Command(hey, "-n", strconv.Itoa(n), "-c", strconv.Itoa(c), "-t", "20", url).CombinedOutput()
+		if err != nil {
+			t.Fatalf("hey: %v\n%s", err, out)
+		}
+		codes := map[int]int{}
+		for _, m := range regexp.MustCompile(`\[(\d{3})\]\s+(\d+) responses`).FindAllStringSubmatch(string(out), -1) {
+			code, _ := strconv.Atoi(m[1])
+			k, _ := strconv.Atoi(m[2])
+			codes[code] += k
+		}
+		if len(codes) == 0 {
+			t.Fatalf("hey printed no status distribution:\n%s", out)
+		}
+		return codes
+	}
+	cl := httpClient()
+	var mu sync.Mutex
+	codes := map[int]int{}
+	var wg sync.WaitGroup
+	next := make(chan struct{}, n)
+	for range n {
+		next <- struct{}{}
+	}
+	close(next)
+	for range c {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range next {
+				resp, err := cl.Get(url)
+				code := 0
+				if err == nil {
+					resp.Body.Close()
+					code = resp.StatusCode
+				}
+				mu.Lock()
+				codes[code]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return codes
+}
+
+// TestMetricsMatchTraffic: what /metrics counts is exactly what was sent, by listener, target
+// group and status class, including the errors the load balancer answers itself.
+func TestMetricsMatchTraffic(t *testing.T) {
+	dir := t.TempDir()
+	b := echoBackend(t, "b1")
+	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), adminConfig(dir, admin, web, webTLS, hostOf(b), dead, ""))
+	c := httpClient()
+	waitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
+		var tv targetsResponse
+		fetchJSON(t, c, "GET", d.admin+"/admin/targets", &tv)
+		return tv.Groups[1].Healthy == 0
+	})
+
+	const n = 2000
+	codes := driveLoad(t, "http://"+web+"/load", n, 20)
+	if codes[200] != n {
+		t.Fatalf("load: %v, want %d x 200", codes, n)
+	}
+	const n404, n503 = 37, 23
+	for range n404 {
+		if s, _ := fetch(t, c, "GET", "http://"+web+"/missing", nil); s != 404 {
+			t.Fatalf("/missing: %d", s)
+		}
+	}
+	for range n503 {
+		if s, _ := fetch(t, c, "GET", "http://"+web+"/down/x", nil); s != 503 {
+			t.Fatalf("/down/x: %d", s)
+		}
+	}
+
+	ss := scrape(t, c, d.admin)
+	want := []struct {
+		group, code string
+		v           float64
+	}{
+		{"echo", "2xx", n},
+		{"echo", "5xx", 0},
+		{"", "4xx", n404},
+		{"down", "5xx", n503},
+		{"down", "2xx", 0},
+	}
+	for _, w := range want {
+		got, ok := value(ss, "fulcrum_http_requests_total", "listener", "web", "target_group", w.group, "code", w.code)
+		if !ok || got != w.v {
+			t.Errorf("fulcrum_http_requests_total{listener=web,target_group=%q,code=%s} = %v (present %v), want %v", w.group, w.code, got, ok, w.v)
+		}
+	}
+	total := float64(n + n404 + n503)
+	if got, _ := value(ss, "fulcrum_http_request_duration_seconds_count", "listener", "web"); got != total {
+		t.Errorf("duration histogram count %v, want %v", got, total)
+	}
+	if got, _ := value(ss, "fulcrum_target_response_seconds_count", "listener", "web", "target_group", "echo"); got != n {
+		t.Errorf("target latency count %v, want %d", got, n)
+	}
+	if got, _ := value(ss, "fulcrum_target_healthy", "target_group", "down", "target", dead); got != 0 {
+		t.Errorf("dead target healthy gauge %v", got)
+	}
+	if got, _ := value(ss, "fulcrum_target_healthy", "target_group", "echo", "target", hostOf(b)); got != 1 {
+		t.Errorf("echo target healthy gauge %v", got)
+	}
+	if got, _ := value(ss, "fulcrum_connections_total", "listener", "web"); got < 20 {
+		t.Errorf("connections accepted %v, want >= 20", got)
+	}
+	if got, ok := value(ss, "fulcrum_certificate_expiry_seconds", "certificate", "site"); !ok || got <= 0 {
+		t.Errorf("certificate expiry %v %v", got, ok)
+	}
+	if _, ok := value(ss, "fulcrum_keystore_signs_total"); !ok {
+		t.Error("no keystore sign counter")
+	}
+	if got, _ := value(ss, "fulcrum_http_response_bytes_total", "listener", "web"); got <= 0 {
+		t.Errorf("response bytes %v", got)
+	}
+	// Nothing counted on the TLS listener, which received nothing.
+	if got, _ := value(ss, "fulcrum_http_requests_total", "listener", "web-tls", "target_group", "echo", "code", "2xx"); got != 0 {
+		t.Errorf("web-tls counted %v", got)
+	}
+	if testing.Verbose() {
+		fmt.Println("codes:", codes)
+	}
+	_ = http.StatusOK
+}

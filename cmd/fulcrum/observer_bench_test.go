@@ -1,0 +1,50 @@
+package main
+
+import (
+	"net/netip"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/listener"
+)
+
+// BenchmarkObserve is the request-path cost of metrics and of the access log (including the
+// writer goroutine's encoding, amortized: with GOMAXPROCS=1 it shares the core).
+func BenchmarkObserve(b *testing.B) {
+	rec := listener.RequestRecord{Listener: "web", Time: time.Now(), Duration: 1234 * time.Microsecond, TargetDuration: time.Millisecond,
+		Client: netip.MustParseAddrPort("127.0.0.1:54321"), Target: "127.0.0.1:9101", Group: "echo", Status: 200, BytesOut: 100,
+		Method: "GET", URI: "/bytes/100", Proto: "HTTP/1.1", Host: "127.0.0.1:8080", UserAgent: "wrk/4.1.0",
+		TLSVersion: 0x0304, Cipher: 0x1301, SNI: "localhost", RequestID: "0123456789abcdef0123456789abcdef"}
+	for _, tc := range []struct{ name, log string }{{"metrics", ""}, {"metrics+accesslog", "file"}} {
+		b.Run(tc.name, func(b *testing.B) {
+			dir := b.TempDir()
+			cfg := &configs.Config{Listeners: []configs.Listener{{Name: "web"}}, TargetGroups: []configs.TargetGroup{{Name: "echo"}}}
+			if tc.log != "" {
+				cfg.Server.AccessLog = filepath.Join(dir, "access.log")
+			}
+			o, err := newObserver(cfg, testLogger(b))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				r := rec
+				o.Request(&r)
+				if i%4096 == 4095 {
+					runtime.Gosched() // let the writer keep up, as it does between real requests
+				}
+			}
+			o.Close() // drains the queue: the writer's work is inside the measurement
+			b.StopTimer()
+			var m dto.Metric
+			o.logDropped.Write(&m)
+			b.ReportMetric(m.GetCounter().GetValue(), "dropped")
+		})
+	}
+}
