@@ -40,6 +40,10 @@ type httpState struct {
 	protoHdr, portHdr []string
 	desync            desync.Mode
 	obs               Observer
+	// acme answers pending HTTP-01 challenges (the certificate manager outlives generations).
+	acme interface {
+		HandleHTTPChallenge(http.ResponseWriter, *http.Request) bool
+	}
 }
 
 // groupProxy is the reverse proxy of one target group within one listener generation.
@@ -154,6 +158,11 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		}
 	}
 
+	// ACME HTTP-01 answers come before any rule, redirect or fixed response (CAs follow
+	// redirects to https, so HTTPS listeners answer too). Idle cost: ~2 ns, 0 allocs.
+	if st.acme != nil && st.acme.HandleHTTPChallenge(w, r) {
+		return
+	}
 	rule := st.table.MatchHTTP(r, r.Host, ri.client.Addr())
 	ri.rule = rule
 	a := rule.Action

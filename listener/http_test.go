@@ -351,3 +351,43 @@ func waitFor(t testing.TB, limit time.Duration, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestMaxConnections: over max_connections a new connection is closed at once, and served
+// again once a slot frees up.
+func TestMaxConnections(t *testing.T) {
+	dir := t.TempDir()
+	be := backend(t, "be")
+	addr := freeAddr(t)
+	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
+[[target_groups]]
+name = "be"
+protocol = "http"
+targets = [%q]
+[[listeners]]
+name = "l"
+style = "application"
+protocol = "http"
+address = %q
+max_connections = 1
+default_action = { forward = "be" }
+`, hostOf(be), addr))
+	startRuntime(t, cfg, nil)
+	first := clientFrom("127.0.0.1")
+	if status, _, _ := get(t, first, newReq(t, "GET", "http://"+addr+"/")); status != 200 {
+		t.Fatalf("first connection: status %d", status)
+	}
+	// The first client's keep-alive connection holds the only slot.
+	second := clientFrom("127.0.0.1")
+	if _, err := second.Get("http://" + addr + "/"); err == nil {
+		t.Fatal("a second connection was served over max_connections = 1")
+	}
+	first.CloseIdleConnections()
+	waitFor(t, 5*time.Second, func() bool {
+		resp, err := second.Get("http://" + addr + "/")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+}

@@ -51,6 +51,7 @@ type httpStats struct {
 	active, accepted          atomic.Int64
 	handshakes, handshakeErrs atomic.Uint64
 	resumed                   atomic.Uint64
+	refused                   atomic.Uint64 // over max_connections
 }
 
 // HTTPStats is a snapshot of an HTTP listener's counters.
@@ -87,6 +88,7 @@ type frontDoor struct {
 
 	handshakeTimeout time.Duration
 	maxHeaderBytes   int
+	maxConns         int // max_connections; 0 = unlimited
 }
 
 // serverGen is one http.Server and the channel-fed listener it serves.
@@ -201,6 +203,11 @@ func (l *HTTPListener) acceptLoop() {
 		}
 		backoff = 0
 		fd := l.front.Load()
+		if fd.maxConns > 0 && l.stats.active.Load() >= int64(fd.maxConns) {
+			c.Close() // max_connections: shed at once rather than queue
+			l.stats.refused.Add(1)
+			continue
+		}
 		// The PROXY header is read lazily on first Read, under its own deadline, by the
 		// connection's goroutine, so a slow upstream never stalls this loop.
 		if c, err = fd.layer.Conn(c); err != nil {

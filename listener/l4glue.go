@@ -20,22 +20,25 @@ import (
 // L4Listener is a network or classic tcp/ssl listener: the l4 engine on a socket we own, with
 // the inbound PROXY policy chosen per connection so that a reload can change it in place.
 type L4Listener struct {
-	name  string
-	srv   *l4.Server
-	layer atomic.Pointer[inbound.Layer]
-	done  sync.WaitGroup
+	name     string
+	srv      *l4.Server
+	layer    atomic.Pointer[inbound.Layer]
+	maxConns atomic.Int64
+	done     sync.WaitGroup
 }
 
 // l4State is one generation of an L4 listener.
 type l4State struct {
-	state *l4.State
-	layer *inbound.Layer
+	state    *l4.State
+	layer    *inbound.Layer
+	maxConns int // max_connections; 0 = unlimited
 }
 
 func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string) *L4Listener {
 	l := &L4Listener{name: name}
 	l.layer.Store(st.layer)
-	l.srv = l4.NewServer(&layeredListener{Listener: sock, layer: &l.layer}, st.state, l4.Options{Name: name, Log: log})
+	l.maxConns.Store(int64(st.maxConns))
+	l.srv = l4.NewServer(&layeredListener{Listener: sock, layer: &l.layer, l: l}, st.state, l4.Options{Name: name, Log: log})
 	l.done.Add(1)
 	go func() {
 		defer l.done.Done()
@@ -49,6 +52,7 @@ func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string
 func (l *L4Listener) update(st *l4State, name string) {
 	l.name = name
 	l.layer.Store(st.layer)
+	l.maxConns.Store(int64(st.maxConns))
 	l.srv.Store(st.state)
 }
 
@@ -69,6 +73,7 @@ func (l *L4Listener) Stats() l4.Stats { return l.srv.Stats() }
 type layeredListener struct {
 	net.Listener
 	layer *atomic.Pointer[inbound.Layer]
+	l     *L4Listener
 }
 
 func (ll *layeredListener) Accept() (net.Conn, error) {
@@ -76,6 +81,10 @@ func (ll *layeredListener) Accept() (net.Conn, error) {
 		c, err := ll.Listener.Accept()
 		if err != nil {
 			return nil, err
+		}
+		if max := ll.l.maxConns.Load(); max > 0 && ll.l.srv.Stats().Active >= max {
+			c.Close() // max_connections: shed at once rather than queue
+			continue
 		}
 		if c, err = ll.layer.Load().Conn(c); err == nil {
 			return c, nil

@@ -264,7 +264,7 @@ func (rt *Runtime) occupied(addr string) (string, bool) {
 func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set) (*plan, error) {
 	p := &plan{cfg: lc}
 	layer := inbound.NewLayer(inbound.Config{Trusted: lc.TrustedPrefixes(), Required: lc.AcceptProxyProtocol})
-	fd := &frontDoor{layer: layer, handshakeTimeout: lc.HeaderTimeoutDuration(), maxHeaderBytes: lc.MaxHeaderBytes}
+	fd := &frontDoor{layer: layer, handshakeTimeout: lc.HeaderTimeoutDuration(), maxHeaderBytes: lc.MaxHeaderBytes, maxConns: lc.MaxConnections}
 	if lc.Layer7() {
 		st, err := rt.buildHTTPState(lc, set)
 		if err != nil {
@@ -287,6 +287,9 @@ func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set) (*plan, error) 
 		return p, nil
 	}
 	st, err := rt.buildL4State(lc, set, layer)
+	if st != nil {
+		st.maxConns = lc.MaxConnections
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -313,6 +316,7 @@ func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*htt
 		port:    portOf(lc.Address),
 		desync:  mode,
 		obs:     rt.obs,
+		acme:    rt.cm,
 	}
 	proxies := map[string]*groupProxy{}
 	rules := table.Rules()

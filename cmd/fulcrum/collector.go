@@ -97,7 +97,9 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	now := time.Now()
 	for _, ci := range c.rt.Certs().List() {
-		gauge(c.certExpiry, ci.NotAfter.Sub(now).Seconds(), ci.Name)
+		if !ci.Pending { // an ACME order not yet fulfilled has no not-after
+			gauge(c.certExpiry, ci.NotAfter.Sub(now).Seconds(), ci.Name)
+		}
 		gauge(c.certRenewFailures, float64(ci.RenewFailures), ci.Name)
 	}
 	ks := c.rt.Certs().Keystore()
