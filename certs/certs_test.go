@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -204,6 +205,29 @@ func TestHSMHandshakes(t *testing.T) {
 				t.Fatalf("served serial %s, want %s", got, tt.want)
 			}
 		})
+	}
+	// Real peers: OpenSSL verifies the chain (to the CA whose key is in the token) for TLS 1.3
+	// and 1.2, and curl completes a verified handshake (its exit code says the reply was empty,
+	// not that TLS failed: this listener speaks no HTTP).
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, m.Authority("internal").CertPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"-tls1_3", "-tls1_2"} {
+		out, err := exec.Command("openssl", "s_client", "-connect", addr, "-servername", "www.example.test",
+			"-CAfile", caFile, "-verify_return_error", "-verify_hostname", "www.example.test", v).CombinedOutput()
+		if err != nil || !bytes.Contains(out, []byte("Verify return code: 0 (ok)")) {
+			t.Fatalf("openssl s_client %s: %v\n%s", v, err, out)
+		}
+	}
+	if _, port, err := net.SplitHostPort(addr); err == nil {
+		cmd := exec.Command("curl", "-s", "--max-time", "5", "--cacert", caFile,
+			"--resolve", "www.example.test:"+port+":127.0.0.1", "https://www.example.test:"+port+"/")
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && (ee.ExitCode() == 35 || ee.ExitCode() == 60) {
+			t.Fatalf("curl --cacert: TLS failed (exit %d)", ee.ExitCode())
+		}
 	}
 	if m.Keystore().Stats().Signs.Load() <= signsBefore {
 		t.Fatal("handshakes did not sign through the HSM")
