@@ -95,7 +95,7 @@ func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, stateDir, 
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, false, err
 	}
-	if err := writeFileAtomic(path, pemBytes, 0o644); err != nil {
+	if err := keystore.WriteFileAtomic(path, pemBytes, 0o644); err != nil {
 		return nil, false, fmt.Errorf("authority %s: store certificate: %w", a.Name, err)
 	}
 	return &Authority{Name: a.Name, Cert: c, CertPEM: pemBytes, signer: s, keyName: keyName, validity: validity}, true, nil
@@ -273,29 +273,4 @@ func parseDur(s string, def time.Duration) time.Duration {
 		return d
 	}
 	return def
-}
-
-func writeFileAtomic(path string, b []byte, perm os.FileMode) error {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
 }

@@ -532,7 +532,7 @@ func (m *Manager) writeStored(st *storedCert) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(m.certPath(st.Name), b, 0o600); err != nil {
+	if err := keystore.WriteFileAtomic(m.certPath(st.Name), b, 0o600); err != nil {
 		return fmt.Errorf("store certificate %s: %w", st.Name, err)
 	}
 	return nil
@@ -860,7 +860,7 @@ func instancePrefix(stateDir string) (string, error) {
 		return "", err
 	}
 	id := hex.EncodeToString(b)
-	if err := writeFileAtomic(p, []byte(id+"\n"), 0o600); err != nil {
+	if err := keystore.WriteFileAtomic(p, []byte(id+"\n"), 0o600); err != nil {
 		return "", fmt.Errorf("certs: instance id: %w", err)
 	}
 	return "f" + id + "-", nil

@@ -153,7 +153,7 @@ func (s *software) store(name string, k crypto.Signer) (crypto.Signer, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := writeFileAtomic(s.path(name), blob, 0o600); err != nil {
+	if err := WriteFileAtomic(s.path(name), blob, 0o600); err != nil {
 		return nil, fmt.Errorf("keystore: write %s: %w", name, err)
 	}
 	cs := countingSigner{Signer: k, st: &s.stats}
@@ -268,8 +268,9 @@ func (s *software) Delete(ctx context.Context, name string) error {
 	return nil
 }
 
-// writeFileAtomic writes via a temporary file and rename so a crash never leaves half a file.
-func writeFileAtomic(path string, b []byte, perm os.FileMode) error {
+// WriteFileAtomic writes via a temporary file and rename so a crash never leaves half a file.
+// The certificate manager stores its state the same way.
+func WriteFileAtomic(path string, b []byte, perm os.FileMode) error {
 	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return err
