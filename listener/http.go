@@ -55,19 +55,21 @@ type groupProxy struct {
 // reqInfo is what one request carries through the proxy. It is pooled: a request borrows one in
 // ServeHTTP and returns it when the response is written.
 type reqInfo struct {
-	st         *httpState
-	rule       *router.Rule
-	group      *backends.Group
-	target     *backends.Target
-	client     netip.AddrPort
-	trusted    bool         // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
-	closeAfter bool         // desync: forward, then close both connections
-	body       *bodyWatcher // the client's request body, nil when there is none
-	reason     string       // error reason for the access log
-	requestID  string
-	start      time.Time
-	targetAddr string
-	targetDur  time.Duration
+	st           *httpState
+	rule         *router.Rule
+	group        *backends.Group
+	target       *backends.Target
+	client       netip.AddrPort
+	trusted      bool         // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
+	closeAfter   bool         // desync: forward, then close both connections
+	body         *bodyWatcher // the client's request body, nil when there is none
+	reason       string       // error reason for the access log
+	requestID    string
+	start        time.Time
+	targetAddr   string
+	requestDur   time.Duration // until the request was first sent to a target
+	targetDur    time.Duration // from sending to the target's response headers
+	targetStatus int           // what the target answered, 0 when it did not
 }
 
 type ctxKey struct{}
@@ -103,23 +105,25 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (st *httpState) observe(r *http.Request, ri *reqInfo, sw *statusWriter) {
 	rec := recordPool.Get().(*RequestRecord)
 	*rec = RequestRecord{
-		Listener:       st.cfg.Name,
-		Time:           ri.start,
-		Duration:       time.Since(ri.start),
-		TargetDuration: ri.targetDur,
-		Client:         ri.client,
-		Target:         ri.targetAddr,
-		Status:         sw.status,
-		BytesIn:        r.ContentLength,
-		BytesOut:       sw.written,
-		Method:         r.Method,
-		URI:            r.RequestURI,
-		Proto:          r.Proto,
-		Host:           r.Host,
-		UserAgent:      r.UserAgent(),
-		RequestID:      ri.requestID,
-		Reason:         ri.reason,
-		RulePriority:   -1,
+		Listener:        st.cfg.Name,
+		Time:            ri.start,
+		Duration:        time.Since(ri.start),
+		RequestDuration: ri.requestDur,
+		TargetDuration:  ri.targetDur,
+		TargetStatus:    ri.targetStatus,
+		Client:          ri.client,
+		Target:          ri.targetAddr,
+		Status:          sw.status,
+		BytesIn:         ri.bytesIn(r),
+		BytesOut:        sw.written,
+		Method:          r.Method,
+		URI:             r.RequestURI,
+		Proto:           r.Proto,
+		Host:            r.Host,
+		UserAgent:       r.UserAgent(),
+		RequestID:       ri.requestID,
+		Reason:          ri.reason,
+		RulePriority:    -1,
 	}
 	if ri.group != nil {
 		rec.Group = ri.group.Name()
@@ -372,9 +376,13 @@ func (t *pickTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ri.target, ri.targetAddr = target, target.Addr()
 		target.Acquire()
 		t0 := time.Now()
+		if attempt == 0 {
+			ri.requestDur = t0.Sub(ri.start)
+		}
 		resp, err := rt.RoundTrip(req)
 		ri.targetDur = time.Since(t0)
 		if err == nil {
+			ri.targetStatus = resp.StatusCode
 			target.ReportSuccess()
 			resp.Body = wrapBody(resp.Body, target)
 			return resp, nil
@@ -435,6 +443,7 @@ func wrapBody(body io.ReadCloser, t *backends.Target) io.ReadCloser {
 type bodyWatcher struct {
 	io.ReadCloser
 	bad, eof atomic.Bool
+	read     atomic.Int64 // body bytes the target was sent (the transport reads on its own goroutine)
 
 	// A primed first byte (see prime), returned by the first Read.
 	pending bool
@@ -464,9 +473,11 @@ func (b *bodyWatcher) Read(p []byte) (int, error) {
 		// and waits for the answer.
 		b.pending = false
 		p[0] = b.pre[0]
+		b.read.Add(int64(b.preN))
 		return b.preN, b.preErr
 	}
 	n, err := b.ReadCloser.Read(p)
+	b.read.Add(int64(n))
 	if err == io.EOF {
 		b.eof.Store(true)
 	} else if err != nil {
@@ -476,6 +487,17 @@ func (b *bodyWatcher) Read(p []byte) (int, error) {
 }
 
 func (b *bodyWatcher) failed() bool { return b != nil && b.bad.Load() }
+
+// bytesIn is the request body bytes read: the Content-Length when the body was never read (a
+// fixed response), 0 when there is neither.
+func (ri *reqInfo) bytesIn(r *http.Request) int64 {
+	if ri.body != nil {
+		if n := ri.body.read.Load(); n > 0 {
+			return n
+		}
+	}
+	return max(r.ContentLength, 0)
+}
 
 func badRequest(w http.ResponseWriter, msg string) {
 	w.Header().Set("Connection", "close")

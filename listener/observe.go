@@ -20,27 +20,32 @@ type Observer interface {
 
 // RequestRecord is one HTTP request as the access log sees it (the fields of an ALB access log).
 type RequestRecord struct {
-	Listener       string
-	Time           time.Time
-	Duration       time.Duration // first byte in to last byte out
-	TargetDuration time.Duration // time until the target's response headers
-	Client         netip.AddrPort
-	Target         string
-	Group          string
-	Status         int
-	BytesIn        int64
-	BytesOut       int64
-	Method         string
-	URI            string
-	Proto          string
-	Host           string
-	UserAgent      string
-	TLSVersion     uint16
-	Cipher         uint16
-	SNI            string
-	RulePriority   int // 0 = default action, -1 = none matched yet (rejected before routing)
-	RequestID      string
-	Reason         string // why it failed, "" when it did not
+	Listener string
+	Time     time.Time
+	Duration time.Duration // first byte in to last byte out
+	// RequestDuration is the time from the request to sending it to a target, TargetDuration
+	// from there to the target's response headers. Both mean nothing when Target is "";
+	// TargetDuration means nothing when TargetStatus is 0.
+	RequestDuration time.Duration
+	TargetDuration  time.Duration
+	TargetStatus    int // the target's status code, 0 when no target answered
+	Client          netip.AddrPort
+	Target          string
+	Group           string
+	Status          int
+	BytesIn         int64
+	BytesOut        int64
+	Method          string
+	URI             string
+	Proto           string
+	Host            string
+	UserAgent       string
+	TLSVersion      uint16
+	Cipher          uint16
+	SNI             string
+	RulePriority    int // 0 = default action, -1 = none matched yet (rejected before routing)
+	RequestID       string
+	Reason          string // why it failed, "" when it did not
 }
 
 var recordPool = sync.Pool{New: func() any { return new(RequestRecord) }}

@@ -186,6 +186,10 @@ func TestAccessLogLines(t *testing.T) {
 	if s, _ := fetch(t, c, "POST", "http://"+web+"/post", strings.NewReader("twelve bytes")); s != 200 {
 		t.Fatalf("POST: %d", s)
 	}
+	// A reader without a length goes out chunked: received_bytes counts what was read.
+	if s, _ := fetch(t, c, "POST", "http://"+web+"/chunked", io.MultiReader(strings.NewReader("chunked, "), strings.NewReader("no length"))); s != 200 {
+		t.Fatalf("chunked POST: %d", s)
+	}
 	fetch(t, c, "GET", "http://"+web+"/missing", nil)
 	fetch(t, c, "GET", "http://"+web+"/down/x", nil)
 	if s, _ := fetch(t, c, "GET", "http://"+web+"/status/502", nil); s != 502 { // the target's own 502
@@ -266,14 +270,18 @@ func TestAccessLogLines(t *testing.T) {
 	if ts, err := time.Parse(time.RFC3339Nano, m["time"].(string)); err != nil || time.Since(ts) > time.Minute {
 		t.Errorf("time %v: %v", m["time"], err)
 	}
-	if rt := m["response_time"].(float64); rt <= 0 || rt < m["target_processing_time"].(float64) {
-		t.Errorf("timings: %v", m)
+	if rt, rp, tp := m["response_time"].(float64), m["request_processing_time"].(float64), m["target_processing_time"].(float64); rp < 0 || tp <= 0 || rt < rp+tp {
+		t.Errorf("timings: want 0 <= request_processing_time, 0 < target_processing_time, their sum <= response_time: %v", m)
 	}
 	if m := one("POST", find(req1("/post"))); m["received_bytes"] != 12.0 {
 		t.Errorf("POST line: %v", m)
 	}
+	if m := one("chunked POST", find(req1("/chunked"))); m["received_bytes"] != 18.0 {
+		t.Errorf("chunked POST line: want the 18 body bytes read, got %v", m)
+	}
 	if m := one("404", find(req1("/missing"))); m["elb_status_code"] != 404.0 || m["target_status_code"] != 0.0 ||
-		m["target"] != "" || m["target_group"] != "" || m["matched_rule_priority"] != 10.0 {
+		m["target"] != "" || m["target_group"] != "" || m["matched_rule_priority"] != 10.0 ||
+		m["request_processing_time"] != -1.0 || m["target_processing_time"] != -1.0 {
 		t.Errorf("fixed 404 line: %v", m)
 	}
 	if m := one("503", find(req1("/down/x"))); m["elb_status_code"] != 503.0 || m["target_status_code"] != 0.0 ||
@@ -288,7 +296,8 @@ func TestAccessLogLines(t *testing.T) {
 		t.Errorf("https line: %v", m)
 	}
 	if m := one("504", find(req1("/delay/5s?t=slow"))); m["elb_status_code"] != 504.0 || m["target_status_code"] != 0.0 ||
-		m["error_reason"] != "target_timeout" || m["target"] != hostOf(good) || m["target_group"] != "slow" {
+		m["error_reason"] != "target_timeout" || m["target"] != hostOf(good) || m["target_group"] != "slow" ||
+		m["request_processing_time"].(float64) < 0 || m["target_processing_time"] != -1.0 {
 		t.Errorf("504 line: %v", m)
 	}
 	killed := find(req1("/delay/5s?t=fragile"))

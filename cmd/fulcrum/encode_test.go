@@ -12,7 +12,7 @@ import (
 
 func sampleRecord() listener.RequestRecord {
 	return listener.RequestRecord{Listener: "web", Time: time.Date(2026, 1, 2, 3, 4, 5, 6789, time.UTC), Duration: 1234567 * time.Nanosecond,
-		TargetDuration: time.Millisecond, Client: netip.MustParseAddrPort("[::1]:54321"), Target: "127.0.0.1:9101", Group: "echo",
+		RequestDuration: 20 * time.Microsecond, TargetDuration: time.Millisecond, TargetStatus: 200, Client: netip.MustParseAddrPort("[::1]:54321"), Target: "127.0.0.1:9101", Group: "echo",
 		Status: 200, BytesIn: -1, BytesOut: 100, Method: "GET", URI: "/a?b=\"c\"&d=<e>", Proto: "HTTP/1.1", Host: "h",
 		UserAgent: "ua\x00\n\t\xff\u2028é", TLSVersion: 0x0304, Cipher: 0x1301, SNI: "localhost", RulePriority: -1,
 		RequestID: "id", Reason: "target_timeout"}
@@ -39,8 +39,11 @@ func checkSameAsJSON(t *testing.T, rec *listener.RequestRecord) {
 func TestAppendEntryMatchesJSON(t *testing.T) {
 	rec := sampleRecord()
 	checkSameAsJSON(t, &rec)
-	rec = listener.RequestRecord{} // zero: no client, no TLS
+	rec = listener.RequestRecord{} // zero: no client, no TLS, no target
 	checkSameAsJSON(t, &rec)
+	if m := decodeLine(t, appendEntry(nil, &rec)); m["request_processing_time"] != -1.0 || m["target_processing_time"] != -1.0 {
+		t.Errorf("never sent to a target: want -1 timings as ALB logs them, got %v", m)
+	}
 	rec = sampleRecord()
 	buf := make([]byte, 0, 4096)
 	if n := testing.AllocsPerRun(100, func() { buf = appendEntry(buf[:0], &rec) }); n != 0 {
@@ -56,4 +59,13 @@ func FuzzAppendEntry(f *testing.F) {
 		rec.Method, rec.URI, rec.UserAgent, rec.SNI = method, uri, ua, sni
 		checkSameAsJSON(t, &rec)
 	})
+}
+
+func decodeLine(t *testing.T, line []byte) map[string]any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal(line, &m); err != nil {
+		t.Fatalf("%v: %s", err, line)
+	}
+	return m
 }
