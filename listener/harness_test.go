@@ -121,3 +121,15 @@ func clientFrom(src string) *http.Client {
 		},
 	}
 }
+
+// rejectedOf is the listener's count of connections closed at accept.
+func rejectedOf(t testing.TB, rt *Runtime, listener string) Rejections {
+	t.Helper()
+	for _, s := range rt.Stats() {
+		if s.Name == listener {
+			return s.Rejected
+		}
+	}
+	t.Fatalf("no listener %q in Stats", listener)
+	return Rejections{}
+}

@@ -371,7 +371,7 @@ address = %q
 max_connections = 1
 default_action = { forward = "be" }
 `, hostOf(be), addr))
-	startRuntime(t, cfg, nil)
+	rt := startRuntime(t, cfg, nil)
 	first := clientFrom("127.0.0.1")
 	if status, _, _ := get(t, first, newReq(t, "GET", "http://"+addr+"/")); status != 200 {
 		t.Fatalf("first connection: status %d", status)
@@ -380,6 +380,9 @@ default_action = { forward = "be" }
 	second := clientFrom("127.0.0.1")
 	if _, err := second.Get("http://" + addr + "/"); err == nil {
 		t.Fatal("a second connection was served over max_connections = 1")
+	}
+	if r := rejectedOf(t, rt, "l"); r.MaxConnections != 1 || r.UntrustedProxy != 0 {
+		t.Fatalf("rejections %+v, want exactly the one over max_connections", r)
 	}
 	first.CloseIdleConnections()
 	waitFor(t, 5*time.Second, func() bool {

@@ -51,13 +51,30 @@ type httpStats struct {
 	active, accepted          atomic.Int64
 	handshakes, handshakeErrs atomic.Uint64
 	resumed                   atomic.Uint64
-	refused                   atomic.Uint64 // over max_connections
+	rejected                  rejections
+}
+
+// rejections count connections closed at accept, before any byte was read.
+type rejections struct {
+	maxConns  atomic.Uint64 // over max_connections
+	untrusted atomic.Uint64 // PROXY protocol required, peer outside trusted_proxies
+}
+
+func (r *rejections) snapshot() Rejections {
+	return Rejections{MaxConnections: r.maxConns.Load(), UntrustedProxy: r.untrusted.Load()}
+}
+
+// Rejections is a snapshot of a listener's connections closed at accept.
+type Rejections struct {
+	MaxConnections uint64 // over max_connections
+	UntrustedProxy uint64 // PROXY protocol required and the peer is not a trusted proxy
 }
 
 // HTTPStats is a snapshot of an HTTP listener's counters.
 type HTTPStats struct {
 	Active, Accepted                     int64
 	Handshakes, HandshakeErrors, Resumed uint64
+	Rejected                             Rejections
 }
 
 // Stats returns the listener's counters.
@@ -65,7 +82,7 @@ func (l *HTTPListener) Stats() HTTPStats {
 	return HTTPStats{
 		Active: l.stats.active.Load(), Accepted: l.stats.accepted.Load(),
 		Handshakes: l.stats.handshakes.Load(), HandshakeErrors: l.stats.handshakeErrs.Load(),
-		Resumed: l.stats.resumed.Load(),
+		Resumed: l.stats.resumed.Load(), Rejected: l.stats.rejected.snapshot(),
 	}
 }
 
@@ -205,13 +222,14 @@ func (l *HTTPListener) acceptLoop() {
 		fd := l.front.Load()
 		if fd.maxConns > 0 && l.stats.active.Load() >= int64(fd.maxConns) {
 			c.Close() // max_connections: shed at once rather than queue
-			l.stats.refused.Add(1)
+			l.stats.rejected.maxConns.Add(1)
 			continue
 		}
 		// The PROXY header is read lazily on first Read, under its own deadline, by the
 		// connection's goroutine, so a slow upstream never stalls this loop.
 		if c, err = fd.layer.Conn(c); err != nil {
-			continue // untrusted source: closed by the layer
+			l.stats.rejected.untrusted.Add(1) // untrusted source: closed by the layer
+			continue
 		}
 		if fd.tls == nil {
 			l.deliver(desync.NewConn(c, fd.maxHeaderBytes))

@@ -24,6 +24,7 @@ type L4Listener struct {
 	srv      *l4.Server
 	layer    atomic.Pointer[inbound.Layer]
 	maxConns atomic.Int64
+	rejected rejections
 	done     sync.WaitGroup
 }
 
@@ -69,6 +70,9 @@ func (l *L4Listener) Addr() net.Addr { return l.srv.Addr() }
 // Stats are the listener's connection and byte counters.
 func (l *L4Listener) Stats() l4.Stats { return l.srv.Stats() }
 
+// Rejected counts the connections closed at accept.
+func (l *L4Listener) Rejected() Rejections { return l.rejected.snapshot() }
+
 // layeredListener applies the current inbound PROXY policy to each accepted connection.
 type layeredListener struct {
 	net.Listener
@@ -84,12 +88,13 @@ func (ll *layeredListener) Accept() (net.Conn, error) {
 		}
 		if max := ll.l.maxConns.Load(); max > 0 && ll.l.srv.Stats().Active >= max {
 			c.Close() // max_connections: shed at once rather than queue
+			ll.l.rejected.maxConns.Add(1)
 			continue
 		}
 		if c, err = ll.layer.Load().Conn(c); err == nil {
 			return c, nil
 		}
-		// An untrusted source was closed by the layer; keep accepting.
+		ll.l.rejected.untrusted.Add(1) // an untrusted source, closed by the layer; keep accepting
 	}
 }
 

@@ -1025,7 +1025,7 @@ accept_proxy_protocol = true
 trusted_proxies = ["127.0.0.1/32"]
 forward = "raw"
 `, hostOf(web), raw, httpAddr, tcpAddr)
-	startRuntime(t, loadConfig(t, dir, text), nil)
+	rt := startRuntime(t, loadConfig(t, dir, text), nil)
 
 	// runCurl returns curl's output and the address curl connected from (%{local_ip}/_port).
 	runCurl := func(t *testing.T, iface, url string) (string, netip.AddrPort, error) {
@@ -1079,11 +1079,16 @@ forward = "raw"
 			t.Fatalf("back end saw %q, want %q", body, addrPortString(local))
 		}
 	})
-	for kind, addr := range map[string]string{"http": httpAddr, "tcp": tcpAddr} {
+	for kind, l := range map[string]struct{ name, addr string }{"http": {"http-pp", httpAddr}, "tcp": {"tcp-pp", tcpAddr}} {
 		t.Run("curl/untrusted/"+kind, func(t *testing.T) {
-			body, _, err := runCurl(t, "127.0.0.2", "http://"+addr+"/")
+			before := rejectedOf(t, rt, l.name)
+			body, _, err := runCurl(t, "127.0.0.2", "http://"+l.addr+"/")
 			if err == nil {
 				t.Fatalf("curl from an untrusted source succeeded: %q", body)
+			}
+			// Counted, for fulcrum_connections_rejected_total{reason="untrusted_proxy"}.
+			if after := rejectedOf(t, rt, l.name); after.UntrustedProxy != before.UntrustedProxy+1 {
+				t.Fatalf("untrusted rejections %d -> %d, want one more", before.UntrustedProxy, after.UntrustedProxy)
 			}
 		})
 	}

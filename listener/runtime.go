@@ -374,6 +374,8 @@ type ListenerStats struct {
 	Kind string // "http" or "l4"
 	HTTP HTTPStats
 	L4   l4.Stats
+	// Rejected is for both kinds (HTTP.Rejected repeats it for HTTP listeners).
+	Rejected Rejections
 }
 
 // Stats returns every listener's counters.
@@ -382,10 +384,11 @@ func (rt *Runtime) Stats() []ListenerStats {
 	defer rt.mu.Unlock()
 	out := make([]ListenerStats, 0, len(rt.http)+len(rt.l4))
 	for _, l := range rt.http {
-		out = append(out, ListenerStats{Name: l.name, Kind: "http", HTTP: l.Stats()})
+		hs := l.Stats()
+		out = append(out, ListenerStats{Name: l.name, Kind: "http", HTTP: hs, Rejected: hs.Rejected})
 	}
 	for _, l := range rt.l4 {
-		out = append(out, ListenerStats{Name: l.name, Kind: "l4", L4: l.Stats()})
+		out = append(out, ListenerStats{Name: l.name, Kind: "l4", L4: l.Stats(), Rejected: l.Rejected()})
 	}
 	return out
 }

@@ -14,7 +14,7 @@ type runtimeCollector struct {
 	rt *listener.Runtime
 
 	targetHealthy, targetInFlight, targetFailures *prometheus.Desc
-	active, accepted, bytesIn, bytesOut           *prometheus.Desc
+	active, accepted, rejected, bytesIn, bytesOut *prometheus.Desc
 	handshakes, l4Errors                          *prometheus.Desc
 	certExpiry, certRenewFailures                 *prometheus.Desc
 	signs, signErrors, signSeconds, rebuilds      *prometheus.Desc
@@ -31,6 +31,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 		targetFailures:    d("fulcrum_target_failures_total", "Failed requests, dials and health checks of the target.", "target_group", "target"),
 		active:            d("fulcrum_active_connections", "Client connections open now.", "listener"),
 		accepted:          d("fulcrum_connections_total", "Client connections accepted.", "listener"),
+		rejected:          d("fulcrum_connections_rejected_total", "Client connections closed at accept: over max_connections, or PROXY protocol required and the peer is not a trusted proxy.", "listener", "reason"),
 		bytesIn:           d("fulcrum_tcp_bytes_in_total", "Bytes from clients to targets on layer-4 listeners.", "listener"),
 		bytesOut:          d("fulcrum_tcp_bytes_out_total", "Bytes from targets to clients on layer-4 listeners.", "listener"),
 		handshakes:        d("fulcrum_tls_handshakes_total", "TLS handshakes on HTTPS listeners by result (ok, failed) and resumption.", "listener", "result", "resumed"),
@@ -45,7 +46,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 }
 
 func (c *runtimeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.targetHealthy, c.targetInFlight, c.targetFailures, c.active, c.accepted,
+	for _, d := range []*prometheus.Desc{c.targetHealthy, c.targetInFlight, c.targetFailures, c.active, c.accepted, c.rejected,
 		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certRenewFailures,
 		c.signs, c.signErrors, c.signSeconds, c.rebuilds} {
 		ch <- d
@@ -77,6 +78,8 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for _, s := range c.rt.Stats() {
+		counter(c.rejected, float64(s.Rejected.MaxConnections), s.Name, "max_connections")
+		counter(c.rejected, float64(s.Rejected.UntrustedProxy), s.Name, "untrusted_proxy")
 		switch s.Kind {
 		case "http":
 			gauge(c.active, float64(s.HTTP.Active), s.Name)

@@ -126,6 +126,11 @@ func TestMetricsMatchTraffic(t *testing.T) {
 	if got, _ := value(ss, "fulcrum_connections_total", "listener", "web"); got < 20 {
 		t.Errorf("connections accepted %v, want >= 20", got)
 	}
+	for _, reason := range []string{"max_connections", "untrusted_proxy"} { // exported, and nothing was rejected
+		if got, ok := value(ss, "fulcrum_connections_rejected_total", "listener", "web", "reason", reason); !ok || got != 0 {
+			t.Errorf("fulcrum_connections_rejected_total{listener=web,reason=%s} = %v (present %v), want 0", reason, got, ok)
+		}
+	}
 	if got, ok := value(ss, "fulcrum_certificate_expiry_seconds", "certificate", "site"); !ok || got <= 0 {
 		t.Errorf("certificate expiry %v %v", got, ok)
 	}
