@@ -191,25 +191,74 @@ func (m *Manager) Authority(name string) *Authority { return m.snap.Load().auths
 // Reconcile applies a reloaded configuration: new certificates are issued or loaded and
 // removed ones retired. Everything new is built first; on any failure nothing changes.
 func (m *Manager) Reconcile(cfg *configs.Config) error {
+	p, err := m.Prepare(cfg)
+	if err != nil {
+		return err
+	}
+	return p.Commit()
+}
+
+// Pending is a certificate configuration built by Prepare and not yet serving. A reload checks
+// everything else against it (listeners' certificates, target groups' trust and client
+// certificates) and commits only when the whole configuration is good, so a reload refused at
+// any step leaves the served certificates as they were.
+type Pending struct {
+	m     *Manager
+	cfg   *configs.Config
+	snap  *snapshot
+	fresh []*entry
+	old   *snapshot
+}
+
+// Prepare builds cfg's certificates (issuing or loading new ones) without touching anything
+// served. Commit or drop the result; dropping it changes nothing (keys and certificates it
+// issued stay in the keystore and state dir, where the next Prepare finds them).
+func (m *Manager) Prepare(cfg *configs.Config) (*Pending, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, errors.New("certs: manager closed")
+	}
+	old := m.cfg.Load()
+	if !reflect.DeepEqual(old.Keystore, cfg.Keystore) {
+		return nil, errors.New("certs: changing [keystore] needs a restart")
+	}
+	if cfg.Resolve(orDefault(cfg.Server.StateDir, "state")) != m.stateDir {
+		return nil, errors.New("certs: changing server.state_dir needs a restart")
+	}
+	oldSnap := m.snap.Load()
+	snap, fresh, err := m.prepare(m.ctx, cfg, oldSnap)
+	if err != nil {
+		return nil, err
+	}
+	return &Pending{m: m, cfg: cfg, snap: snap, fresh: fresh, old: oldSnap}, nil
+}
+
+// ServerTLS is Manager.ServerTLS checked against the pending certificates.
+func (p *Pending) ServerTLS(l *configs.Listener) (*tls.Config, error) {
+	return p.m.serverTLS(p.cfg, p.snap, l)
+}
+
+// ClientTLS is Manager.ClientTLS checked against the pending certificates (a
+// backends.TLSProvider).
+func (p *Pending) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
+	return p.m.clientTLS(p.cfg, p.snap, g)
+}
+
+// Commit makes the pending certificates the served ones and retires what only the old
+// configuration held. It fails if another configuration was committed since Prepare.
+func (p *Pending) Commit() error {
+	m := p.m
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return errors.New("certs: manager closed")
 	}
-	old := m.cfg.Load()
-	if !reflect.DeepEqual(old.Keystore, cfg.Keystore) {
-		return errors.New("certs: changing [keystore] needs a restart")
+	if m.snap.Load() != p.old {
+		return errors.New("certs: another configuration was committed since this one was prepared")
 	}
-	if cfg.Resolve(orDefault(cfg.Server.StateDir, "state")) != m.stateDir {
-		return errors.New("certs: changing server.state_dir needs a restart")
-	}
-	oldSnap := m.snap.Load()
-	snap, fresh, err := m.prepare(m.ctx, cfg, oldSnap)
-	if err != nil {
-		return err
-	}
-	m.cfg.Store(cfg)
-	m.commit(snap, fresh, oldSnap)
+	m.cfg.Store(p.cfg)
+	m.commit(p.snap, p.fresh, p.old)
 	return nil
 }
 

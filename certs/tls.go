@@ -51,10 +51,15 @@ var (
 // certificates (exact name, then wildcard, then its first certificate), rotated session
 // tickets and client authentication. The caller sets NextProtos.
 func (m *Manager) ServerTLS(l *configs.Listener) (*tls.Config, error) {
+	return m.serverTLS(m.cfg.Load(), m.snap.Load(), l)
+}
+
+// serverTLS builds ServerTLS, checked against snap (the served certificates or pending ones);
+// the configuration it returns reads the served ones at each handshake.
+func (m *Manager) serverTLS(cfg *configs.Config, snap *snapshot, l *configs.Listener) (*tls.Config, error) {
 	if len(l.Certificates) == 0 {
 		return nil, fmt.Errorf("certs: listener %s has no certificates", l.Name)
 	}
-	snap := m.snap.Load()
 	names := append([]string(nil), l.Certificates...)
 	set := make(map[string]struct{}, len(names))
 	for _, n := range names {
@@ -99,7 +104,7 @@ func (m *Manager) ServerTLS(l *configs.Listener) (*tls.Config, error) {
 		switch ca.Mode {
 		case "", "off":
 		case "verify":
-			pool, err := m.trustPool(ca.Authority, ca.CAFile)
+			pool, err := trustPool(cfg, snap, ca.Authority, ca.CAFile)
 			if err != nil {
 				return nil, fmt.Errorf("certs: listener %s client_auth: %w", l.Name, err)
 			}
@@ -166,18 +171,19 @@ func normalizeSNI(s string) string {
 	return s
 }
 
-// trustPool is the authority's CA certificate or the certificates in caFile; nil if neither.
-func (m *Manager) trustPool(authority, caFile string) (*x509.CertPool, error) {
+// trustPool is the authority's CA certificate (from snap) or the certificates in caFile
+// (relative to cfg's file); nil if neither.
+func trustPool(cfg *configs.Config, snap *snapshot, authority, caFile string) (*x509.CertPool, error) {
 	switch {
 	case authority != "":
-		a := m.snap.Load().auths[authority]
+		a := snap.auths[authority]
 		if a == nil {
 			return nil, fmt.Errorf("unknown authority %q", authority)
 		}
 		return a.Pool(), nil
 	case caFile != "":
 		p := caFile
-		if cfg := m.cfg.Load(); cfg != nil {
+		if cfg != nil {
 			p = cfg.Resolve(caFile)
 		}
 		b, err := os.ReadFile(p)
@@ -197,13 +203,19 @@ func (m *Manager) trustPool(authority, caFile string) (*x509.CertPool, error) {
 // health checks): trust from tls.authority or ca_file (system roots otherwise), ServerName,
 // public-key pinning and a managed client certificate. It satisfies backends.TLSProvider.
 func (m *Manager) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
+	return m.clientTLS(m.cfg.Load(), m.snap.Load(), g)
+}
+
+// clientTLS builds ClientTLS, checked against snap; the client certificate is read from the
+// served certificates at each handshake.
+func (m *Manager) clientTLS(cfg *configs.Config, snap *snapshot, g *configs.TargetGroup) (*tls.Config, error) {
 	tc := &tls.Config{MinVersion: tls.VersionTLS12}
 	bt := g.TLS
 	if bt == nil {
 		return tc, nil
 	}
 	tc.ServerName = bt.ServerName
-	pool, err := m.trustPool(bt.Authority, bt.CAFile)
+	pool, err := trustPool(cfg, snap, bt.Authority, bt.CAFile)
 	if err != nil {
 		return nil, fmt.Errorf("certs: target group %s tls: %w", g.Name, err)
 	}
@@ -232,7 +244,7 @@ func (m *Manager) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
 		}
 	}
 	if name := bt.ClientCertificate; name != "" {
-		if m.snap.Load().certs[name] == nil {
+		if snap.certs[name] == nil {
 			return nil, fmt.Errorf("certs: target group %s: unknown client_certificate %q", g.Name, name)
 		}
 		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {

@@ -117,7 +117,7 @@ func (a l4Group) Dial(ctx context.Context, t *backends.Target, m *l4.ConnMeta) (
 // client byte was sent (DESIGN: "A dial failure before any byte was sent tries the next target").
 const dialAttempts = 2
 
-func (rt *Runtime) buildL4State(lc *configs.Listener, set *backends.Set, layer *inbound.Layer) (*l4State, error) {
+func (rt *Runtime) buildL4State(lc *configs.Listener, set *backends.Set, layer *inbound.Layer, tlsSrc serverTLSSource) (*l4State, error) {
 	dialerFor := func(name string) (l4.Dialer, error) {
 		g := set.Group(name)
 		if g == nil {
@@ -144,7 +144,7 @@ func (rt *Runtime) buildL4State(lc *configs.Listener, set *backends.Set, layer *
 	switch {
 	case lc.TLSTerminated():
 		c.Mode = l4.ModeTLS
-		if c.TLS, err = rt.cm.ServerTLS(lc); err != nil {
+		if c.TLS, err = tlsSrc.ServerTLS(lc); err != nil {
 			return nil, err
 		}
 		if c.ALPN, err = l4.ParseALPNPolicy(lc.ALPNPolicy); err != nil {

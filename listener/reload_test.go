@@ -2,9 +2,12 @@ package listener
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net/http"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -200,5 +203,82 @@ default_action = { forward = "web" }
 	wg.Wait()
 	if l.failed.Load() != 0 {
 		t.Fatalf("%d requests failed (first: %v); refused dials must be retried on the live target", l.failed.Load(), l.firstErr.Load())
+	}
+}
+
+// TestRefusedReloadKeepsCertificates: a reload that swaps a listener's certificate but fails
+// later (a target group whose ca_file does not exist, found only when groups are built) changes
+// nothing: the listener keeps presenting the old certificate, and no new one is served.
+func TestRefusedReloadKeepsCertificates(t *testing.T) {
+	dir := t.TempDir()
+	be := backend(t, "be")
+	addr := freeAddr(t)
+	conf := func(cert, extra string) string {
+		return header(dir) + fmt.Sprintf(`
+[[authorities]]
+name = "internal"
+common_name = "Reload Test CA"
+
+[[certificates]]
+name = %q
+domains = ["%s.example.test"]
+authority = "internal"
+
+[[target_groups]]
+name = "be"
+protocol = "http"
+targets = [%q]
+%s
+[[listeners]]
+name = "tls"
+style = "application"
+protocol = "https"
+address = %q
+certificates = [%q]
+default_action = { forward = "be" }
+`, cert, cert, hostOf(be), extra, addr, cert)
+	}
+	rt := startRuntime(t, loadConfig(t, dir, conf("old", "")), nil)
+	pool := x509.NewCertPool()
+	pool.AddCert(rt.Certs().Authority("internal").Cert)
+	served := func() string {
+		t.Helper()
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool, ServerName: "old.example.test", InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatalf("handshake: %v", err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].DNSNames[0]
+	}
+	if got := served(); got != "old.example.test" {
+		t.Fatalf("before the reload the listener serves %q", got)
+	}
+
+	broken := conf("new", `
+[[target_groups]]
+name = "re-encrypt"
+protocol = "https"
+targets = ["127.0.0.1:1"]
+tls = { ca_file = "no-such-ca.pem" }
+`)
+	_, err := rt.Reload(context.Background(), loadConfig(t, dir, broken))
+	if err == nil || !strings.Contains(err.Error(), "no-such-ca.pem") {
+		t.Fatalf("reload with a missing ca_file: err = %v, want it refused naming the file", err)
+	}
+	if got := served(); got != "old.example.test" {
+		t.Fatalf("after a refused reload the listener serves %q, want the old certificate", got)
+	}
+	for _, ci := range rt.Certs().List() {
+		if ci.Name == "new" {
+			t.Fatalf("a refused reload installed certificate %q", ci.Name)
+		}
+	}
+
+	// The same swap without the broken group applies.
+	if _, err := rt.Reload(context.Background(), loadConfig(t, dir, conf("new", ""))); err != nil {
+		t.Fatalf("good reload: %v", err)
+	}
+	if got := served(); got != "new.example.test" {
+		t.Fatalf("after the good reload the listener serves %q", got)
 	}
 }

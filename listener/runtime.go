@@ -2,6 +2,7 @@ package listener
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -117,17 +118,20 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 
-	if err := rt.cm.Reconcile(cfg); err != nil {
+	// Certificates are prepared, not applied: target groups and listeners are checked against
+	// the pending set, which serves only once everything else has been built.
+	pending, err := rt.cm.Prepare(cfg)
+	if err != nil {
 		return nil, fmt.Errorf("certificates: %w", err)
 	}
-	set, err := rt.reg.Build(cfg, rt.cm)
+	set, err := rt.reg.Build(cfg, pending)
 	if err != nil {
 		return nil, fmt.Errorf("target groups: %w", err)
 	}
 	plans := make([]*plan, 0, len(cfg.Listeners))
 	var errs []error
 	for i := range cfg.Listeners {
-		p, err := rt.plan(&cfg.Listeners[i], set)
+		p, err := rt.plan(&cfg.Listeners[i], set, pending)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("listeners[%d] (%q): %w", i, cfg.Listeners[i].Name, err))
 			continue
@@ -149,6 +153,11 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 				break
 			}
 			p.sock = ln
+		}
+	}
+	if len(errs) == 0 {
+		if err := pending.Commit(); err != nil {
+			errs = append(errs, fmt.Errorf("certificates: %w", err))
 		}
 	}
 	if len(errs) > 0 {
@@ -261,7 +270,12 @@ func (rt *Runtime) occupied(addr string) (string, bool) {
 }
 
 // plan builds one listener's next state without touching anything that serves.
-func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set) (*plan, error) {
+// serverTLSSource builds a listener's TLS configuration (the pending certificates of a reload).
+type serverTLSSource interface {
+	ServerTLS(l *configs.Listener) (*tls.Config, error)
+}
+
+func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set, tlsSrc serverTLSSource) (*plan, error) {
 	p := &plan{cfg: lc}
 	layer := inbound.NewLayer(inbound.Config{Trusted: lc.TrustedPrefixes(), Required: lc.AcceptProxyProtocol})
 	fd := &frontDoor{layer: layer, handshakeTimeout: lc.HeaderTimeoutDuration(), maxHeaderBytes: lc.MaxHeaderBytes, maxConns: lc.MaxConnections}
@@ -271,7 +285,7 @@ func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set) (*plan, error) 
 			return nil, err
 		}
 		if lc.TLSTerminated() {
-			tc, err := rt.cm.ServerTLS(lc)
+			tc, err := tlsSrc.ServerTLS(lc)
 			if err != nil {
 				return nil, err
 			}
@@ -286,7 +300,7 @@ func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set) (*plan, error) 
 		p.keepH = rt.http[lc.Address]
 		return p, nil
 	}
-	st, err := rt.buildL4State(lc, set, layer)
+	st, err := rt.buildL4State(lc, set, layer, tlsSrc)
 	if st != nil {
 		st.maxConns = lc.MaxConnections
 	}
