@@ -131,12 +131,8 @@ func (st *httpState) observe(r *http.Request, ri *reqInfo, sw *statusWriter) {
 	if ri.rule != nil {
 		rec.RulePriority = ri.rule.Priority
 	}
-	if cs := r.TLS; cs != nil {
+	if cs, ok := connTLS(r); ok {
 		rec.TLSVersion, rec.Cipher, rec.SNI = cs.Version, cs.CipherSuite, cs.ServerName
-	} else if dc := desync.ConnFromContext(r.Context()); dc != nil { // HTTP/1 over TLS comes through the sniffer
-		if cs, ok := dc.ConnectionState(); ok {
-			rec.TLSVersion, rec.Cipher, rec.SNI = cs.Version, cs.CipherSuite, cs.ServerName
-		}
 	}
 	st.obs.Request(rec)
 	recordPool.Put(rec)
@@ -254,6 +250,14 @@ func (st *httpState) newGroupProxy(g *backends.Group) *groupProxy {
 func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
 	ri := infoOf(pr.In)
 	h := pr.Out.Header
+	if !ri.trusted || st.cfg.DropInvalidHeaderFields {
+		screenHeaders(h, ri.trusted, st.cfg.DropInvalidHeaderFields)
+	}
+	if ca := st.cfg.ClientAuth; ca != nil && (ca.Mode == clientAuthPass || ca.Mode == clientAuthVer) {
+		if cs, ok := connTLS(pr.In); ok {
+			setClientCertHeaders(h, ca.Mode, cs)
+		}
+	}
 	client := clientIP(pr.In.RemoteAddr, ri.client)
 	prior := pr.In.Header.Values("X-Forwarded-For")
 	switch st.cfg.XFF {
