@@ -95,38 +95,13 @@ func resolveHC(g *configs.TargetGroup) (hcSpec, error) {
 	s.unhealthy = intOr(hc.UnhealthyThreshold, defaultUnhealthyThreshold)
 	s.cfg = hc
 	if hc.Matcher != "" {
-		r, err := parseMatcher(hc.Matcher)
+		r, err := configs.ParseMatcher(hc.Matcher)
 		if err != nil {
 			return s, fmt.Errorf("health_check.matcher: %w", err)
 		}
 		s.ranges = r
 	}
 	return s, nil
-}
-
-// parseMatcher parses "200", "200-399", "200,204,300-399". configs.Validate does the same; this
-// copy keeps backends correct on configurations built directly (tests, tools).
-func parseMatcher(m string) ([]configs.StatusRange, error) {
-	var out []configs.StatusRange
-	for part := range strings.SplitSeq(m, ",") {
-		part = strings.TrimSpace(part)
-		lo, hi, isRange := strings.Cut(part, "-")
-		a, err := strconv.Atoi(strings.TrimSpace(lo))
-		if err != nil {
-			return nil, fmt.Errorf("%q: not a status code", part)
-		}
-		b := a
-		if isRange {
-			if b, err = strconv.Atoi(strings.TrimSpace(hi)); err != nil {
-				return nil, fmt.Errorf("%q: not a status code", part)
-			}
-		}
-		if a < 100 || b > 599 || a > b {
-			return nil, fmt.Errorf("%q: want codes within 100-599, low first", part)
-		}
-		out = append(out, configs.StatusRange{Lo: a, Hi: b})
-	}
-	return out, nil
 }
 
 func (h *hcSpec) matches(code int) bool {

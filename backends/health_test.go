@@ -201,7 +201,7 @@ func TestMatcher(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			rs, err := parseMatcher(tc.in)
+			rs, err := configs.ParseMatcher(tc.in)
 			if (err != nil) != tc.err {
 				t.Fatalf("err = %v", err)
 			}

@@ -2,6 +2,7 @@ package configs
 
 import (
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -501,16 +502,16 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 			s.errf(f+"port", "health_check.port %d is out of range 1-65535 (0 = the target's port)", h.Port)
 		}
 		if web {
-			m, err := parseMatcher(h.Matcher)
-			if err != "" {
-				s.errf(f+"matcher", "health_check.matcher %q: %s (e.g. \"200\", \"200-399\" or \"200,204\")", h.Matcher, err)
+			m, err := ParseMatcher(h.Matcher)
+			if err != nil {
+				s.errf(f+"matcher", "health_check.matcher %q: %v (e.g. \"200\", \"200-399\" or \"200,204\")", h.Matcher, err)
 			}
 			h.matcher = m
 		} else if h.Matcher != "" {
 			s.errf(f+"matcher", "health_check.matcher applies to http and https health checks, not %q", h.Protocol)
 		}
 	} else if web {
-		h.matcher, _ = parseMatcher(h.Matcher)
+		h.matcher, _ = ParseMatcher(h.Matcher)
 	}
 	h.interval = v.duration(s, f+"interval", h.Interval, true)
 	h.timeout = v.duration(s, f+"timeout", h.Timeout, true)
@@ -525,10 +526,11 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 	}
 }
 
-// parseMatcher parses "200", "200-399" or "200,204,300-399" into ranges of codes 200-599.
-func parseMatcher(m string) ([]StatusRange, string) {
+// ParseMatcher parses a health-check matcher, "200", "200-399" or "200,204,300-399", into ranges
+// of codes 200-599. Validate uses it; backends too, for configurations built without Validate.
+func ParseMatcher(m string) ([]StatusRange, error) {
 	if strings.TrimSpace(m) == "" {
-		return nil, "must not be empty"
+		return nil, errors.New("must not be empty")
 	}
 	var out []StatusRange
 	for _, part := range strings.Split(m, ",") {
@@ -541,17 +543,17 @@ func parseMatcher(m string) ([]StatusRange, string) {
 			b, errB = strconv.Atoi(strings.TrimSpace(hi))
 		}
 		if errA != nil || errB != nil || part == "" || part[0] == '+' {
-			return nil, fmt.Sprintf("%q is not a status code or range", part)
+			return nil, fmt.Errorf("%q is not a status code or range", part)
 		}
 		if a < 200 || a > 599 || b < 200 || b > 599 {
-			return nil, fmt.Sprintf("%q is outside 200-599", part)
+			return nil, fmt.Errorf("%q is outside 200-599", part)
 		}
 		if a > b {
-			return nil, fmt.Sprintf("range %q runs backwards", part)
+			return nil, fmt.Errorf("range %q runs backwards", part)
 		}
 		out = append(out, StatusRange{Lo: a, Hi: b})
 	}
-	return out, ""
+	return out, nil
 }
 
 // targets checks target addresses and weights (groups' targets or classic instances).
