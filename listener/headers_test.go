@@ -1,16 +1,11 @@
 package listener
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net/http"
 	"net/url"
 	"strings"
@@ -53,23 +48,6 @@ func parseChainHeader(t *testing.T, v string) []*x509.Certificate {
 		}
 		out = append(out, c)
 	}
-}
-
-// selfSignedClient is a client certificate no authority of the test knows.
-func selfSignedClient(t *testing.T) *tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(4242), Subject: pkix.Name{CommonName: "stranger"},
-		NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 }
 
 // TestClientCertHeaders: client_auth passthrough sends the client's whole chain, unverified, in
@@ -123,7 +101,10 @@ default_action = { forward = "be" }
 `, hostOf(be), passAddr, verAddr, plainAddr)), nil)
 	roots := rt.Certs().Authority("internal").Pool()
 	issued := authorityLeaf(t, rt, "internal", certs.UsageClient, "client.example.test")
-	stranger := selfSignedClient(t)
+	// A certificate from an authority Fulcrum does not know, sent with its CA: a chain of two.
+	strangerCA := newTestCA(t, "Stranger CA")
+	stranger := strangerCA.leaf(t, "stranger.example.test")
+	stranger.Certificate = append(stranger.Certificate, strangerCA.cert.Raw)
 
 	client := func(cert *tls.Certificate, h2 bool) *http.Client {
 		tc := &tls.Config{RootCAs: roots, ServerName: "site.example.test"}
@@ -147,7 +128,7 @@ default_action = { forward = "be" }
 	for _, h2 := range []bool{false, true} {
 		proto := map[bool]string{false: "http1", true: "h2"}[h2]
 		t.Run("passthrough/"+proto, func(t *testing.T) {
-			for name, cert := range map[string]*tls.Certificate{"issued": issued, "self-signed": stranger} {
+			for name, cert := range map[string]*tls.Certificate{"issued": issued, "unknown-ca": stranger} {
 				r := echoFrom(t, client(cert, h2), spoofed(t, "https://"+passAddr+"/"))
 				chain := parseChainHeader(t, r.header(mtlsChain))
 				if len(chain) != len(cert.Certificate) || string(chain[0].Raw) != string(cert.Certificate[0]) {
@@ -184,7 +165,7 @@ default_action = { forward = "be" }
 			}
 			// The listener refuses a certificate its authority did not issue.
 			if _, err := client(stranger, h2).Get("https://" + verAddr + "/"); err == nil {
-				t.Error("verify mode accepted a self-signed client certificate")
+				t.Error("verify mode accepted a client certificate from an unknown authority")
 			}
 		})
 	}
