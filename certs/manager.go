@@ -814,6 +814,9 @@ type CertInfo struct {
 	Generation    int
 	RenewFailures int64
 	Pending       bool // ACME certificate not obtained yet: the certificate fields are empty
+	// Expiring: within ExpiryWarning of not-after with nothing about to renew it (imported, or
+	// its renewals failing). What the "certificate expires soon" warning says, as a flag.
+	Expiring bool
 }
 
 // List describes every certificate, sorted by name.
@@ -839,6 +842,7 @@ func (m *Manager) List() []CertInfo {
 		if e.renewable() {
 			ci.RenewAt = renewAt(tc.Leaf)
 		}
+		ci.Expiring = e.expiring(tc.Leaf, time.Now())
 		out = append(out, ci)
 	}
 	slices.SortFunc(out, func(a, b CertInfo) int { return strings.Compare(a.Name, b.Name) })
@@ -885,10 +889,15 @@ func (m *Manager) warnExpiry(e *entry, leaf *x509.Certificate) {
 	if leaf == nil {
 		return
 	}
-	left := time.Until(leaf.NotAfter)
-	if left < ExpiryWarning && (!e.renewable() || e.failures.Load() > 0) {
-		m.log.Warn("certificate expires soon", "certificate", e.name, "kind", e.kind, "not_after", leaf.NotAfter, "days_left", int(left.Hours()/24))
+	if e.expiring(leaf, time.Now()) {
+		m.log.Warn("certificate expires soon", "certificate", e.name, "kind", e.kind, "not_after", leaf.NotAfter, "days_left", int(time.Until(leaf.NotAfter).Hours()/24))
 	}
+}
+
+// expiring: leaf is within ExpiryWarning of its not-after and nothing is about to renew it
+// (imported certificates are never renewed; others only warn once a renewal has failed).
+func (e *entry) expiring(leaf *x509.Certificate, now time.Time) bool {
+	return leaf.NotAfter.Sub(now) < ExpiryWarning && (!e.renewable() || e.failures.Load() > 0)
 }
 
 // refuseIssuer keeps certmagic from ever falling back to its default ACME issuer.

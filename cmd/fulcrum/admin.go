@@ -235,6 +235,7 @@ type certificateView struct {
 	KeyLocation      string    `json:"key_location"`
 	Generation       int       `json:"generation"`
 	RenewFailures    int64     `json:"renew_failures"`
+	ExpiryWarning    bool      `json:"expiry_warning"` // within 45 days and nothing is about to renew it
 }
 
 func certificatesView(list []certs.CertInfo, now time.Time) []certificateView {
@@ -245,6 +246,7 @@ func certificatesView(list []certs.CertInfo, now time.Time) []certificateView {
 			NotBefore: c.NotBefore.UTC(), NotAfter: c.NotAfter.UTC(),
 			ExpiresInSeconds: int64(c.NotAfter.Sub(now).Seconds()),
 			KeyLocation:      c.KeyLocation, Generation: c.Generation, RenewFailures: c.RenewFailures,
+			ExpiryWarning: c.Expiring,
 		}
 		if v.Domains == nil {
 			v.Domains = []string{}

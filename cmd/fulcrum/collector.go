@@ -16,7 +16,7 @@ type runtimeCollector struct {
 	targetHealthy, targetInFlight, targetFailures *prometheus.Desc
 	active, accepted, rejected, bytesIn, bytesOut *prometheus.Desc
 	handshakes, l4Errors                          *prometheus.Desc
-	certExpiry, certRenewFailures                 *prometheus.Desc
+	certExpiry, certExpiring, certRenewFailures   *prometheus.Desc
 	signs, signErrors, signSeconds, rebuilds      *prometheus.Desc
 }
 
@@ -37,6 +37,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 		handshakes:        d("fulcrum_tls_handshakes_total", "TLS handshakes on HTTPS listeners by result (ok, failed) and resumption.", "listener", "result", "resumed"),
 		l4Errors:          d("fulcrum_tcp_errors_total", "Layer-4 connection failures by kind.", "listener", "kind"),
 		certExpiry:        d("fulcrum_certificate_expiry_seconds", "Seconds until the certificate's not-after.", "certificate"),
+		certExpiring:      d("fulcrum_certificate_expiry_warning", "1 when the certificate is within 45 days of its not-after and nothing is about to renew it (imported, or renewals failing).", "certificate"),
 		certRenewFailures: d("fulcrum_certificate_renewal_failures", "Consecutive failed renewals of the certificate.", "certificate"),
 		signs:             d("fulcrum_keystore_signs_total", "Signatures made with keystore keys (TLS handshakes, issuance).", "keystore"),
 		signErrors:        d("fulcrum_keystore_sign_errors_total", "Failed keystore signatures (HSM outage, lost session).", "keystore"),
@@ -47,7 +48,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 
 func (c *runtimeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.targetHealthy, c.targetInFlight, c.targetFailures, c.active, c.accepted, c.rejected,
-		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certRenewFailures,
+		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certExpiring, c.certRenewFailures,
 		c.signs, c.signErrors, c.signSeconds, c.rebuilds} {
 		ch <- d
 	}
@@ -102,6 +103,7 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, ci := range c.rt.Certs().List() {
 		if !ci.Pending { // an ACME order not yet fulfilled has no not-after
 			gauge(c.certExpiry, ci.NotAfter.Sub(now).Seconds(), ci.Name)
+			gauge(c.certExpiring, b2f(ci.Expiring), ci.Name)
 		}
 		gauge(c.certRenewFailures, float64(ci.RenewFailures), ci.Name)
 	}
@@ -111,4 +113,11 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.signErrors, float64(st.SignErrors.Load()), name)
 	counter(c.signSeconds, float64(st.SignNanos.Load())/1e9, name)
 	counter(c.rebuilds, float64(st.Rebuilds.Load()), name)
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -131,6 +131,9 @@ func TestMetricsMatchTraffic(t *testing.T) {
 			t.Errorf("fulcrum_connections_rejected_total{listener=web,reason=%s} = %v (present %v), want 0", reason, got, ok)
 		}
 	}
+	if got, ok := value(ss, "fulcrum_certificate_expiry_warning", "certificate", "site"); !ok || got != 0 {
+		t.Errorf("issued certificate expiry warning %v (present %v), want 0: it renews itself", got, ok)
+	}
 	if got, ok := value(ss, "fulcrum_certificate_expiry_seconds", "certificate", "site"); !ok || got <= 0 {
 		t.Errorf("certificate expiry %v %v", got, ok)
 	}
