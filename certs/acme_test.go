@@ -23,7 +23,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/certs/internal/softhsmtest"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/letsencrypt/pebble/v2/ca"
 	"github.com/letsencrypt/pebble/v2/db"

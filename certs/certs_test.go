@@ -22,7 +22,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/certs/internal/softhsmtest"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
@@ -510,6 +510,58 @@ func TestImportedCertificate(t *testing.T) {
 		t.Fatalf("List kinds %s", got)
 	}
 	// The imported key went into the sealed keystore; nothing in the state dir is a key.
+	assertNoKeyOnDisk(t, filepath.Join(dir, "state"), mustBytes(key))
+}
+
+// TestImportIntoHSM: with a PKCS#11 keystore, an imported key goes into the token (the state
+// dir holds only the chain), handshakes sign through the token, and after a restart the
+// certificate is served from the token again.
+func TestImportIntoHSM(t *testing.T) {
+	needHSM(t)
+	dir := t.TempDir()
+	src := newManager(t, testConfig(t.TempDir(), false))
+	a := src.Authority("internal")
+	key, _ := ecdsaKey()
+	der, err := a.Sign(key.Public(), []string{"imported.example.test"}, 24*time.Hour, UsageServer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(filepath.Join(dir, "state"), true)
+	cfg.Certificates = append(cfg.Certificates, configs.Certificate{Name: "cli"})
+	cfg.Listeners = []configs.Listener{{Name: "l", Certificates: []string{"cli"}}}
+	stored := func(cfg *configs.Config) *configs.Config { // without "cli", which needs the import first
+		c := *cfg
+		c.Certificates = c.Certificates[:len(c.Certificates)-1]
+		c.Listeners = nil
+		return &c
+	}
+	m := newManager(t, stored(cfg))
+	if err := m.Import("cli", pemCert(der), pemKey(t, key)); err != nil {
+		t.Fatalf("import into the token: %v", err)
+	}
+	m.Close()
+
+	for run := 1; run <= 2; run++ { // the second run is a restart
+		m := newManager(t, cfg)
+		tc, err := m.ServerTLS(&cfg.Listeners[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := serve(t, tc)
+		before := m.Keystore().Stats().Signs.Load()
+		if _, err := dial(addr, &tls.Config{RootCAs: a.Pool(), ServerName: "imported.example.test"}); err != nil {
+			t.Fatalf("run %d: handshake: %v", run, err)
+		}
+		if m.Keystore().Stats().Signs.Load() == before {
+			t.Fatalf("run %d: the handshake did not sign in the token", run)
+		}
+		for _, ci := range m.List() {
+			if ci.Name == "cli" && !strings.HasPrefix(ci.KeyLocation, "pkcs11 token ") {
+				t.Fatalf("run %d: imported key lives in %q, want the token", run, ci.KeyLocation)
+			}
+		}
+		m.Close()
+	}
 	assertNoKeyOnDisk(t, filepath.Join(dir, "state"), mustBytes(key))
 }
 

@@ -736,7 +736,7 @@ func (m *Manager) Renew(name string) error {
 }
 
 // Import stores an externally issued certificate and key: the key goes into the keystore
-// (sealed, or refused by a PKCS#11 token) and the chain into the state dir. A configured
+// (sealed, or created in the PKCS#11 token, never to leave it) and the chain into the state dir. A configured
 // certificate of that name with neither authority, acme nor cert_file serves it, immediately
 // if it is loaded.
 func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {

@@ -9,7 +9,7 @@ import (
 	"crypto/x509"
 	"testing"
 
-	"github.com/fulcrum-lb/fulcrum/certs/internal/softhsmtest"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 

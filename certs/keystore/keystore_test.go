@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
@@ -14,10 +16,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/certs/internal/softhsmtest"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
@@ -253,4 +256,78 @@ func BenchmarkSignECDSAP256Software(b *testing.B) {
 		b.Fatal(err)
 	}
 	benchSign(b, ks)
+}
+
+// TestPKCS11Import: keys imported into the token (ECDSA P-256 and P-384, RSA-2048) sign as the
+// originals would, are found again by name after a reopen, cannot be read back out of the token,
+// and a second import under the same name replaces the first.
+func TestPKCS11Import(t *testing.T) {
+	ks := openHSM(t)
+	ctx := context.Background()
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	r2048, _ := rsa.GenerateKey(rand.Reader, 2048)
+	keys := map[string]crypto.Signer{"t-import-p256": p256, "t-import-p384": p384, "t-import-rsa": r2048}
+	for name, key := range keys {
+		s, err := ks.Import(ctx, name, key)
+		if err != nil {
+			t.Fatalf("import %s: %v", name, err)
+		}
+		verifyWith(t, name, s, key.Public())
+		softhsmtest.AssertSensitive(t, softhsmtest.Module, softhsmtest.Label, softhsmtest.Pin, name)
+	}
+	// Another process (a restart) finds them by name.
+	ks2 := openHSM(t)
+	for name, key := range keys {
+		s, err := ks2.Signer(ctx, name)
+		if err != nil {
+			t.Fatalf("find imported %s after reopen: %v", name, err)
+		}
+		verifyWith(t, name+" (reopened)", s, key.Public())
+	}
+	// Importing again under a name replaces the key.
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if _, err := ks.Import(ctx, "t-import-p256", other); err != nil {
+		t.Fatal(err)
+	}
+	s, err := openHSM(t).Signer(ctx, "t-import-p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	verifyWith(t, "re-imported", s, other.Public())
+	// What the token cannot hold is refused, naming the reason.
+	p224, _ := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	if _, err := ks.Import(ctx, "t-import-p224", p224); err == nil || !strings.Contains(err.Error(), "P-224") {
+		t.Fatalf("P-224 import: err = %v, want a refusal naming the curve", err)
+	}
+	for name := range keys {
+		if err := ks.Delete(ctx, name); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// verifyWith signs with s (PKCS#1 v1.5 and PSS for RSA, as TLS uses both) and verifies with pub.
+func verifyWith(t *testing.T, what string, s crypto.Signer, pub crypto.PublicKey) {
+	t.Helper()
+	d := sha256.Sum256([]byte("imported"))
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		sig, err := s.Sign(rand.Reader, d[:], crypto.SHA256)
+		if err != nil || !ecdsa.VerifyASN1(pub, d[:], sig) {
+			t.Fatalf("%s: ECDSA signature: err %v, or it does not verify with the original key", what, err)
+		}
+	case *rsa.PublicKey:
+		sig, err := s.Sign(rand.Reader, d[:], crypto.SHA256)
+		if err != nil || rsa.VerifyPKCS1v15(pub, crypto.SHA256, d[:], sig) != nil {
+			t.Fatalf("%s: RSA PKCS#1 v1.5 signature: err %v, or it does not verify", what, err)
+		}
+		pss := &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA256}
+		sig, err = s.Sign(rand.Reader, d[:], pss)
+		if err != nil || rsa.VerifyPSS(pub, crypto.SHA256, d[:], sig, pss) != nil {
+			t.Fatalf("%s: RSA-PSS signature: err %v, or it does not verify", what, err)
+		}
+	default:
+		t.Fatalf("%s: public key %T", what, pub)
+	}
 }

@@ -27,9 +27,6 @@ type PKCS11Config struct {
 	PoolWaitTimeout time.Duration // how long a signature waits for a free session (default 2s)
 }
 
-// ErrImportUnsupported: crypto11 cannot create private-key objects from key material.
-var ErrImportUnsupported = errors.New("importing a private key into a PKCS#11 token is not supported")
-
 // p11 is the PKCS#11 keystore. The crypto11 context lives in an atomic pointer so the signing
 // path takes no lock; when the token reports that sessions or the device are gone, a single
 // owner goroutine closes the context and configures a new one (for SoftHSM a restored token is
@@ -305,10 +302,6 @@ func (k *p11) Signer(ctx context.Context, name string) (crypto.Signer, error) {
 		return nil, fmt.Errorf("keystore: find %s in token %q: %w", name, k.cfg.TokenLabel, err)
 	}
 	return k.wrap(name, s, st.gen), nil
-}
-
-func (k *p11) Import(ctx context.Context, name string, key crypto.Signer) (crypto.Signer, error) {
-	return nil, ErrImportUnsupported
 }
 
 func (k *p11) Delete(ctx context.Context, name string) error {

@@ -1,4 +1,5 @@
-// Package softhsmtest creates a throw-away SoftHSM2 token for a test package.
+// Package softhsmtest creates a throw-away SoftHSM2 token for a test package (as httptest
+// gives tests a server): a real PKCS#11 token, never a mock. Only tests import it.
 //
 // SOFTHSM2_CONF is read by the module at C_Initialize and is process-wide, so a test package
 // calls Setup once from TestMain and all its tests share the token.
@@ -7,13 +8,12 @@ package softhsmtest
 import (
 	"errors"
 	"fmt"
-	"testing"
-
-	"github.com/miekg/pkcs11"
-
 	"os"
 	"os/exec"
 	"path/filepath"
+	"testing"
+
+	"github.com/miekg/pkcs11"
 )
 
 // Module is where Debian/Ubuntu install SoftHSM2.
