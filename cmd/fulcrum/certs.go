@@ -38,7 +38,7 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 	_, path, ok := configFlag("certs "+sub, args, stderr, func(fs *flag.FlagSet) {
 		if sub == "import" {
 			fs.StringVar(&certFile, "cert", "", "PEM certificate chain to import")
-			fs.StringVar(&keyFile, "key", "", "PEM private key to import (sealed into the keystore)")
+			fs.StringVar(&keyFile, "key", "", "PEM private key to import into the keystore")
 		}
 	})
 	if !ok {
@@ -60,9 +60,17 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	mcfg := cfg
+	if sub == "import" {
+		// The configuration may already name the certificate (imported = true), which cannot
+		// load before it is imported: the import needs only the keystore and the state dir.
+		c := *cfg
+		c.Certificates, c.Listeners, c.TargetGroups = nil, nil, nil
+		mcfg = &c
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	m, err := certs.NewManager(ctx, cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	m, err := certs.NewManager(ctx, mcfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		fmt.Fprintf(stderr, "fulcrum certs %s: %v\n", sub, err)
 		return 1
@@ -113,7 +121,11 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintf(stderr, "fulcrum certs import %s: %v\n", name, err)
 			return 1
 		}
-		fmt.Fprintf(stdout, "%s: imported; the key is sealed in the %s keystore\n", name, m.Keystore().Describe())
+		where := "sealed in the software keystore"
+		if d := m.Keystore().Describe(); d != "software" {
+			where = "in " + d + ", not extractable"
+		}
+		fmt.Fprintf(stdout, "%s: imported; the key is %s (the key file is no longer needed)\n", name, where)
 	case "export":
 		pem, err := m.Export(name)
 		if err != nil {

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 )
 
 // buildBinary builds cmd/fulcrum into a temp dir, once per test binary.
@@ -55,10 +57,27 @@ func buildBinary(t *testing.T) string {
 	return built.path
 }
 
+// hsm is the SoftHSM2 token the tests share (nil when SoftHSM2 is not installed).
+var hsm *softhsmtest.Token
+
 func TestMain(m *testing.M) {
+	var hsmDir string
+	if softhsmtest.Available() {
+		var err error
+		if hsmDir, err = os.MkdirTemp("", "fulcrum-softhsm-"); err == nil {
+			hsm, err = softhsmtest.Setup(hsmDir) // sets SOFTHSM2_CONF for us and the binaries we start
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "softhsm2 setup:", err)
+			os.Exit(1)
+		}
+	}
 	code := m.Run()
 	if built.path != "" {
 		os.RemoveAll(filepath.Dir(built.path))
+	}
+	if hsmDir != "" {
+		os.RemoveAll(hsmDir)
 	}
 	os.Exit(code)
 }

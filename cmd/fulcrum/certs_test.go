@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/certs"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
+)
+
+// TestCertsCommand runs `fulcrum certs` as an operator does, with the software keystore and
+// with a SoftHSM2 token: import an externally issued certificate into a configuration that
+// already names it (imported = true), then list, show, export and renew.
+func TestCertsCommand(t *testing.T) {
+	for _, ks := range []string{"software", "pkcs11"} {
+		t.Run(ks, func(t *testing.T) {
+			dir := t.TempDir()
+			keystore := `type = "software"`
+			if ks == "pkcs11" {
+				if hsm == nil {
+					if softhsmtest.MustSkip() {
+						t.Skip("softhsm2 is not installed")
+					}
+					t.Fatal("softhsm2 is not installed (CI must install it)")
+				}
+				t.Setenv("TEST_HSM_PIN", softhsmtest.Pin)
+				keystore = fmt.Sprintf("type = \"pkcs11\"\nmodule = %q\ntoken_label = %q\npin = \"env:TEST_HSM_PIN\"", softhsmtest.Module, softhsmtest.Label)
+			}
+			certPEM, keyPEM, leaf := externalCert(t, "legacy.example.test")
+			certFile, keyFile := filepath.Join(dir, "legacy.pem"), filepath.Join(dir, "legacy.key")
+			os.WriteFile(certFile, certPEM, 0o600)
+			os.WriteFile(keyFile, keyPEM, 0o600)
+			cfgPath := filepath.Join(dir, "fulcrum.toml")
+			writeConfig(t, cfgPath, fmt.Sprintf(`[server]
+admin = ""
+state_dir = "state"
+
+[keystore]
+%s
+
+[[authorities]]
+name = "internal"
+
+[[certificates]]
+name = "www"
+domains = ["www.example.test"]
+authority = "internal"
+
+[[certificates]]
+name = "legacy"
+imported = true
+
+[[target_groups]]
+name = "web"
+protocol = "http"
+targets = ["127.0.0.1:9"]
+
+[[listeners]]
+name = "public"
+style = "application"
+protocol = "https"
+address = "127.0.0.1:8443"
+certificates = ["legacy", "www"]
+default_action = { forward = "web" }
+`, keystore))
+			cli := func(args ...string) (int, string, string) {
+				var out, errb bytes.Buffer
+				code := run(append([]string{"certs"}, append(args, "-config", cfgPath)...), &out, &errb)
+				return code, out.String(), errb.String()
+			}
+
+			if code, out, errs := cli("import", "legacy", "-cert", certFile, "-key", keyFile); code != 0 {
+				t.Fatalf("certs import: exit %d\n%s%s", code, out, errs)
+			} else if want := "pkcs11 token " + softhsmtest.Label; ks == "pkcs11" && !strings.Contains(out, want) {
+				t.Fatalf("certs import says %q, want it to name %q", out, want)
+			}
+			code, out, errs := cli("list")
+			if code != 0 || !strings.Contains(out, "legacy") || !strings.Contains(out, "www") {
+				t.Fatalf("certs list: exit %d\n%s%s", code, out, errs)
+			}
+			code, out, errs = cli("show", "legacy")
+			var ci certs.CertInfo
+			if code != 0 || json.Unmarshal([]byte(out), &ci) != nil {
+				t.Fatalf("certs show: exit %d\n%s%s", code, out, errs)
+			}
+			wantLoc := map[string]string{"software": "software", "pkcs11": "pkcs11 token " + softhsmtest.Label}[ks]
+			if ci.Kind != "stored" || ci.Serial != fmt.Sprintf("%x", leaf.SerialNumber) || !strings.HasPrefix(ci.KeyLocation, wantLoc) {
+				t.Fatalf("certs show legacy: kind %q serial %q key %q, want stored, %x, in %q", ci.Kind, ci.Serial, ci.KeyLocation, leaf.SerialNumber, wantLoc)
+			}
+			if code, out, errs := cli("export", "legacy"); code != 0 || out != string(certPEM) {
+				t.Fatalf("certs export: exit %d, chain equal %v\n%s", code, out == string(certPEM), errs)
+			}
+			if code, _, errs := cli("renew", "legacy"); code != 1 || !strings.Contains(errs, "never renewed") {
+				t.Fatalf("certs renew of an imported certificate: exit %d %q, want 1 and why", code, errs)
+			}
+			if code, out, errs := cli("renew", "www"); code != 0 {
+				t.Fatalf("certs renew www: exit %d\n%s%s", code, out, errs)
+			}
+			// Nothing in the state dir is the key, in any form.
+			der, _ := pem.Decode(keyPEM)
+			filepath.WalkDir(filepath.Join(dir, "state"), func(p string, d os.DirEntry, err error) error {
+				if err == nil && !d.IsDir() {
+					if b, _ := os.ReadFile(p); bytes.Contains(b, der.Bytes) || bytes.Contains(b, keyPEM) {
+						t.Errorf("%s holds the imported key in the clear", p)
+					}
+				}
+				return nil
+			})
+		})
+	}
+}
+
+// externalCert is a certificate and key from a CA Fulcrum does not manage.
+func externalCert(t *testing.T, name string) (certPEM, keyPEM []byte, leaf *x509.Certificate) {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "External CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
+		DNSNames: []string{name}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ = x509.ParseCertificate(der)
+	kder, _ := x509.MarshalPKCS8PrivateKey(key)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), leaf
+}
