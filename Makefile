@@ -6,9 +6,11 @@ GO ?= go
 .PHONY: test deps vet build demo bench fuzz clean
 
 # Every test: installs what the tests need when it is missing, then vet + race tests
-# (the fuzz seed corpora run as ordinary tests).
+# (the fuzz seed corpora run as ordinary tests), then the memory bounds once more without the
+# race detector, which inflates goroutine stacks.
 test: deps vet
 	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -run 'Memory' ./listener/l4
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
 TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey

@@ -224,20 +224,33 @@ func closeWrite(c net.Conn) {
 	}
 }
 
-// relayConns runs both directions to the end. up is client->upstream.
-func relayConns(st *State, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64) (up, down int64, idle bool, err error) {
+// startRelay runs both directions, each on a goroutine of its own, and returns at once; the
+// direction that ends last calls end with what moved (up is client->upstream).
+//
+// Neither direction runs on the goroutine that accepted and set up the connection: that one
+// has grown its stack in the dial and the TLS handshake (8 KiB), and an idle relay would pin it
+// for as long as the connection lives. Fresh goroutines need half that, which is most of what
+// an idle connection costs.
+func startRelay(st *State, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
+	end func(up, down int64, idle bool, err error)) {
 	r := &relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, epoch: time.Now()}
 	r.last.Store(r.now())
 	r.watchdog.Store(time.AfterFunc(r.idle+r.tick, r.watch))
-	defer r.watchdog.Load().Stop()
 
 	uh := &half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
 	// Writes to the client go to the socket under the PROXY layer (the header is consumed).
 	dh := &half{r: r, src: upstream, dst: inbound.Socket(client), counter: out}
-	errc := make(chan error, 1)
-	go func() { errc <- dh.run() }()
-	e1 := uh.run()
-	e2 := <-errc
-	r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
-	return uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(e1, e2)
+	var upErr, downErr error
+	var running atomic.Int32 // the atomic decrement orders each direction's writes before end
+	running.Store(2)
+	finish := func() {
+		if running.Add(-1) != 0 {
+			return
+		}
+		r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
+		r.watchdog.Load().Stop()
+		end(uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(upErr, downErr))
+	}
+	go func() { upErr = uh.run(); finish() }()
+	go func() { downErr = dh.run(); finish() }()
 }

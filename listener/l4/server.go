@@ -247,8 +247,19 @@ func (s *Server) closeConns() {
 func (s *Server) handle(c net.Conn) {
 	info := ConnInfo{Start: time.Now()}
 	tracked := c
-	var upstream net.Conn
-	defer func() {
+	var (
+		upstream net.Conn
+		done     func()  // the dialer's: the target's connection ended
+		peekBuf  *[]byte // holds the peeked ClientHello until it is replayed
+		relaying bool    // the relay owns the connection and runs cleanup when it ends
+	)
+	cleanup := func() {
+		if done != nil {
+			done()
+		}
+		if peekBuf != nil {
+			bufPool.Put(peekBuf)
+		}
 		if upstream != nil {
 			upstream.Close()
 		}
@@ -257,6 +268,11 @@ func (s *Server) handle(c net.Conn) {
 		if s.opt.OnConn != nil {
 			info.Duration = time.Since(info.Start)
 			s.opt.OnConn(info)
+		}
+	}
+	defer func() {
+		if !relaying {
+			cleanup()
 		}
 	}()
 	st := s.state.Load()
@@ -276,12 +292,6 @@ func (s *Server) handle(c net.Conn) {
 	clientSrc := c // what the client->target direction reads
 	viaWrapper := inbound.Socket(c) != c
 	var replay []byte
-	var peekBuf *[]byte // holds replay; back to the pool once replayed
-	defer func() {
-		if peekBuf != nil {
-			bufPool.Put(peekBuf)
-		}
-	}()
 	switch cfg.Mode {
 	case ModeTCP:
 	case ModeTLS:
@@ -323,7 +333,7 @@ func (s *Server) handle(c net.Conn) {
 	}
 
 	ctx, cancel := context.WithTimeout(s.ctx, cfg.ConnectTimeout)
-	up, done, err := st.route(meta.SNI).DialFor(ctx, meta)
+	up, doneFn, err := st.route(meta.SNI).DialFor(ctx, meta)
 	cancel()
 	if err != nil {
 		s.dialErrs.Add(1)
@@ -331,10 +341,7 @@ func (s *Server) handle(c net.Conn) {
 		s.log.Debug("dial failed", "client", meta.Client, "err", err)
 		return
 	}
-	if done != nil {
-		defer done()
-	}
-	upstream = up
+	done, upstream = doneFn, up
 	info.Target = up.RemoteAddr().String()
 	if len(replay) > 0 {
 		if _, err := up.Write(replay); err != nil {
@@ -347,15 +354,18 @@ func (s *Server) handle(c net.Conn) {
 		bufPool.Put(peekBuf)
 		peekBuf = nil
 	}
-	in, out, idle, err := relayConns(st, c, clientSrc, up, viaWrapper, &s.bytesIn, &s.bytesOut)
-	info.BytesIn += in
-	info.BytesOut = out
-	info.Idle = idle
-	if idle {
-		s.idleClosed.Add(1)
-		if err == nil {
-			err = errIdle
+	relaying = true
+	startRelay(st, c, clientSrc, up, viaWrapper, &s.bytesIn, &s.bytesOut, func(in, out int64, idle bool, err error) {
+		info.BytesIn += in
+		info.BytesOut = out
+		info.Idle = idle
+		if idle {
+			s.idleClosed.Add(1)
+			if err == nil {
+				err = errIdle
+			}
 		}
-	}
-	info.Err = err
+		info.Err = err
+		cleanup()
+	})
 }
