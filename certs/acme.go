@@ -9,6 +9,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -55,6 +56,7 @@ type acmeIssuer struct {
 	m         *Manager
 	directory string
 	email     string
+	eab       *acme.EAB // external account binding, when the CA requires one
 	client    *acmez.Client
 
 	mu      sync.Mutex
@@ -90,6 +92,19 @@ func (m *Manager) newACMEIssuer(cfg *configs.Config, c configs.Certificate) (*ac
 		ForceAttemptHTTP2:     true,
 	}
 	iss := &acmeIssuer{m: m, directory: c.ACME, email: c.ACMEEmail}
+	if c.ACMEEABKeyID != "" {
+		mac, err := keystore.ReadSecret(c.ACMEEABMACKey, cfg.Resolve)
+		if err != nil {
+			return nil, fmt.Errorf("acme_eab_mac_key: %w", err)
+		}
+		// CAs hand MAC keys out as base64url, some with padding or in standard base64;
+		// acmez wants unpadded base64url.
+		mac = strings.TrimRight(strings.NewReplacer("+", "-", "/", "_").Replace(mac), "=")
+		if _, err := base64.RawURLEncoding.DecodeString(mac); err != nil || mac == "" {
+			return nil, fmt.Errorf("acme_eab_mac_key: not a base64 MAC key")
+		}
+		iss.eab = &acme.EAB{KeyID: c.ACMEEABKeyID, MACKey: mac}
+	}
 	iss.client = &acmez.Client{
 		Client: &acme.Client{
 			Directory:   c.ACME,
@@ -151,6 +166,13 @@ func (a *acmeIssuer) ensureAccount(ctx context.Context) (acme.Account, error) {
 	acct := acme.Account{TermsOfServiceAgreed: true, PrivateKey: jwsSigner{signer}}
 	if a.email != "" {
 		acct.Contact = []string{"mailto:" + a.email}
+	}
+	if a.eab != nil {
+		// Sent with every newAccount: for a key already registered the CA returns the
+		// existing account, bound when it was created.
+		if err := acct.SetExternalAccountBinding(ctx, a.client.Client, *a.eab); err != nil {
+			return acme.Account{}, fmt.Errorf("acme %s: external account binding: %w", a.directory, err)
+		}
 	}
 	acct, err = a.client.NewAccount(ctx, acct)
 	if err != nil {

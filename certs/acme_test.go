@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"io"
 	"log"
 	"math/big"
@@ -91,6 +92,13 @@ type pebble struct {
 
 func startPebble(t *testing.T, httpPort, tlsPort int, validity uint64) *pebble {
 	t.Helper()
+	return startPebbleEAB(t, httpPort, tlsPort, validity, nil)
+}
+
+// startPebbleEAB is startPebble that, given MAC keys by key id (base64url), requires an
+// external account binding with one of them for every new account.
+func startPebbleEAB(t *testing.T, httpPort, tlsPort int, validity uint64, eabKeys map[string]string) *pebble {
+	t.Helper()
 	t.Setenv("PEBBLE_VA_NOSLEEP", "1")
 	t.Setenv("PEBBLE_WFE_NONCEREJECT", "0")
 	t.Setenv("PEBBLE_AUTHZREUSE", "0") // every order validates again
@@ -101,7 +109,12 @@ func startPebble(t *testing.T, httpPort, tlsPort int, validity uint64) *pebble {
 	profiles := map[string]ca.Profile{"default": {Description: "test", ValidityPeriod: validity}}
 	authority := ca.New(logger, store, "", "ecdsa", 0, 1, profiles)
 	validator := va.New(logger, httpPort, tlsPort, false, resolver, store)
-	front := wfe.New(logger, store, validator, authority, []string{"pebble.letsencrypt.org"}, false, false, 0, 0)
+	for kid, key := range eabKeys {
+		if err := store.AddExternalAccountKeyByID(kid, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	front := wfe.New(logger, store, validator, authority, []string{"pebble.letsencrypt.org"}, false, eabKeys != nil, 0, 0)
 	srv := httptest.NewUnstartedServer(front.Handler())
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
 	srv.StartTLS()
@@ -354,6 +367,63 @@ func intermediates(tc *tls.Certificate) *x509.CertPool {
 // with the software keystore, and renewal by the lifecycle loop at a third of the real
 // lifetime left (Pebble issues 9-second certificates here); the renewed certificate is
 // served without a failed handshake.
+// TestACMEExternalAccountBinding: against a CA that requires an external account binding,
+// an account without one is refused (and the error says so), and a certificate configured with
+// acme_eab_key_id and acme_eab_mac_key is issued and served.
+func TestACMEExternalAccountBinding(t *testing.T) {
+	httpLn, httpPort := listenPort(t)
+	_, tlsPort := listenPort(t)
+	mac := make([]byte, 32)
+	rand.Read(mac)
+	// Handed out as CAs often do: padded standard base64. Pebble stores the raw bytes.
+	t.Setenv("TEST_EAB_MAC", base64.StdEncoding.EncodeToString(mac))
+	p := startPebbleEAB(t, httpPort, tlsPort, 0, map[string]string{"kid-fulcrum": base64.RawURLEncoding.EncodeToString(mac)})
+
+	// Without a binding, the account is refused.
+	plain := newManager(t, acmeConfig(t.TempDir(), p, false, "eab.fulcrum.test"))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := entryOf(plain, "site").acme.ensureAccount(ctx); err == nil || !strings.Contains(err.Error(), "externalAccountRequired") {
+		t.Fatalf("account without a binding: err = %v, want the CA's externalAccountRequired", err)
+	}
+	plain.Close()
+
+	m := newManager(t, acmeConfigEAB(t.TempDir(), p))
+	onlyChallenge(m, "site", acme.ChallengeTypeHTTP01)
+	var hits atomic.Int64
+	challengeServer(t, httpLn, m, &hits)
+	m.StartACME()
+	waitCert(t, m, "site")
+	leaf := entryOf(m, "site").cur.Load().Leaf
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: p.roots(), DNSName: "eab.fulcrum.test", Intermediates: poolOf(entryOf(m, "site").cur.Load())}); err != nil {
+		t.Fatalf("certificate issued with a binding does not verify: %v", err)
+	}
+
+	// A MAC key that is not base64 is refused when the configuration loads, naming the field.
+	t.Setenv("TEST_EAB_MAC", "not base64!")
+	if _, err := NewManager(context.Background(), acmeConfigEAB(t.TempDir(), p), quiet); err == nil || !strings.Contains(err.Error(), "acme_eab_mac_key") {
+		t.Fatalf("bad MAC key: err = %v", err)
+	}
+}
+
+func acmeConfigEAB(dir string, p *pebble) *configs.Config {
+	cfg := acmeConfig(dir, p, false, "eab.fulcrum.test")
+	cfg.Certificates[0].ACMEEABKeyID = "kid-fulcrum"
+	cfg.Certificates[0].ACMEEABMACKey = "env:TEST_EAB_MAC"
+	return cfg
+}
+
+// poolOf holds the intermediates of a served chain.
+func poolOf(c *tls.Certificate) *x509.CertPool {
+	pool := x509.NewCertPool()
+	for _, der := range c.Certificate[1:] {
+		if ic, err := x509.ParseCertificate(der); err == nil {
+			pool.AddCert(ic)
+		}
+	}
+	return pool
+}
+
 func TestACMETLSALPN01Renewal(t *testing.T) {
 	httpLn, httpPort := listenPort(t)
 	httpLn.Close() // nothing answers HTTP-01: only TLS-ALPN-01 can succeed

@@ -68,6 +68,11 @@ type Certificate struct {
 	ACME       string   `toml:"acme"`         // ACME directory URL
 	ACMEEmail  string   `toml:"acme_email"`   // account contact
 	ACMECAFile string   `toml:"acme_ca_file"` // extra root to trust for the ACME server (private ACME)
+	// External account binding (RFC 8555 §7.3.4), which CAs such as ZeroSSL, Google Trust
+	// Services and private ACME servers require: the key id the CA gave, and its MAC key as a
+	// secret reference ("env:NAME" or "file:PATH"; base64url, as CAs hand it out).
+	ACMEEABKeyID  string `toml:"acme_eab_key_id"`
+	ACMEEABMACKey string `toml:"acme_eab_mac_key"`
 	KeyType    string   `toml:"key_type"`
 	Lifetime   string   `toml:"lifetime"`
 	CertFile   string   `toml:"cert_file"` // imported from files

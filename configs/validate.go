@@ -350,8 +350,24 @@ func (v *validator) certificate(s scope, ct *Certificate) {
 	if sources != 1 {
 		s.errf("", "a certificate needs exactly one source: authority = \"NAME\", acme = \"URL\", cert_file + key_file, or imported = true (found %d)", sources)
 	}
-	if ct.ACME == "" && (ct.ACMEEmail != "" || ct.ACMECAFile != "") {
-		s.errf("acme_email", "acme_email and acme_ca_file apply only with acme = \"URL\"")
+	if ct.ACME == "" {
+		for _, f := range []struct {
+			key string
+			set bool
+		}{{"acme_email", ct.ACMEEmail != ""}, {"acme_ca_file", ct.ACMECAFile != ""}, {"acme_eab_key_id", ct.ACMEEABKeyID != ""}, {"acme_eab_mac_key", ct.ACMEEABMACKey != ""}} {
+			if f.set {
+				s.errf(f.key, "%s applies only with acme = \"URL\"", f.key)
+			}
+		}
+	}
+	switch {
+	case ct.ACME == "":
+	case ct.ACMEEABKeyID != "" && ct.ACMEEABMACKey == "":
+		s.errf("acme_eab_key_id", "acme_eab_key_id needs acme_eab_mac_key (the MAC key the CA gave with the key id, as \"env:NAME\" or \"file:PATH\")")
+	case ct.ACMEEABKeyID == "" && ct.ACMEEABMACKey != "":
+		s.errf("acme_eab_mac_key", "acme_eab_mac_key needs acme_eab_key_id (the key id the CA gave with the MAC key)")
+	case ct.ACMEEABMACKey != "":
+		v.secret(s, "acme_eab_mac_key", ct.ACMEEABMACKey)
 	}
 	if ct.Authority != "" || ct.ACME != "" {
 		if len(ct.Domains) == 0 {
