@@ -65,8 +65,8 @@ type acmeIssuer struct {
 
 func (m *Manager) newACMEIssuer(cfg *configs.Config, c configs.Certificate) (*acmeIssuer, error) {
 	for _, d := range c.Domains {
-		if strings.HasPrefix(d, "*.") {
-			return nil, fmt.Errorf("acme: %s: wildcard names need the DNS-01 challenge, which Fulcrum does not answer", d)
+		if strings.HasPrefix(d, "*.") && c.ACMEDNS == nil {
+			return nil, fmt.Errorf("acme: %s: wildcard names need the DNS-01 challenge: configure acme_dns", d)
 		}
 	}
 	roots, err := x509.SystemCertPool()
@@ -117,6 +117,15 @@ func (m *Manager) newACMEIssuer(cfg *configs.Config, c configs.Certificate) (*ac
 			acme.ChallengeTypeHTTP01:    httpSolver{&m.chal},
 			acme.ChallengeTypeTLSALPN01: alpnSolver{&m.chal},
 		},
+	}
+	if c.ACMEDNS != nil {
+		// DNS-01 alone: it proves wildcards and works whether or not the CA reaches our
+		// listeners, and an operator who configured DNS expects DNS to be used.
+		solver, err := newDNSSolver(cfg, c.ACMEDNS)
+		if err != nil {
+			return nil, err
+		}
+		iss.client.ChallengeSolvers = map[string]acmez.Solver{acme.ChallengeTypeDNS01: solver}
 	}
 	return iss, nil
 }

@@ -18,6 +18,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,37 +54,123 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// startDNS answers every A question with 127.0.0.1 (and AAAA with nothing) over TCP, which is
-// how Pebble's VA queries a custom resolver; so the test domains reach this machine only.
-func startDNS(t *testing.T) string {
+// testDNS is the test's DNS server, over TCP (how Pebble's VA queries a custom resolver): every
+// A question gets 127.0.0.1, so the test domains reach this machine only; it is authoritative
+// for fulcrum.test (SOA, TXT) and takes RFC 2136 updates signed with its TSIG key, as a BIND
+// primary would for DNS-01.
+type testDNS struct {
+	addr string
+
+	mu      sync.Mutex
+	txt     map[string][]string // by lower-case FQDN
+	updates int
+}
+
+const (
+	testZone       = "fulcrum.test."
+	testTSIGKey    = "fulcrum-acme."
+	testTSIGSecret = "c2VjcmV0LWtleS1mb3ItZnVsY3J1bS1hY21lLXRlc3Q=" // base64
+)
+
+func startDNS(t *testing.T) *testDNS {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var queries atomic.Int64
-	srv := &dns.Server{Listener: ln, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
-		queries.Add(1)
-		r := new(dns.Msg)
-		r.SetReply(q)
-		for _, qq := range q.Question {
-			if qq.Qtype == dns.TypeA {
-				r.Answer = append(r.Answer, &dns.A{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 0}, A: net.IPv4(127, 0, 0, 1)})
+	d := &testDNS{addr: ln.Addr().String(), txt: map[string][]string{}}
+	srv := &dns.Server{Listener: ln, Handler: dns.HandlerFunc(d.serve), TsigSecret: map[string]string{testTSIGKey: testTSIGSecret},
+		MsgAcceptFunc: func(h dns.Header) dns.MsgAcceptAction {
+			if op := int(h.Bits>>11) & 0xF; op == dns.OpcodeUpdate {
+				return dns.MsgAccept // the default refuses UPDATE (NOTIMP)
 			}
-		}
-		w.WriteMsg(r)
-	})}
+			return dns.DefaultMsgAcceptFunc(h)
+		}}
 	started := make(chan struct{})
 	srv.NotifyStartedFunc = func() { close(started) }
 	go srv.ActivateAndServe()
 	<-started
 	t.Cleanup(func() { srv.Shutdown() })
-	return ln.Addr().String()
+	return d
+}
+
+func (d *testDNS) serve(w dns.ResponseWriter, q *dns.Msg) {
+	r := new(dns.Msg)
+	r.SetReply(q)
+	tsig := q.IsTsig()
+	if tsig != nil && w.TsigStatus() != nil {
+		r.Rcode = dns.RcodeNotAuth // a bad signature: answered unsigned, as servers do
+		w.WriteMsg(r)
+		return
+	}
+	if q.Opcode == dns.OpcodeUpdate {
+		if tsig == nil {
+			r.Rcode = dns.RcodeRefused
+		} else {
+			d.apply(q.Ns)
+		}
+	} else {
+		for _, qq := range q.Question {
+			name := strings.ToLower(qq.Name)
+			switch qq.Qtype {
+			case dns.TypeA:
+				r.Answer = append(r.Answer, &dns.A{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeA, Class: dns.ClassINET}, A: net.IPv4(127, 0, 0, 1)})
+			case dns.TypeSOA:
+				if name == testZone {
+					r.Answer = append(r.Answer, &dns.SOA{Hdr: dns.RR_Header{Name: testZone, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 60},
+						Ns: "ns1." + testZone, Mbox: "hostmaster." + testZone, Serial: 1, Refresh: 60, Retry: 60, Expire: 600, Minttl: 0})
+				}
+			case dns.TypeTXT:
+				d.mu.Lock()
+				for _, v := range d.txt[name] {
+					r.Answer = append(r.Answer, &dns.TXT{Hdr: dns.RR_Header{Name: qq.Name, Rrtype: dns.TypeTXT, Class: dns.ClassINET}, Txt: []string{v}})
+				}
+				d.mu.Unlock()
+			}
+		}
+	}
+	if tsig != nil {
+		r.SetTsig(tsig.Hdr.Name, tsig.Algorithm, 300, time.Now().Unix())
+	}
+	w.WriteMsg(r)
+}
+
+// apply carries out the TXT additions (class IN) and removals of one RR (class NONE).
+func (d *testDNS) apply(rrs []dns.RR) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.updates++
+	for _, rr := range rrs {
+		txt, ok := rr.(*dns.TXT)
+		if !ok {
+			continue
+		}
+		name, v := strings.ToLower(txt.Hdr.Name), strings.Join(txt.Txt, "")
+		switch txt.Hdr.Class {
+		case dns.ClassINET:
+			d.txt[name] = append(d.txt[name], v)
+		case dns.ClassNONE:
+			d.txt[name] = slices.DeleteFunc(d.txt[name], func(x string) bool { return x == v })
+			if len(d.txt[name]) == 0 {
+				delete(d.txt, name)
+			}
+		}
+	}
+}
+
+func (d *testDNS) state() (records, updates int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, vs := range d.txt {
+		records += len(vs)
+	}
+	return records, d.updates
 }
 
 // pebble is an in-process Pebble ACME server: its web front end on an httptest TLS server,
 // its VA validating for real on the given ports through the test DNS server.
 type pebble struct {
+	dns    *testDNS
 	dirURL string
 	caFile string // PEM of the front end's TLS certificate (acme_ca_file)
 	ca     *ca.CAImpl
@@ -108,7 +195,7 @@ func startPebbleEAB(t *testing.T, httpPort, tlsPort int, validity uint64, eabKey
 	store := db.NewMemoryStore()
 	profiles := map[string]ca.Profile{"default": {Description: "test", ValidityPeriod: validity}}
 	authority := ca.New(logger, store, "", "ecdsa", 0, 1, profiles)
-	validator := va.New(logger, httpPort, tlsPort, false, resolver, store)
+	validator := va.New(logger, httpPort, tlsPort, false, resolver.addr, store)
 	for kid, key := range eabKeys {
 		if err := store.AddExternalAccountKeyByID(kid, key); err != nil {
 			t.Fatal(err)
@@ -128,7 +215,7 @@ func startPebbleEAB(t *testing.T, httpPort, tlsPort int, validity uint64, eabKey
 	if err := os.WriteFile(caFile, pemCert(srv.Certificate().Raw), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return &pebble{dirURL: srv.URL + wfe.DirectoryPath, caFile: caFile, ca: authority, log: buf}
+	return &pebble{dns: resolver, dirURL: srv.URL + wfe.DirectoryPath, caFile: caFile, ca: authority, log: buf}
 }
 
 func (p *pebble) roots() *x509.CertPool {
@@ -422,6 +509,57 @@ func poolOf(c *tls.Certificate) *x509.CertPool {
 		}
 	}
 	return pool
+}
+
+// TestACMEDNS01Wildcard: with acme_dns, a certificate for a name and its wildcard is issued
+// through DNS-01 alone (nothing answers HTTP-01 or TLS-ALPN-01), the TXT records going in and
+// out by TSIG-signed RFC 2136 updates; the zone is found from the server's SOA. The records are
+// gone afterwards, and an update signed with the wrong secret is refused.
+func TestACMEDNS01Wildcard(t *testing.T) {
+	httpLn, httpPort := listenPort(t)
+	tlsLn, tlsPort := listenPort(t)
+	httpLn.Close() // no HTTP-01 ...
+	tlsLn.Close()  // ... and no TLS-ALPN-01: only DNS-01 can succeed
+	p := startPebble(t, httpPort, tlsPort, 0)
+	t.Setenv("TEST_TSIG", testTSIGSecret)
+	cfg := acmeConfig(t.TempDir(), p, false, "fulcrum.test", "*.fulcrum.test")
+	cfg.Certificates[0].ACMEDNS = &configs.ACMEDNS{Server: p.dns.addr, TSIGKey: "fulcrum-acme", TSIGSecret: "env:TEST_TSIG", TSIGAlgorithm: "hmac-sha256", TTL: 60}
+	m := newManager(t, cfg)
+	if solvers := entryOf(m, "site").acme.client.ChallengeSolvers; len(solvers) != 1 || solvers[acme.ChallengeTypeDNS01] == nil {
+		t.Fatalf("solvers %v, want dns-01 alone", solvers)
+	}
+	m.StartACME()
+	waitCert(t, m, "site")
+
+	tc, err := m.ServerTLS(&cfg.Listeners[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := serve(t, tc)
+	for _, sni := range []string{"fulcrum.test", "anything.fulcrum.test"} {
+		if _, err := dial(addr, &tls.Config{RootCAs: p.roots(), ServerName: sni}); err != nil {
+			t.Fatalf("%s: %v", sni, err)
+		}
+	}
+	if records, updates := p.dns.state(); records != 0 || updates < 4 {
+		t.Fatalf("after issuance: %d challenge records left, %d updates; want 0 left after >= 2 adds and 2 removals", records, updates)
+	}
+
+	// The server refuses an update signed with another secret, and the error says so.
+	bad := *cfg.Certificates[0].ACMEDNS
+	t.Setenv("TEST_TSIG_WRONG", "d3Jvbmctc2VjcmV0")
+	bad.TSIGSecret = "env:TEST_TSIG_WRONG"
+	s, err := newDNSSolver(cfg, &bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := acme.Challenge{Identifier: acme.Identifier{Type: "dns", Value: "fulcrum.test"}, KeyAuthorization: "x"}
+	if err := s.Present(context.Background(), ch); err == nil {
+		t.Fatal("an update signed with the wrong TSIG secret was accepted")
+	}
+	if records, _ := p.dns.state(); records != 0 {
+		t.Fatal("a refused update added a record")
+	}
 }
 
 func TestACMETLSALPN01Renewal(t *testing.T) {

@@ -177,3 +177,6 @@ func (l *Listener) Synthesized() bool { return l.synthesized }
 // ClassicGroupName is the name of the target group Validate synthesizes for a classic listener's
 // instances. The "@" cannot appear in a user's group name, so it never collides.
 func ClassicGroupName(listener string) string { return "@classic/" + listener }
+
+// PropagationTimeoutDuration is PropagationTimeout, parsed (defaults applied by Validate).
+func (d *ACMEDNS) PropagationTimeoutDuration() time.Duration { return d.propagation }

@@ -71,6 +71,13 @@ func applyDefaults(c *Config) {
 		if ct.Authority != "" {
 			def(&ct.Lifetime, DefaultCertificateLifetime)
 		}
+		if d := ct.ACMEDNS; d != nil {
+			def(&d.TSIGAlgorithm, "hmac-sha256")
+			def(&d.PropagationTimeout, "2m")
+			if d.TTL == 0 {
+				d.TTL = 60
+			}
+		}
 	}
 
 	// Forget what an earlier run synthesized, then synthesize afresh from the listeners.

@@ -60,6 +60,24 @@ type Authority struct {
 	validity time.Duration
 }
 
+// ACMEDNS is where DNS-01 challenge records are written: an authoritative server that accepts
+// RFC 2136 updates, signed with TSIG.
+type ACMEDNS struct {
+	Server string `toml:"server"` // "host:port" of the primary that takes updates
+	// Zone the challenge records go in ("example.test"); found by asking Server for the SOA
+	// of each name when empty.
+	Zone          string `toml:"zone"`
+	TSIGKey       string `toml:"tsig_key"`       // key name, as the server knows it
+	TSIGSecret    string `toml:"tsig_secret"`    // "env:NAME" or "file:PATH" holding the base64 secret
+	TSIGAlgorithm string `toml:"tsig_algorithm"` // hmac-sha256 (default) | hmac-sha384 | hmac-sha512
+	TTL           int    `toml:"ttl"`            // of the challenge records, seconds (default 60)
+	// PropagationTimeout bounds the wait for Server to answer with the record before the CA
+	// is told to look (default "2m").
+	PropagationTimeout string `toml:"propagation_timeout"`
+
+	propagation time.Duration
+}
+
 // Certificate is a certificate the manager issues (authority or ACME) or imports.
 type Certificate struct {
 	Name       string   `toml:"name"`
@@ -73,10 +91,14 @@ type Certificate struct {
 	// secret reference ("env:NAME" or "file:PATH"; base64url, as CAs hand it out).
 	ACMEEABKeyID  string `toml:"acme_eab_key_id"`
 	ACMEEABMACKey string `toml:"acme_eab_mac_key"`
-	KeyType    string   `toml:"key_type"`
-	Lifetime   string   `toml:"lifetime"`
-	CertFile   string   `toml:"cert_file"` // imported from files
-	KeyFile    string   `toml:"key_file"`  // imported from files
+	// ACMEDNS answers the DNS-01 challenge through RFC 2136 dynamic updates (BIND, Knot,
+	// PowerDNS ...), the only challenge that proves wildcard names. Set, it is the only
+	// challenge used for this certificate.
+	ACMEDNS  *ACMEDNS `toml:"acme_dns"`
+	KeyType  string   `toml:"key_type"`
+	Lifetime string   `toml:"lifetime"`
+	CertFile string   `toml:"cert_file"` // imported from files
+	KeyFile  string   `toml:"key_file"`  // imported from files
 	// Imported: the certificate and key are imported into the keystore with
 	// `fulcrum certs import NAME -cert F -key F` (the key is sealed there, never renewed).
 	Imported bool `toml:"imported"`

@@ -369,6 +369,28 @@ func (v *validator) certificate(s scope, ct *Certificate) {
 	case ct.ACMEEABMACKey != "":
 		v.secret(s, "acme_eab_mac_key", ct.ACMEEABMACKey)
 	}
+	if d := ct.ACMEDNS; d != nil {
+		if ct.ACME == "" {
+			s.errf("acme_dns", "acme_dns applies only with acme = \"URL\"")
+		}
+		v.hostPort(s, "acme_dns.server", d.Server, true)
+		if d.Zone != "" && (!validDomain(strings.TrimSuffix(d.Zone, ".")) || strings.Contains(d.Zone, "*")) {
+			s.errf("acme_dns.zone", "acme_dns.zone %q is not a DNS name", d.Zone)
+		}
+		switch {
+		case d.TSIGKey != "" && d.TSIGSecret == "":
+			s.errf("acme_dns.tsig_key", "acme_dns.tsig_key needs tsig_secret (\"env:NAME\" or \"file:PATH\" holding the base64 secret)")
+		case d.TSIGKey == "" && d.TSIGSecret != "":
+			s.errf("acme_dns.tsig_secret", "acme_dns.tsig_secret needs tsig_key (the key's name on the server)")
+		case d.TSIGSecret != "":
+			v.secret(s, "acme_dns.tsig_secret", d.TSIGSecret)
+		}
+		v.enum(s, "acme_dns.tsig_algorithm", d.TSIGAlgorithm, "hmac-sha256", "hmac-sha384", "hmac-sha512")
+		if d.TTL < 1 || d.TTL > 86400 {
+			s.errf("acme_dns.ttl", "acme_dns.ttl %d is out of range 1-86400 seconds", d.TTL)
+		}
+		d.propagation = v.duration(s, "acme_dns.propagation_timeout", d.PropagationTimeout, true)
+	}
 	if ct.Authority != "" || ct.ACME != "" {
 		if len(ct.Domains) == 0 {
 			s.errf("domains", "an issued certificate needs domains (e.g. [\"www.example.test\"])")
