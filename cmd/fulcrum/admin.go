@@ -129,6 +129,16 @@ func adminHandler(d *daemon) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, v)
 	})
+	// The last reload, whatever triggered it: a refused SIGHUP reload is otherwise only in the
+	// log, and an operator (or a deploy pipeline) asks here whether the file took effect.
+	mux.HandleFunc("GET /admin/reload/last", func(w http.ResponseWriter, r *http.Request) {
+		res := d.lastReload.Load()
+		if res == nil {
+			writeJSON(w, http.StatusNotFound, map[string]any{"error": "no reload since start"})
+			return
+		}
+		writeJSON(w, http.StatusOK, res)
+	})
 	mux.HandleFunc("POST /admin/reload", func(w http.ResponseWriter, r *http.Request) {
 		res := d.reload("admin")
 		status := http.StatusOK
@@ -345,7 +355,9 @@ func redactOps(h *configs.HeaderOps) *configs.HeaderOps {
 // reloadResult is what POST /admin/reload answers (and what SIGHUP logs).
 type reloadResult struct {
 	OK      bool         `json:"ok"`
-	Trigger string       `json:"trigger"`
+	At      time.Time    `json:"at"`
+	Trigger string       `json:"trigger"` // SIGHUP | admin
+	File    string       `json:"file"`
 	Took    string       `json:"took"`
 	Changes *configDiff  `json:"changes,omitempty"`
 	Errors  []string     `json:"errors,omitempty"` // one problem per element (file:line: path: message)

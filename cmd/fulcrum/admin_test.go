@@ -218,6 +218,14 @@ fixed_response = { status = 201, content_type = "text/plain", body = "new route"
 		if s, _ := fetch(t, c, "GET", d.admin+"/admin/reload", nil); s != http.StatusMethodNotAllowed {
 			t.Errorf("GET /admin/reload: %d", s)
 		}
+
+		// A SIGHUP reload of the bad file is refused too, and /admin/reload/last says so.
+		d.reload("SIGHUP") // what the signal handler calls
+		var last reloadResult
+		if s := fetchJSON(t, c, "GET", d.admin+"/admin/reload/last", &last); s != 200 || last.OK || last.Trigger != "SIGHUP" ||
+			last.File != path || len(last.Errors) < 2 || time.Since(last.At) > time.Minute {
+			t.Fatalf("GET /admin/reload/last after a refused SIGHUP reload: %d %+v", s, last)
+		}
 	})
 }
 

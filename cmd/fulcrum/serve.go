@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -87,7 +88,8 @@ type daemon struct {
 	obs   *observer
 	admin *adminServer
 
-	reloadMu sync.Mutex
+	reloadMu   sync.Mutex
+	lastReload atomic.Pointer[reloadResult] // for GET /admin/reload/last
 }
 
 func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slog.Logger) (*daemon, error) {
@@ -126,7 +128,8 @@ func (d *daemon) reload(trigger string) reloadResult {
 	d.reloadMu.Lock()
 	defer d.reloadMu.Unlock()
 	t0 := time.Now()
-	res := reloadResult{Trigger: trigger}
+	res := reloadResult{Trigger: trigger, At: t0.UTC(), File: d.path}
+	defer func() { d.lastReload.Store(&res) }()
 	cfg, err := configs.LoadFile(d.path)
 	if err == nil {
 		old := d.rt.Config()
