@@ -75,22 +75,16 @@ func (s *dnsSolver) record(ch acme.Challenge) *dns.TXT {
 // Present adds the TXT record (other records of the name, such as a wildcard's and its base
 // name's challenges, stay).
 func (s *dnsSolver) Present(ctx context.Context, ch acme.Challenge) error {
-	rr := s.record(ch)
-	zone, err := s.zoneOf(ctx, rr.Hdr.Name)
-	if err != nil {
-		return err
-	}
-	m := new(dns.Msg)
-	m.SetUpdate(zone)
-	m.Insert([]dns.RR{rr})
-	if err := s.update(ctx, m); err != nil {
-		return fmt.Errorf("acme dns-01: add %s TXT in zone %s at %s: %w", rr.Hdr.Name, zone, s.server, err)
-	}
-	return nil
+	return s.change(ctx, ch, true)
 }
 
 // CleanUp removes the record Present added, and no other.
 func (s *dnsSolver) CleanUp(ctx context.Context, ch acme.Challenge) error {
+	return s.change(ctx, ch, false)
+}
+
+// change adds or removes the challenge's TXT record with one dynamic update.
+func (s *dnsSolver) change(ctx context.Context, ch acme.Challenge, add bool) error {
 	rr := s.record(ch)
 	zone, err := s.zoneOf(ctx, rr.Hdr.Name)
 	if err != nil {
@@ -98,9 +92,15 @@ func (s *dnsSolver) CleanUp(ctx context.Context, ch acme.Challenge) error {
 	}
 	m := new(dns.Msg)
 	m.SetUpdate(zone)
-	m.Remove([]dns.RR{rr})
+	verb := "add"
+	if add {
+		m.Insert([]dns.RR{rr})
+	} else {
+		m.Remove([]dns.RR{rr})
+		verb = "remove"
+	}
 	if err := s.update(ctx, m); err != nil {
-		return fmt.Errorf("acme dns-01: remove %s TXT at %s: %w", rr.Hdr.Name, s.server, err)
+		return fmt.Errorf("acme dns-01: %s %s TXT in zone %s at %s: %w", verb, rr.Hdr.Name, zone, s.server, err)
 	}
 	return nil
 }
