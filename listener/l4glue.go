@@ -25,6 +25,7 @@ type L4Listener struct {
 	layer    atomic.Pointer[inbound.Layer]
 	maxConns atomic.Int64
 	rejected rejections
+	logName  atomic.Pointer[string] // name for the connection log (read on connection goroutines)
 	done     sync.WaitGroup
 }
 
@@ -35,11 +36,16 @@ type l4State struct {
 	maxConns int // max_connections; 0 = unlimited
 }
 
-func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string) *L4Listener {
+func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string, obs Observer) *L4Listener {
 	l := &L4Listener{name: name}
+	l.logName.Store(&name)
 	l.layer.Store(st.layer)
 	l.maxConns.Store(int64(st.maxConns))
-	l.srv = l4.NewServer(&layeredListener{Listener: sock, layer: &l.layer, l: l}, st.state, l4.Options{Name: name, Log: log})
+	opts := l4.Options{Name: name, Log: log}
+	if co, ok := obs.(ConnObserver); ok {
+		opts.OnConn = func(ci l4.ConnInfo) { l.observe(co, &ci) }
+	}
+	l.srv = l4.NewServer(&layeredListener{Listener: sock, layer: &l.layer, l: l}, st.state, opts)
 	l.done.Add(1)
 	go func() {
 		defer l.done.Done()
@@ -50,8 +56,19 @@ func newL4Listener(sock net.Listener, st *l4State, log *slog.Logger, name string
 	return l
 }
 
+// observe hands a finished connection to the connection log.
+func (l *L4Listener) observe(co ConnObserver, ci *l4.ConnInfo) {
+	m := &ci.Meta
+	co.Connection(&ConnRecord{
+		Listener: *l.logName.Load(), Start: ci.Start, Duration: ci.Duration,
+		Client: m.Client, Local: m.Local, Target: ci.Target, BytesIn: ci.BytesIn, BytesOut: ci.BytesOut,
+		TLS: m.TLS, TLSVersion: m.TLSVersion, Cipher: m.CipherSuite, SNI: m.SNI, ALPN: m.ALPN, Reason: ci.Reason,
+	})
+}
+
 func (l *L4Listener) update(st *l4State, name string) {
 	l.name = name
+	l.logName.Store(&name)
 	l.layer.Store(st.layer)
 	l.maxConns.Store(int64(st.maxConns))
 	l.srv.Store(st.state)

@@ -50,6 +50,31 @@ type RequestRecord struct {
 
 var recordPool = sync.Pool{New: func() any { return new(RequestRecord) }}
 
+// ConnObserver is an Observer that also records layer-4 connections (network and classic
+// tcp/ssl listeners), once each when it ends. Optional: the runtime checks for it.
+type ConnObserver interface {
+	// Connection is called once per finished connection. rec is only valid during the call.
+	Connection(rec *ConnRecord)
+}
+
+// ConnRecord is one layer-4 connection, as an NLB connection log sees it.
+type ConnRecord struct {
+	Listener   string
+	Start      time.Time
+	Duration   time.Duration
+	Client     netip.AddrPort // from the PROXY header when the listener takes one
+	Local      netip.AddrPort // the listener address the client reached
+	Target     string         // "" when no target was reached
+	BytesIn    int64          // client -> target
+	BytesOut   int64          // target -> client
+	TLS        bool           // terminated here (offload or re-encryption)
+	TLSVersion uint16
+	Cipher     uint16
+	SNI        string
+	ALPN       string
+	Reason     string // proxy_header, tls_handshake, client_hello, dial, replay, idle_timeout, relay; "" when clean
+}
+
 // statusWriter records the status and the bytes written. It unwraps for http.ResponseController,
 // which ReverseProxy uses to flush streams and hijack upgraded connections.
 type statusWriter struct {

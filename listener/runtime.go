@@ -215,7 +215,7 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 		if p.httpSt != nil {
 			rt.http[p.cfg.Address] = newHTTPListener(p.sock, p.httpSt, p.fd, budget, rt.log)
 		} else {
-			rt.l4[p.cfg.Address] = newL4Listener(p.sock, p.l4St, rt.log, p.cfg.Name)
+			rt.l4[p.cfg.Address] = newL4Listener(p.sock, p.l4St, rt.log, p.cfg.Name, rt.obs)
 		}
 		ch.Added = append(ch.Added, p.cfg.Name)
 	}

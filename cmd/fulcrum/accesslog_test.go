@@ -25,9 +25,10 @@ import (
 )
 
 // accessFields are the JSON keys every access-log line carries.
-func accessFields() []string {
+func accessFields() []string { return jsonFields(reflect.TypeFor[accessEntry]()) }
+
+func jsonFields(rt reflect.Type) []string {
 	var out []string
-	rt := reflect.TypeFor[accessEntry]()
 	for i := range rt.NumField() {
 		out = append(out, strings.Split(rt.Field(i).Tag.Get("json"), ",")[0])
 	}
@@ -50,7 +51,11 @@ func readLines(t *testing.T, path string) []map[string]any {
 		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
 			t.Fatalf("%s: line %d is not JSON: %v\n%s", path, len(out)+1, err, sc.Text())
 		}
-		for _, k := range accessFields() {
+		fields := accessFields()
+		if m["type"] == "tcp" || m["type"] == "tls" { // a layer-4 connection's line
+			fields = jsonFields(reflect.TypeFor[connEntry]())
+		}
+		for _, k := range fields {
 			if _, ok := m[k]; !ok {
 				t.Fatalf("%s: line %d lacks %q:\n%s", path, len(out)+1, k, sc.Text())
 			}
@@ -258,6 +263,9 @@ func TestAccessLogLines(t *testing.T) {
 	}
 
 	m := one("GET /hello", find(req1("/hello?x=1")))
+	if m["type"] != "http" {
+		t.Errorf("type %v, want http", m["type"])
+	}
 	if m["elb_status_code"] != 200.0 || m["target_status_code"] != 200.0 || m["target"] != hostOf(good) || m["target_group"] != "echo" ||
 		m["listener"] != "web" || m["user_agent"] != "fulcrum-test/1" || m["request"] != "GET /hello?x=1 HTTP/1.1" ||
 		m["matched_rule_priority"] != 0.0 || len(m["trace_id"].(string)) != 32 || m["error_reason"] != "" || m["ssl_protocol"] != "" ||
@@ -291,7 +299,7 @@ func TestAccessLogLines(t *testing.T) {
 	if m := one("target 502", find(req1("/status/502"))); m["elb_status_code"] != 502.0 || m["target_status_code"] != 502.0 || m["error_reason"] != "" {
 		t.Errorf("target's own 502 line: %v", m)
 	}
-	if m := one("https", find(req1("/tls"))); m["listener"] != "web-tls" || m["ssl_protocol"] != "TLS 1.3" ||
+	if m := one("https", find(req1("/tls"))); m["listener"] != "web-tls" || m["type"] != "h2" || m["ssl_protocol"] != "TLS 1.3" ||
 		m["ssl_cipher"] == "" || m["sni"] != "localhost" || !strings.HasSuffix(m["request"].(string), "HTTP/2.0") {
 		t.Errorf("https line: %v", m)
 	}
@@ -423,5 +431,100 @@ func TestAccessLogNeverBlocks(t *testing.T) {
 	dropped.Write(&m)
 	if got := bw.lines + int(m.GetCounter().GetValue()); got != n {
 		t.Fatalf("written %d + dropped %v = %d, want %d", bw.lines, m.GetCounter().GetValue(), got, n)
+	}
+}
+
+// TestConnectionLog: network listeners log one line per connection: a plain TCP stream (bytes
+// both ways, its target), a TLS-offloaded one (protocol, cipher, SNI, ALPN), and one whose
+// target refused (error_reason dial, no target).
+func TestConnectionLog(t *testing.T) {
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "access.log")
+	good := echoBackend(t, "good")
+	tcpAddr, tlsAddr, deadAddr, dead := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), configHead(dir, "", logPath)+fmt.Sprintf(`
+[[authorities]]
+name = "test-ca"
+
+[[certificates]]
+name = "site"
+domains = ["localhost"]
+authority = "test-ca"
+
+[[target_groups]]
+name = "raw"
+protocol = "tcp"
+targets = [%q]
+health_check = { disabled = true }
+
+[[target_groups]]
+name = "gone"
+protocol = "tcp"
+targets = [%q]
+health_check = { disabled = true }
+
+[[listeners]]
+name = "tcp"
+style = "network"
+protocol = "tcp"
+address = %q
+forward = "raw"
+
+[[listeners]]
+name = "edge"
+style = "network"
+protocol = "tls"
+address = %q
+certificates = ["site"]
+alpn_policy = "HTTP1Only"
+forward = "raw"
+
+[[listeners]]
+name = "broken"
+style = "network"
+protocol = "tcp"
+address = %q
+forward = "gone"
+`, hostOf(good), dead, tcpAddr, tlsAddr, deadAddr))
+
+	// An HTTP request through each (the target speaks HTTP), with the connection closed after.
+	plain := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
+	if s, _ := fetch(t, plain, "GET", "http://"+tcpAddr+"/over-tcp", nil); s != 200 {
+		t.Fatalf("through the tcp listener: %d", s)
+	}
+	tc := tlsClient(caPool(t, dir, "test-ca"), "localhost")
+	tc.Transport.(*http.Transport).DisableKeepAlives = true
+	if s, _ := fetch(t, tc, "GET", "https://"+tlsAddr+"/over-tls", nil); s != 200 {
+		t.Fatalf("through the tls listener: %d", s)
+	}
+	if _, err := plain.Get("http://" + deadAddr + "/"); err == nil {
+		t.Fatal("a listener whose only target refuses answered")
+	}
+	// Each connection is logged when it ends, which the client's close starts.
+	waitFor(t, 5*time.Second, "three connections ended", func() bool {
+		var n int
+		for _, s := range d.rt.Stats() {
+			n += int(s.L4.Accepted) - int(s.L4.Active)
+		}
+		return n >= 3
+	})
+	d.stop() // flushes the log
+
+	byListener := map[string]map[string]any{}
+	for _, m := range readLines(t, logPath) {
+		if l, _ := m["listener"].(string); m["type"] == "tcp" || m["type"] == "tls" {
+			byListener[l] = m
+		}
+	}
+	if m := byListener["tcp"]; m == nil || m["type"] != "tcp" || m["target"] != hostOf(good) || m["error_reason"] != "" ||
+		m["received_bytes"].(float64) <= 0 || m["sent_bytes"].(float64) <= 0 || m["destination"] != tcpAddr || m["connection_time"].(float64) <= 0 {
+		t.Errorf("tcp connection line: %v", m)
+	}
+	if m := byListener["edge"]; m == nil || m["type"] != "tls" || m["tls_protocol_version"] != "TLS 1.3" || m["tls_cipher"] == "" ||
+		m["domain_name"] != "localhost" || m["alpn_fe_protocol"] != "http/1.1" || m["sent_bytes"].(float64) <= 0 {
+		t.Errorf("tls connection line: %v", m)
+	}
+	if m := byListener["broken"]; m == nil || m["error_reason"] != "dial" || m["target"] != "" {
+		t.Errorf("refused target line: %v", m)
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"strconv"
 	"sync"
@@ -146,6 +148,13 @@ func (o *observer) Request(rec *listener.RequestRecord) {
 	}
 }
 
+// Connection logs a finished layer-4 connection (listener.ConnObserver).
+func (o *observer) Connection(rec *listener.ConnRecord) {
+	if o.access != nil {
+		o.access.writeConn(rec)
+	}
+}
+
 func (o *observer) Desync(l string, tier desync.Tier, reason desync.Reason) {
 	// Non-compliant requests are rare; the label lookup is fine here.
 	o.desyncs.WithLabelValues(l, tier.String(), reason.String()).Inc()
@@ -179,7 +188,8 @@ type accessLog struct {
 	f       *os.File
 	mu      sync.Mutex // guards w and f between the writer goroutine and reopen
 	queue   chan listener.RequestRecord
-	kick    chan struct{} // wakes the writer early when the queue is half full
+	conns   chan listener.ConnRecord // layer-4 connections: fewer, and formatted with encoding/json
+	kick    chan struct{}            // wakes the writer early when the queue is half full
 	dropped prometheus.Counter
 	cancel  context.CancelFunc
 	done    chan struct{}
@@ -187,6 +197,7 @@ type accessLog struct {
 
 // accessEntry is the access-log line: the fields of an ALB access log.
 type accessEntry struct {
+	Type                  string  `json:"type"` // http | https | h2 | ws | wss, as ALB's first field
 	Time                  string  `json:"time"`
 	Listener              string  `json:"listener"`
 	Client                string  `json:"client"`
@@ -236,7 +247,7 @@ func openAccessLog(cfg *configs.Config, dropped prometheus.Counter) (*accessLog,
 
 // newAccessLog starts the writer: to w, or to the file at path when path is set.
 func newAccessLog(w io.Writer, path string, dropped prometheus.Counter, queue int) (*accessLog, error) {
-	a := &accessLog{queue: make(chan listener.RequestRecord, queue), kick: make(chan struct{}, 1), dropped: dropped, done: make(chan struct{}), path: path, w: w}
+	a := &accessLog{queue: make(chan listener.RequestRecord, queue), conns: make(chan listener.ConnRecord, max(queue/8, 1)), kick: make(chan struct{}, 1), dropped: dropped, done: make(chan struct{}), path: path, w: w}
 	if path != "" {
 		if err := a.reopen(); err != nil {
 			return nil, err
@@ -265,10 +276,59 @@ func (a *accessLog) write(rec *listener.RequestRecord) {
 	}
 }
 
+// writeConn queues a connection record without blocking (dropped and counted when full).
+func (a *accessLog) writeConn(rec *listener.ConnRecord) {
+	select {
+	case a.conns <- *rec:
+	default:
+		a.dropped.Inc()
+	}
+}
+
+// connEntry is a layer-4 connection's line: the fields of an NLB connection log that apply.
+type connEntry struct {
+	Type           string  `json:"type"` // tcp | tls (terminated here)
+	Time           string  `json:"time"` // when the connection was accepted
+	Listener       string  `json:"listener"`
+	Client         string  `json:"client"`
+	Destination    string  `json:"destination"` // the listener address the client reached
+	Target         string  `json:"target"`
+	ConnectionTime float64 `json:"connection_time"` // seconds, accept to close
+	ReceivedBytes  int64   `json:"received_bytes"`  // from the client
+	SentBytes      int64   `json:"sent_bytes"`      // to the client
+	TLSProtocol    string  `json:"tls_protocol_version"`
+	TLSCipher      string  `json:"tls_cipher"`
+	DomainName     string  `json:"domain_name"` // SNI (terminated or routed on)
+	ALPN           string  `json:"alpn_fe_protocol"`
+	ErrorReason    string  `json:"error_reason"` // proxy_header, tls_handshake, client_hello, dial, replay, idle_timeout, relay; "" when clean
+}
+
+func newConnEntry(rec *listener.ConnRecord) connEntry {
+	e := connEntry{
+		Type: "tcp", Time: rec.Start.UTC().Format(time.RFC3339Nano), Listener: rec.Listener,
+		Target: rec.Target, ConnectionTime: rec.Duration.Seconds(), ReceivedBytes: rec.BytesIn, SentBytes: rec.BytesOut,
+		DomainName: rec.SNI, ALPN: rec.ALPN, ErrorReason: rec.Reason,
+	}
+	if rec.Client.IsValid() {
+		e.Client = rec.Client.String()
+	}
+	if rec.Local.IsValid() {
+		e.Destination = rec.Local.String()
+	}
+	if rec.TLS {
+		e.Type = "tls"
+		if rec.TLSVersion != 0 {
+			e.TLSProtocol, e.TLSCipher = tls.VersionName(rec.TLSVersion), tls.CipherSuiteName(rec.Cipher)
+		}
+	}
+	return e
+}
+
 // newEntry is the line's fields as a struct: the documented schema (json tags), used by tests
 // and as the reference appendEntry must match.
 func newEntry(rec *listener.RequestRecord) accessEntry {
 	e := accessEntry{
+		Type:                  requestType(rec),
 		Time:                  rec.Time.UTC().Format(time.RFC3339Nano),
 		Listener:              rec.Listener,
 		Client:                clientString(rec),
@@ -306,7 +366,9 @@ func clientString(rec *listener.RequestRecord) string {
 // appendEntry appends the JSON line for rec (what json.Marshal(newEntry(rec)) gives, without
 // reflection or allocation: the writer shares the proxy's core under GOMAXPROCS=1).
 func appendEntry(b []byte, rec *listener.RequestRecord) []byte {
-	b = append(b, `{"time":"`...)
+	b = append(b, `{"type":"`...)
+	b = append(b, requestType(rec)...)
+	b = append(b, `","time":"`...)
 	b = rec.Time.UTC().AppendFormat(b, time.RFC3339Nano)
 	b = append(b, `","listener":`...)
 	b = appendJSONString(b, rec.Listener)
@@ -444,6 +506,22 @@ func appendJSONChars(b []byte, s string) []byte {
 	return append(b, s[start:]...)
 }
 
+// requestType is ALB's "type" of a request: http, https, h2, or ws/wss once upgraded.
+func requestType(rec *listener.RequestRecord) string {
+	tls := rec.TLSVersion != 0
+	switch {
+	case rec.Status == http.StatusSwitchingProtocols && tls:
+		return "wss"
+	case rec.Status == http.StatusSwitchingProtocols:
+		return "ws"
+	case rec.Proto == "HTTP/2.0":
+		return "h2"
+	case tls:
+		return "https"
+	}
+	return "http"
+}
+
 // requestSeconds is request_processing_time: from the request to sending it to a target, -1
 // when it was never sent (as in an ALB log: fixed responses, redirects, no healthy target,
 // rejected requests).
@@ -500,6 +578,11 @@ func (a *accessLog) run(ctx context.Context) {
 				bw.Flush() // room for a typical line, so appending to the buffer does not reallocate
 			}
 			bw.Write(appendEntry(bw.AvailableBuffer(), &e))
+		}
+		for n := len(a.conns); n > 0; n-- {
+			c := <-a.conns
+			line, _ := json.Marshal(newConnEntry(&c))
+			bw.Write(append(line, '\n'))
 		}
 		bw.Flush()
 	}

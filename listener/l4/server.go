@@ -36,6 +36,9 @@ type ConnInfo struct {
 	Target   string // upstream remote address, "" when no target was reached
 	Err      error  // why it ended abnormally (nil for a clean close)
 	Idle     bool   // closed by the idle timeout
+	// Reason names the stage Err comes from, for logs: proxy_header, tls_handshake,
+	// client_hello, dial, replay, idle_timeout or relay; "" for a clean close.
+	Reason string
 }
 
 // Stats are a listener's counters since NewServer.
@@ -264,11 +267,13 @@ func (s *Server) handle(c net.Conn) {
 			upstream.Close()
 		}
 		c.Close()
-		s.untrack(tracked)
+		// Reported before untrack: Shutdown waits for untrack, and whoever shuts down (the
+		// connection log's owner) must find every record already handed over.
 		if s.opt.OnConn != nil {
 			info.Duration = time.Since(info.Start)
 			s.opt.OnConn(info)
 		}
+		s.untrack(tracked)
 	}
 	defer func() {
 		if !relaying {
@@ -282,7 +287,7 @@ func (s *Server) handle(c net.Conn) {
 	// The PROXY header (if the listener has the layer) is read here, on this goroutine.
 	if err := inbound.Handshake(c); err != nil {
 		s.inboundErrs.Add(1)
-		info.Err = err
+		info.Err, info.Reason = err, "proxy_header"
 		s.log.Debug("inbound PROXY header refused", "err", err)
 		return
 	}
@@ -301,7 +306,7 @@ func (s *Server) handle(c net.Conn) {
 		cancel()
 		if err != nil {
 			s.handshakeErrs.Add(1)
-			info.Err = fmt.Errorf("l4: TLS handshake: %w", err)
+			info.Err, info.Reason = fmt.Errorf("l4: TLS handshake: %w", err), "tls_handshake"
 			s.log.Debug("TLS handshake failed", "client", meta.Client, "err", err)
 			return
 		}
@@ -320,7 +325,7 @@ func (s *Server) handle(c net.Conn) {
 		_ = c.SetReadDeadline(time.Time{})
 		if err != nil && !(errors.Is(err, ErrNotTLS) && len(raw) > 0) {
 			s.handshakeErrs.Add(1)
-			info.Err = fmt.Errorf("l4: peek ClientHello: %w", err)
+			info.Err, info.Reason = fmt.Errorf("l4: peek ClientHello: %w", err), "client_hello"
 			s.log.Debug("ClientHello peek failed", "client", meta.Client, "err", err)
 			return
 		}
@@ -337,7 +342,7 @@ func (s *Server) handle(c net.Conn) {
 	cancel()
 	if err != nil {
 		s.dialErrs.Add(1)
-		info.Err = err
+		info.Err, info.Reason = err, "dial"
 		s.log.Debug("dial failed", "client", meta.Client, "err", err)
 		return
 	}
@@ -345,7 +350,7 @@ func (s *Server) handle(c net.Conn) {
 	info.Target = up.RemoteAddr().String()
 	if len(replay) > 0 {
 		if _, err := up.Write(replay); err != nil {
-			info.Err = fmt.Errorf("l4: replay ClientHello: %w", err)
+			info.Err, info.Reason = fmt.Errorf("l4: replay ClientHello: %w", err), "replay"
 			return
 		}
 		s.bytesIn.Add(uint64(len(replay)))
@@ -359,11 +364,15 @@ func (s *Server) handle(c net.Conn) {
 		info.BytesIn += in
 		info.BytesOut = out
 		info.Idle = idle
-		if idle {
+		switch {
+		case idle:
 			s.idleClosed.Add(1)
 			if err == nil {
 				err = errIdle
 			}
+			info.Reason = "idle_timeout"
+		case err != nil:
+			info.Reason = "relay"
 		}
 		info.Err = err
 		cleanup()
