@@ -532,8 +532,9 @@ func TestMatchHTTPDoesNotAllocate(t *testing.T) {
 // random rule sets and requests.
 func TestIndexAgreesWithLinearScan(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 7))
-	hosts := []string{"a.test", "B.test", "c.test", "*.test", "?.test", "a.*", "*"}
-	reqHosts := []string{"a.test", "A.TEST:80", "b.test.", "c.test", "d.test", "x.a.test", "", "[::1]:1"}
+	hosts := []string{"a.test", "B.test", "c.test", "*.test", "?.test", "a.*", "*", "*.a.test", "*.B.Test", "*.x.a.test", "*test"}
+	reqHosts := []string{"a.test", "A.TEST:80", "b.test.", "c.test", "d.test", "x.a.test", "", "[::1]:1",
+		"y.x.a.test", "Y.X.A.TEST", "q.b.test", ".test", "atest", strings.Repeat("long.", 60) + "a.test"}
 	paths := []string{"/", "/a", "/a/*", "*", "/?", "/b*"}
 	for round := range 200 {
 		var rules []configs.Rule
