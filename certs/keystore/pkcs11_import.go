@@ -18,7 +18,7 @@ import (
 // Import creates the key in the token: a private-key object that is sensitive, not extractable
 // and never leaves the token again, and its public half, under the id and label Generate uses,
 // so the key is found the same way afterwards. crypto11 cannot create key objects from key
-// material, so the objects are created over a session of our own (see importSession).
+// material, so the objects are created over a session of our own (see createObjects).
 func (k *p11) Import(ctx context.Context, name string, key crypto.Signer) (crypto.Signer, error) {
 	if err := validName(name); err != nil {
 		return nil, err
