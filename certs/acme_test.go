@@ -285,7 +285,7 @@ func acmeConfig(stateDir string, p *pebble, hsm bool, domains ...string) *config
 		Listeners: []configs.Listener{{Name: "public", Protocol: "https", Certificates: []string{"site"}}},
 	}
 	if hsm {
-		cfg.Keystore = configs.Keystore{Type: "pkcs11", Module: softhsmtest.Module, TokenLabel: softhsmtest.Label, Pin: "env:TEST_HSM_PIN", MaxSessions: 8}
+		cfg.Keystore = softhsmtest.Keystore()
 	}
 	return cfg
 }

@@ -28,35 +28,9 @@ import (
 
 var token *softhsmtest.Token
 
-func TestMain(m *testing.M) {
-	if softhsmtest.Available() {
-		dir, err := os.MkdirTemp("", "softhsm-certs-*")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		token, err = softhsmtest.Setup(dir)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		os.Setenv("TEST_HSM_PIN", softhsmtest.Pin)
-		code := m.Run()
-		os.RemoveAll(dir)
-		os.Exit(code)
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { os.Exit(softhsmtest.Run(m, &token)) }
 
-func needHSM(t testing.TB) {
-	t.Helper()
-	if token == nil {
-		if softhsmtest.MustSkip() {
-			t.Skip("softhsm2 not installed")
-		}
-		t.Fatal("softhsm2 not installed (CI is set)")
-	}
-}
+func needHSM(t testing.TB) { softhsmtest.Need(t, token) }
 
 var quiet = slog.New(slog.DiscardHandler)
 
@@ -79,7 +53,7 @@ func testConfig(stateDir string, hsm bool) *configs.Config {
 		},
 	}
 	if hsm {
-		cfg.Keystore = configs.Keystore{Type: "pkcs11", Module: softhsmtest.Module, TokenLabel: softhsmtest.Label, Pin: "env:TEST_HSM_PIN", MaxSessions: 8}
+		cfg.Keystore = softhsmtest.Keystore()
 	}
 	return cfg
 }

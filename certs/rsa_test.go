@@ -20,7 +20,7 @@ func TestHSMRSAHandshakes(t *testing.T) {
 	needHSM(t)
 	cfg := &configs.Config{
 		Server:       configs.Server{StateDir: t.TempDir()},
-		Keystore:     configs.Keystore{Type: "pkcs11", Module: softhsmtest.Module, TokenLabel: softhsmtest.Label, Pin: "env:TEST_HSM_PIN", MaxSessions: 8},
+		Keystore:     softhsmtest.Keystore(),
 		Authorities:  []configs.Authority{{Name: "internal", CommonName: "RSA Test CA", KeyType: "rsa-2048", Validity: "87600h"}},
 		Certificates: []configs.Certificate{{Name: "rsa", Domains: []string{"rsa.example.test"}, Authority: "internal", KeyType: "rsa-2048"}},
 		Listeners:    []configs.Listener{{Name: "public", Protocol: "https", Certificates: []string{"rsa"}}},

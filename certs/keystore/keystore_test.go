@@ -11,7 +11,6 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
-	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -26,40 +25,14 @@ import (
 
 var token *softhsmtest.Token
 
-func TestMain(m *testing.M) {
-	if softhsmtest.Available() {
-		dir, err := os.MkdirTemp("", "softhsm-keystore-*")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		token, err = softhsmtest.Setup(dir)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		code := m.Run()
-		os.RemoveAll(dir)
-		os.Exit(code)
-	}
-	os.Exit(m.Run())
-}
+func TestMain(m *testing.M) { os.Exit(softhsmtest.Run(m, &token)) }
 
-func needHSM(t testing.TB) {
-	t.Helper()
-	if token == nil {
-		if softhsmtest.MustSkip() {
-			t.Skip("softhsm2 not installed")
-		}
-		t.Fatal("softhsm2 not installed (CI is set)")
-	}
-}
+func needHSM(t testing.TB) { softhsmtest.Need(t, token) }
 
 func openHSM(t testing.TB) Keystore {
 	t.Helper()
 	needHSM(t)
-	t.Setenv("TEST_HSM_PIN", softhsmtest.Pin)
-	ks, err := Open(context.Background(), configs.Keystore{Type: "pkcs11", Module: softhsmtest.Module, TokenLabel: softhsmtest.Label, Pin: "env:TEST_HSM_PIN", MaxSessions: 8}, Options{Log: slog.New(slog.DiscardHandler)})
+	ks, err := Open(context.Background(), softhsmtest.Keystore(), Options{Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

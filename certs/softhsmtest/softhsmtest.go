@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
 // Module is where Debian/Ubuntu install SoftHSM2.
@@ -24,7 +26,50 @@ const (
 	Label = "fulcrum"
 	Pin   = "1234"
 	SOPin = "5678"
+	// PinEnv is the environment variable Run sets to Pin: configurations name the PIN as
+	// "env:"+PinEnv, as an operator's would.
+	PinEnv = "TEST_HSM_PIN"
 )
+
+// Keystore is the [keystore] of a configuration that uses the test token.
+func Keystore() configs.Keystore {
+	return configs.Keystore{Type: "pkcs11", Module: Module, TokenLabel: Label, Pin: "env:" + PinEnv, MaxSessions: 8}
+}
+
+// Run is a test package's TestMain body: with SoftHSM2 installed it creates a token in a
+// temporary directory, sets *tok, PinEnv and SOFTHSM2_CONF (for this process and the binaries
+// it starts), runs the tests and removes the token; without it, *tok stays nil (see Need).
+//
+//	func TestMain(m *testing.M) { os.Exit(softhsmtest.Run(m, &token)) }
+func Run(m *testing.M, tok **Token) int {
+	if !Available() {
+		return m.Run()
+	}
+	dir, err := os.MkdirTemp("", "fulcrum-softhsm-")
+	if err == nil {
+		*tok, err = Setup(dir)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "softhsm2 setup:", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	os.Setenv(PinEnv, Pin)
+	return m.Run()
+}
+
+// Need skips t when tok is nil and MustSkip allows it, and fails t in CI, where a missing
+// SoftHSM2 is an installation error.
+func Need(t testing.TB, tok *Token) {
+	t.Helper()
+	if tok != nil {
+		return
+	}
+	if MustSkip() {
+		t.Skip("softhsm2 is not installed")
+	}
+	t.Fatal("softhsm2 is not installed (CI must install it)")
+}
 
 // Token is a SoftHSM2 token in a temporary directory.
 type Token struct {

@@ -30,14 +30,9 @@ func TestCertsCommand(t *testing.T) {
 			dir := t.TempDir()
 			keystore := `type = "software"`
 			if ks == "pkcs11" {
-				if hsm == nil {
-					if softhsmtest.MustSkip() {
-						t.Skip("softhsm2 is not installed")
-					}
-					t.Fatal("softhsm2 is not installed (CI must install it)")
-				}
-				t.Setenv("TEST_HSM_PIN", softhsmtest.Pin)
-				keystore = fmt.Sprintf("type = \"pkcs11\"\nmodule = %q\ntoken_label = %q\npin = \"env:TEST_HSM_PIN\"", softhsmtest.Module, softhsmtest.Label)
+				softhsmtest.Need(t, hsm)
+				ks := softhsmtest.Keystore()
+				keystore = fmt.Sprintf("type = %q\nmodule = %q\ntoken_label = %q\npin = %q", ks.Type, ks.Module, ks.TokenLabel, ks.Pin)
 			}
 			certPEM, keyPEM, leaf := externalCert(t, "legacy.example.test")
 			certFile, keyFile := filepath.Join(dir, "legacy.pem"), filepath.Join(dir, "legacy.key")

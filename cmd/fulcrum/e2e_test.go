@@ -61,23 +61,9 @@ func buildBinary(t *testing.T) string {
 var hsm *softhsmtest.Token
 
 func TestMain(m *testing.M) {
-	var hsmDir string
-	if softhsmtest.Available() {
-		var err error
-		if hsmDir, err = os.MkdirTemp("", "fulcrum-softhsm-"); err == nil {
-			hsm, err = softhsmtest.Setup(hsmDir) // sets SOFTHSM2_CONF for us and the binaries we start
-		}
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "softhsm2 setup:", err)
-			os.Exit(1)
-		}
-	}
-	code := m.Run()
+	code := softhsmtest.Run(m, &hsm)
 	if built.path != "" {
 		os.RemoveAll(filepath.Dir(built.path))
-	}
-	if hsmDir != "" {
-		os.RemoveAll(hsmDir)
 	}
 	os.Exit(code)
 }
