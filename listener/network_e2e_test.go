@@ -1086,9 +1086,11 @@ forward = "raw"
 			if err == nil {
 				t.Fatalf("curl from an untrusted source succeeded: %q", body)
 			}
-			// Counted, for fulcrum_connections_rejected_total{reason="untrusted_proxy"}.
+			// Counted, for fulcrum_connections_rejected_total{reason="untrusted_proxy"}. The
+			// accept loop counts right after closing, so curl may see the close first.
+			waitFor(t, 5*time.Second, func() bool { return rejectedOf(t, rt, l.name).UntrustedProxy > before.UntrustedProxy })
 			if after := rejectedOf(t, rt, l.name); after.UntrustedProxy != before.UntrustedProxy+1 {
-				t.Fatalf("untrusted rejections %d -> %d, want one more", before.UntrustedProxy, after.UntrustedProxy)
+				t.Fatalf("untrusted rejections %d -> %d, want exactly one more", before.UntrustedProxy, after.UntrustedProxy)
 			}
 		})
 	}

@@ -170,7 +170,7 @@ func TestAccessLogLines(t *testing.T) {
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
 	fragile := newKillableBackend(t)
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"),
 		accessConfig(dir, admin, web, webTLS, hostOf(good), fragile.addr(), hostOf(good), dead, logPath))
 	c := httpClient()
@@ -326,7 +326,7 @@ func TestAccessLogReopen(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"),
 		accessConfig(dir, admin, web, webTLS, hostOf(good), hostOf(good), hostOf(good), dead, logPath))
 	c := httpClient()
@@ -441,7 +441,7 @@ func TestConnectionLog(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
-	tcpAddr, tlsAddr, deadAddr, dead := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	tcpAddr, tlsAddr, brokenAddr, dead := freeAddr(t), freeAddr(t), freeAddr(t), deadAddr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), configHead(dir, "", logPath)+fmt.Sprintf(`
 [[authorities]]
 name = "test-ca"
@@ -485,7 +485,7 @@ style = "network"
 protocol = "tcp"
 address = %q
 forward = "gone"
-`, hostOf(good), dead, tcpAddr, tlsAddr, deadAddr))
+`, hostOf(good), dead, tcpAddr, tlsAddr, brokenAddr))
 
 	// An HTTP request through each (the target speaks HTTP), with the connection closed after.
 	plain := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 10 * time.Second}
@@ -497,7 +497,7 @@ forward = "gone"
 	if s, _ := fetch(t, tc, "GET", "https://"+tlsAddr+"/over-tls", nil); s != 200 {
 		t.Fatalf("through the tls listener: %d", s)
 	}
-	if _, err := plain.Get("http://" + deadAddr + "/"); err == nil {
+	if _, err := plain.Get("http://" + brokenAddr + "/"); err == nil {
 		t.Fatal("a listener whose only target refuses answered")
 	}
 	// Each connection is logged when it ends, which the client's close starts.

@@ -67,7 +67,7 @@ default_action = { forward = "echo" }
 func TestAdminEndpoints(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	d := startTestDaemon(t, path, adminConfig(dir, admin, web, webTLS, hostOf(b), dead, ""))
 	c := httpClient()

@@ -67,7 +67,7 @@ func driveLoad(t *testing.T, url string, n, c int) map[int]int {
 func TestMetricsMatchTraffic(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), adminConfig(dir, admin, web, webTLS, hostOf(b), dead, ""))
 	c := httpClient()
 	waitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
