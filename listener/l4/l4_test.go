@@ -254,11 +254,17 @@ func TestIdleWatchdogStuckWrites(t *testing.T) {
 	c := dial(t, s.Addr().String())
 	c.SetWriteBuffer(4096)
 	c.SetReadBuffer(4096)
+	// The writer is owned here: it must be gone, and its 64 MiB with it, before the next test
+	// (TestIdleConnectionMemory measures the heap, and once saw this buffer freed mid-count).
+	wrote := make(chan struct{})
 	go func() {
+		defer close(wrote)
 		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		c.Write(bytes.Repeat([]byte("y"), 64<<20))
 	}()
 	waitFor(t, "watchdog close", func() bool { return s.Stats().IdleClosed == 1 && s.Stats().Active == 0 })
+	c.Close()
+	<-wrote
 }
 
 // deadAddr returns a loopback address nothing listens on.
@@ -563,8 +569,14 @@ func TestIdleConnectionMemory(t *testing.T) {
 		waitFor(t, "target sees every connection", func() bool { return tg.conns.Load() >= wantAccepted })
 		return (inUse() - before) / n
 	}
+	// Earlier tests' goroutines may still be on their way out, and what they free would be
+	// counted against the direct connections: start from a quiet process.
+	settle(t)
 	goroutines := runtime.NumGoroutine()
 	direct := perConn(tg.addr, n)
+	if direct <= 0 {
+		t.Fatalf("direct connections measured at %d B each: something else freed memory during the count", direct)
+	}
 	waitFor(t, "direct connections gone", func() bool { return runtime.NumGoroutine() <= goroutines })
 	relayed := perConn(s.Addr().String(), 2*n)
 	cost := relayed - direct
@@ -578,4 +590,21 @@ func TestIdleConnectionMemory(t *testing.T) {
 	if cost > limit {
 		t.Fatalf("an idle relayed connection costs %d B of Go memory, want <= %d", cost, limit)
 	}
+}
+
+// settle waits, for at most 10 s, until the goroutine count has held still for 100 ms.
+func settle(t *testing.T) {
+	t.Helper()
+	last, still := runtime.NumGoroutine(), 0
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		n := runtime.NumGoroutine()
+		if n != last {
+			last, still = n, 0
+			continue
+		}
+		if still++; still == 10 {
+			return
+		}
+	}
+	t.Fatalf("goroutine count still moving after 10 s (%d)", last)
 }
