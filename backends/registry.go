@@ -287,11 +287,17 @@ func (r *Registry) settle(t *Target) {
 // keep-alive connections survive reloads.
 type poolRef struct {
 	key  string
-	rt   *http.Transport
+	rt   roundTripCloser
 	refs int
 }
 
-func (r *Registry) acquireTransport(key string, mk func() *http.Transport) *poolRef {
+// roundTripCloser is what a group needs of its HTTP client: http.Transport or h1Transport.
+type roundTripCloser interface {
+	http.RoundTripper
+	CloseIdleConnections()
+}
+
+func (r *Registry) acquireTransport(key string, mk func() roundTripCloser) *poolRef {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	p := r.trans[key]
