@@ -220,9 +220,11 @@ func (t *h1Transport) readResponse(ctx context.Context, pc *h1Conn, req *http.Re
 }
 
 // finish ends an exchange: the connection goes back to the pool when both sides allow it, the
-// cancel hook had not fired, and the request body was fully sent; else it is closed.
+// cancel hook had not fired, the request body was fully sent and nothing more came; else it is
+// closed.
 func finish(pc *h1Conn, stop func() bool, wrote chan error, reuse bool) {
-	if reuse && stop() && sent(wrote) {
+	// Bytes after the response are an answer nobody asked for: the connection is out of step.
+	if reuse && stop() && sent(wrote) && pc.br.Buffered() == 0 {
 		pc.host.put(pc)
 		return
 	}

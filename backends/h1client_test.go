@@ -493,3 +493,32 @@ func TestH1UpgradeFallsBack(t *testing.T) {
 		t.Fatalf("upgraded stream: %q %v", b, err)
 	}
 }
+
+// TestH1ExtraBytesDropConnection: bytes after a response (a target out of step, or one trying to
+// answer a request before it is asked) are never read as the next request's answer.
+func TestH1ExtraBytesDropConnection(t *testing.T) {
+	const ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+	addr, conns := rawTarget(t, func(c net.Conn, br *bufio.Reader) {
+		for first := true; ; first = false {
+			if _, err := http.ReadRequest(br); err != nil {
+				return
+			}
+			reply := ok
+			if first {
+				reply += "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+			}
+			if _, err := io.WriteString(c, reply); err != nil {
+				return
+			}
+		}
+	})
+	h := newTestH1(t, 5*time.Second, 8)
+	for range 2 {
+		if _, got, err := roundTrip(h, "GET", "http://"+addr, nil, 0); err != nil || got != "ok" {
+			t.Fatalf("got %q %v, want ok", got, err)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Fatalf("%d connections, want 2", n)
+	}
+}
