@@ -56,13 +56,7 @@ func haveIPv6() bool {
 // freeAddr6 is freeAddr on ::1.
 func freeAddr6(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp6", "[::1]:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	return unusedPort(t, "tcp6", "::1")
 }
 
 // peerBinary finds an interoperability peer (nginx, haproxy, curl). Missing, it skips the test
