@@ -3,6 +3,7 @@ package backends
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -16,8 +17,8 @@ import (
 	"golang.org/x/net/http/httpguts"
 )
 
-// h1Transport is the HTTP/1.1 client to plain-HTTP targets: keep-alive connections pooled per
-// target, each request written and its response read on the caller's goroutine.
+// h1Transport is the HTTP/1.1 client to http and https targets: keep-alive connections pooled
+// per target, each request written and its response read on the caller's goroutine.
 //
 // Why not http.Transport: it runs a reader and a writer goroutine per connection and hands every
 // request and response between them and the caller through channels, selects and per-request
@@ -31,6 +32,9 @@ import (
 type h1Transport struct {
 	fallback *http.Transport
 	dial     func(ctx context.Context, network, addr string) (net.Conn, error)
+	scheme   string      // "http", or "https" with tlsConf
+	tlsConf  *tls.Config // https: the group's client TLS, offering http/1.1 only
+	tlsLimit time.Duration
 
 	responseTimeout time.Duration // for the response head, as http.Transport.ResponseHeaderTimeout
 	idleTimeout     time.Duration // an idle connection is closed after this
@@ -51,21 +55,32 @@ const syncBodyMax = 64 << 10
 // without asking the kernel; an older one costs one non-blocking peek.
 const defaultProbeAfter = time.Second
 
-func newH1Transport(fallback *http.Transport, dial func(context.Context, string, string) (net.Conn, error), response time.Duration, maxIdle int) *h1Transport {
-	return &h1Transport{
+// newH1Transport builds the client; tlsConf nil means plain HTTP. Dial, TLS handshake, response
+// and idle limits are the fallback transport's, so both behave alike.
+func newH1Transport(fallback *http.Transport, tlsConf *tls.Config) *h1Transport {
+	t := &h1Transport{
 		fallback:        fallback,
-		dial:            dial,
-		responseTimeout: response,
+		dial:            fallback.DialContext,
+		scheme:          "http",
+		tlsLimit:        fallback.TLSHandshakeTimeout,
+		responseTimeout: fallback.ResponseHeaderTimeout,
 		idleTimeout:     fallback.IdleConnTimeout,
-		maxIdle:         maxIdle,
+		maxIdle:         fallback.MaxIdleConnsPerHost,
 		probeAfter:      defaultProbeAfter,
 	}
+	if tlsConf != nil {
+		t.scheme = "https"
+		t.tlsConf = tlsConf.Clone()
+		t.tlsConf.NextProtos = []string{"http/1.1"}
+	}
+	return t
 }
 
 // h1Host is the idle pool of one target. Its lock is held only to push or pop a connection.
 type h1Host struct {
 	t     *h1Transport
 	addr  string
+	tls   *tls.Config // https: with the server name to verify (the target's host unless set)
 	mu    sync.Mutex
 	idle  []*h1Conn   // oldest first; reuse takes the newest (warm, least likely closed)
 	sweep *time.Timer // closes connections idle longer than idleTimeout; armed while any idle
@@ -87,7 +102,7 @@ var (
 )
 
 func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.URL.Scheme != "http" || req.Header["Upgrade"] != nil || req.Header["Expect"] != nil {
+	if req.URL.Scheme != t.scheme || req.Header["Upgrade"] != nil || req.Header["Expect"] != nil {
 		return t.fallback.RoundTrip(req)
 	}
 	if err := validHeaders(req.Header); err != nil {
@@ -282,7 +297,20 @@ func (t *h1Transport) host(addr string) *h1Host {
 	if h, ok := t.hosts.Load(addr); ok {
 		return h.(*h1Host)
 	}
-	h, _ := t.hosts.LoadOrStore(addr, &h1Host{t: t, addr: addr})
+	nh := &h1Host{t: t, addr: addr}
+	if t.tlsConf != nil {
+		nh.tls = t.tlsConf
+		if nh.tls.ServerName == "" {
+			// As http.Transport: verify the name the target is addressed by.
+			host, _, err := net.SplitHostPort(addr)
+			if err != nil {
+				host = addr
+			}
+			nh.tls = t.tlsConf.Clone()
+			nh.tls.ServerName = host
+		}
+	}
+	h, _ := t.hosts.LoadOrStore(addr, nh)
 	return h.(*h1Host)
 }
 
@@ -310,6 +338,20 @@ func (h *h1Host) get(ctx context.Context, fresh, probe bool) (*h1Conn, error) {
 	c, err := h.t.dial(ctx, "tcp", h.addr)
 	if err != nil {
 		return nil, err
+	}
+	if h.tls != nil {
+		tc := tls.Client(c, h.tls)
+		hctx, cancel := ctx, context.CancelFunc(func() {})
+		if h.t.tlsLimit > 0 {
+			hctx, cancel = context.WithTimeout(ctx, h.t.tlsLimit)
+		}
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("tls handshake with %s: %w", h.addr, err)
+		}
+		c = tc
 	}
 	return &h1Conn{Conn: c, host: h, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, nil
 }

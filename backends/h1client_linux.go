@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"crypto/tls"
 	"net"
 	"syscall"
 )
@@ -8,6 +9,9 @@ import (
 // peekOpen reports whether an idle connection is still open and silent: a non-blocking peek
 // finds nothing to read. EOF (the target closed it) or stray bytes both disqualify it.
 func peekOpen(c net.Conn) bool {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn() // a close_notify alert is bytes too: closed either way
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return true

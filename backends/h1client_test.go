@@ -43,9 +43,10 @@ func countingServer(t *testing.T, h http.Handler) *connCounter {
 
 func newTestH1(t *testing.T, response time.Duration, maxIdle int) *h1Transport {
 	t.Helper()
-	std := &http.Transport{IdleConnTimeout: time.Minute}
 	var d net.Dialer
-	h := newH1Transport(std, d.DialContext, response, maxIdle)
+	std := &http.Transport{DialContext: d.DialContext, IdleConnTimeout: time.Minute,
+		ResponseHeaderTimeout: response, MaxIdleConnsPerHost: maxIdle}
+	h := newH1Transport(std, nil)
 	t.Cleanup(h.CloseIdleConnections)
 	return h
 }
@@ -520,5 +521,34 @@ func TestH1ExtraBytesDropConnection(t *testing.T) {
 	}
 	if n := conns.Load(); n != 2 {
 		t.Fatalf("%d connections, want 2", n)
+	}
+}
+
+// TestH1HTTPS: an https group (HTTP/1.1) goes through this client: verified TLS, one kept-alive
+// connection, and only http/1.1 offered even to a target that speaks h2.
+func TestH1HTTPS(t *testing.T) {
+	p := newPKI(t)
+	srv := &connCounter{Server: httptest.NewUnstartedServer(protoEcho())}
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			srv.opened.Add(1)
+		}
+	}
+	srv.TLS = p.serverTLS()
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	g := build(t, newReg(t), conf(httpsGroup(srv.Listener.Addr().String(), &configs.BackendTLS{CAFile: p.caFile}, false))).Group("secure")
+	if _, ok := g.Transport().(*h1Transport); !ok {
+		t.Fatalf("https group transport is %T, want *h1Transport", g.Transport())
+	}
+	for range 20 {
+		body, err := get(t, g, g.Targets()[0], "https")
+		if err != nil || body != "HTTP/1.1" {
+			t.Fatalf("got %q %v, want HTTP/1.1", body, err)
+		}
+	}
+	if n := srv.opened.Load(); n != 1 {
+		t.Fatalf("20 requests opened %d TLS connections, want 1", n)
 	}
 }

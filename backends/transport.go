@@ -139,16 +139,19 @@ func (g *Group) transportKey(gc *configs.TargetGroup, tlsFP string) string {
 		g.response, intOr(gc.MaxIdleConns, defaultMaxIdleConns), tlsFP)
 }
 
-// newTransport builds the group's transport: Fulcrum's own HTTP/1.1 client for plain-HTTP
-// groups (h1client.go), the standard library's for the rest. HTTP/2 uses its own support (Go
+// newTransport builds the group's transport: Fulcrum's own HTTP/1.1 client (h1client.go), or
+// the standard library's for HTTP/2. HTTP/2 uses its own support (Go
 // 1.24+ http.Protocols): prior-knowledge h2c for http groups, ALPN h2 for https groups, so
 // ResponseHeaderTimeout, the dialer and idle limits apply to both protocols alike.
 func (g *Group) newTransport() roundTripCloser {
 	std := g.stdTransport()
-	if g.proto == "http" && !g.cfg.HTTP2 {
-		return newH1Transport(std, std.DialContext, g.response, std.MaxIdleConnsPerHost)
+	if g.cfg.HTTP2 {
+		return std
 	}
-	return std
+	if g.proto == "https" {
+		return newH1Transport(std, g.tlsConf)
+	}
+	return newH1Transport(std, nil)
 }
 
 func (g *Group) stdTransport() *http.Transport {

@@ -133,7 +133,7 @@ func TestTLSProviderAndTransportReuse(t *testing.T) {
 	if s4.Group("secure").Transport() == s2.Group("secure").Transport() {
 		t.Error("changed max_idle_conns: transport reused")
 	}
-	if got := s4.Group("secure").Transport().(*http.Transport).MaxIdleConnsPerHost; got != 7 {
+	if got := s4.Group("secure").Transport().(*h1Transport).maxIdle; got != 7 {
 		t.Errorf("MaxIdleConnsPerHost %d", got)
 	}
 	if roots.NextProtos != nil {
