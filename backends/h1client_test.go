@@ -552,3 +552,58 @@ func TestH1HTTPS(t *testing.T) {
 		t.Fatalf("20 requests opened %d TLS connections, want 1", n)
 	}
 }
+
+// FuzzH1Response: whatever a target answers, the client returns an error or a response whose
+// body reads to an end; it never panics, hangs, or pools a connection with unread bytes or
+// one whose answer it did not finish.
+func FuzzH1Response(f *testing.F) {
+	for _, seed := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n2\r\nok\r\n0\r\nX-T: v\r\n\r\n",
+		"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+		"HTTP/1.0 200 OK\r\n\r\nuntil close",
+		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+		"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+		"HTTP/1.1 999\r\n\r\n",
+		"garbage",
+		"",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, answer []byte) {
+		h := newTestH1(t, time.Second, 8)
+		h.dial = func(ctx context.Context, _, _ string) (net.Conn, error) {
+			client, target := net.Pipe()
+			go func() {
+				defer target.Close()
+				target.SetDeadline(time.Now().Add(2 * time.Second))
+				if _, err := http.ReadRequest(bufio.NewReader(target)); err != nil {
+					return
+				}
+				target.Write(answer)
+			}()
+			return client, nil
+		}
+		req, _ := http.NewRequest("GET", "http://fuzz.test/", nil)
+		resp, err := h.RoundTrip(req)
+		if err != nil {
+			return
+		}
+		if resp.StatusCode < 200 {
+			t.Fatalf("interim status %d returned as final", resp.StatusCode)
+		}
+		io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+		resp.Body.Close()
+		hh := h.host("fuzz.test")
+		hh.mu.Lock()
+		defer hh.mu.Unlock()
+		for _, pc := range hh.idle {
+			if n := pc.br.Buffered(); n != 0 {
+				t.Fatalf("pooled a connection with %d unread bytes", n)
+			}
+		}
+	})
+}
