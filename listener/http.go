@@ -81,6 +81,10 @@ func infoOf(r *http.Request) *reqInfo {
 	return ri
 }
 
+// cutGrace is how long an upload left unfinished by an early answer may take to end on its own
+// before its read is cut (see serve).
+const cutGrace = 250 * time.Millisecond
+
 // errNoTarget means no healthy target: the client gets 503 without any dial.
 var errNoTarget = errors.New("no healthy target")
 
@@ -98,6 +102,13 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.serve(sw, r, ri)
 	if st.obs != nil {
 		st.observe(r, ri, sw)
+	}
+	if ri.reason == "client_closed" && r.ProtoMajor == 1 && sw.status == 0 {
+		// Nothing was written, and net/http would now answer an implicit 200 with no body: a
+		// lie if the client is in fact still there (its connection's context was cancelled
+		// under it). Close the connection instead, as ReverseProxy does when a body fails
+		// mid-copy; a client whose kept-alive connection closes without an answer retries.
+		panic(http.ErrAbortHandler)
 	}
 }
 
@@ -192,6 +203,9 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		out := r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri))
 		if r.Body != nil && r.Body != http.NoBody {
 			bw := &bodyWatcher{ReadCloser: r.Body}
+			if dc := desync.ConnFromContext(r.Context()); dc != nil {
+				bw.conn = dc
+			}
 			ri.body = bw
 			out.Body = bw
 			if r.ProtoMajor == 1 && r.ContentLength < 0 && r.Header.Get("Expect") == "" {
@@ -207,12 +221,26 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 			}
 		}
 		gp.rp.ServeHTTP(w, out)
-		if ri.body != nil && r.ProtoMajor == 1 && w.status != http.StatusSwitchingProtocols && !ri.body.eof.Load() {
+		if bw := ri.body; bw != nil && r.ProtoMajor == 1 && w.status != http.StatusSwitchingProtocols && !bw.eof.Load() {
 			// The target answered before the upload ended. The transport may still be blocked
 			// reading the client's body (holding it, so net/http cannot even decide to close),
-			// and would stay so until the client sends more: expire the read, so the answer goes
-			// out now and the connection closes instead of carrying on.
-			http.NewResponseController(w).SetReadDeadline(time.Now())
+			// and would stay so until the client sends more: expire the read, so the connection
+			// closes instead of carrying on.
+			//
+			// The upload may end at this very moment, and net/http then starts a background read
+			// on the connection that the deadline would fail, cancelling the context of every
+			// later request on it. So whichever side sees the end clears the deadline: the body
+			// reader, after it set eof, when cut is set; or this goroutine, when it finds eof
+			// set after setting the deadline. cutGrace only has to outlast that handoff.
+			if bw.conn != nil {
+				bw.cut.Store(true)
+				bw.conn.SetReadDeadline(time.Now().Add(cutGrace))
+				if bw.eof.Load() {
+					bw.conn.SetReadDeadline(time.Time{})
+				}
+			} else {
+				http.NewResponseController(w).SetReadDeadline(time.Now())
+			}
 		}
 	}
 }
@@ -449,6 +477,11 @@ type bodyWatcher struct {
 	bad, eof atomic.Bool
 	read     atomic.Int64 // body bytes the target was sent (the transport reads on its own goroutine)
 
+	// cut: the handler ended before the upload and set a read deadline to end it (see serve);
+	// a read that reaches the end then clears it, through conn, the client connection.
+	cut  atomic.Bool
+	conn interface{ SetReadDeadline(time.Time) error }
+
 	// A primed first byte (see prime), returned by the first Read.
 	pending bool
 	preN    int // 0 or 1
@@ -484,6 +517,9 @@ func (b *bodyWatcher) Read(p []byte) (int, error) {
 	b.read.Add(int64(n))
 	if err == io.EOF {
 		b.eof.Store(true)
+		if b.cut.Load() {
+			b.conn.SetReadDeadline(time.Time{})
+		}
 	} else if err != nil {
 		b.bad.Store(true)
 	}
