@@ -83,7 +83,7 @@ func infoOf(r *http.Request) *reqInfo {
 
 // cutGrace is how long an upload left unfinished by an early answer may take to end on its own
 // before its read is cut (see serve).
-const cutGrace = 250 * time.Millisecond
+const cutGrace = 100 * time.Millisecond
 
 // errNoTarget means no healthy target: the client gets 503 without any dial.
 var errNoTarget = errors.New("no healthy target")
