@@ -22,9 +22,10 @@ import (
 //
 // Why not http.Transport: it runs a reader and a writer goroutine per connection and hands every
 // request and response between them and the caller through channels, selects and per-request
-// contexts. Under a proxy's load those handoffs cost more CPU than the I/O. On one core (wrk and
-// h2load against the shared bench's nginx origin) this client took Fulcrum from 14.1-16.5k to
-// 20.3-21.6k HTTP/1.1 requests per CPU-second, and from 7.9-8.8k to 13.6-16.1k over h2 fronts.
+// contexts. Under a proxy's load those handoffs cost more CPU than the I/O. On one core (the
+// shared bench: wrk and h2load against an nginx origin, medians of 3 interleaved runs) this
+// client took Fulcrum from 16.6k to 20.0k requests per CPU-second over HTTP/1.1, 14.5k to 20.7k
+// over HTTPS, and 7.8k to 12.1k over h2 fronts.
 //
 // What it leaves to the standard transport (fallback), which handles them well and rarely:
 // protocol upgrades (WebSocket: the response body becomes the raw stream) and Expect:
@@ -45,10 +46,11 @@ type h1Transport struct {
 }
 
 // syncBodyMax is the largest request body written before the response is read, on the caller's
-// goroutine. It always fits in the socket buffers, so a target that answers without reading it
+// goroutine. The kernels take it whether or not the target reads (Linux defaults: 16 KiB of
+// send buffer here, 128 KiB of receive buffer there), so a target that answers without reading
 // cannot stall the write. Larger or unsized bodies are written by a goroutine while the response
 // is read, as http.Transport does.
-const syncBodyMax = 64 << 10
+const syncBodyMax = 16 << 10
 
 // probeAfter default: a target that closes idle keep-alive connections does so after seconds
 // (nginx 75 s, Node 5 s, Apache 5 s), so a connection used within the last second is alive
