@@ -38,6 +38,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/listener/porttest"
 )
 
 // ---------------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ func haveIPv6() bool {
 // freeAddr6 is freeAddr on ::1.
 func freeAddr6(t testing.TB) string {
 	t.Helper()
-	return unusedPort(t, "tcp6", "::1")
+	return porttest.Unused(t, "tcp6", "::1")
 }
 
 // peerBinary finds an interoperability peer (nginx, haproxy, curl). Missing, it skips the test

@@ -9,14 +9,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -24,36 +22,15 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/listener/porttest"
 )
 
 // freeAddr reserves a loopback port. Listeners are keyed by their configured address, so each
 // gets a concrete port.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	return unusedPort(t, "tcp", "127.0.0.1")
+	return porttest.Unused(t, "tcp", "127.0.0.1")
 }
-
-// unusedPort returns a loopback address whose port the kernel just gave out and this test
-// process never handed out before: released ports come back quickly, and a test that builds a
-// config with two listeners on one port is refused (the listeners "overlap").
-func unusedPort(t testing.TB, network, host string) string {
-	t.Helper()
-	for range 100 {
-		ln, err := net.Listen(network, net.JoinHostPort(host, "0"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := ln.Addr().String()
-		ln.Close()
-		if _, seen := handedOut.LoadOrStore(addr, true); !seen {
-			return addr
-		}
-	}
-	t.Fatal("no unused loopback port after 100 tries")
-	return ""
-}
-
-var handedOut sync.Map
 
 // deadAddr is a loopback address that refuses connections for the whole test: a socket bound
 // to it but never listening, so the kernel answers SYN with RST and no other test (or process)
