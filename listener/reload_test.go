@@ -137,7 +137,9 @@ request_headers = { set = { "x-generation" = "%d" } }
 	if l.failed.Load() != 0 {
 		t.Fatalf("%d of %d requests failed during reloads; first: %v", l.failed.Load(), l.ok.Load()+l.failed.Load(), l.firstErr.Load())
 	}
-	if l.ok.Load() < 5000 {
+	// The load must overlap the reloads, not prove a rate: a shared CI core under -race serves a
+	// few hundred requests a second, and 20 reloads over 9 s need only that the load kept going.
+	if l.ok.Load() < 200 {
 		t.Fatalf("only %d requests in 10 s; the load did not run", l.ok.Load())
 	}
 	t.Logf("%d requests, 0 failed, 20 reloads", l.ok.Load())
