@@ -26,6 +26,10 @@ func (g *TargetGroup) DeregistrationDelayDuration() time.Duration { return g.der
 func (g *TargetGroup) ConnectTimeoutDuration() time.Duration      { return g.connectTimeout }
 func (g *TargetGroup) ResponseTimeoutDuration() time.Duration     { return g.responseTimeout }
 
+// TargetReadTimeoutDuration is the longest a target may leave a response body without sending
+// a byte (http/https groups); then the response is aborted, never presented as complete.
+func (g *TargetGroup) TargetReadTimeoutDuration() time.Duration { return g.targetReadTimeout }
+
 // DurationValue is the stickiness cookie lifetime.
 func (s *Stickiness) DurationValue() time.Duration { return s.duration }
 
@@ -54,8 +58,21 @@ func (r *Rule) Action() Action {
 	return Action{Forward: r.Forward, Redirect: r.Redirect, FixedResponse: r.FixedResponse}
 }
 
-// TrustedPrefixes are the listener's parsed trusted_proxies.
+// TrustedPrefixes are the listener's parsed trusted_proxies: the peers that may send a PROXY
+// header.
 func (l *Listener) TrustedPrefixes() []netip.Prefix { return l.trustedProxies }
+
+// ForwarderPrefixes are the listener's parsed trusted_forwarders: the client addresses (from the
+// PROXY header when there is one, else the peer) whose X-Forwarded-For, X-Request-Id, X-Real-IP,
+// Forwarded and client-certificate headers are believed. Empty means none.
+func (l *Listener) ForwarderPrefixes() []netip.Prefix { return l.trustedForwarders }
+
+// ClientBodyTimeoutDuration is the longest a client may leave a request body without sending a
+// byte; SendTimeoutDuration the longest a write to a client may wait. MinTransferRate (bytes
+// per second) then bounds a whole body or response: it must end by start + timeout +
+// bytes/MinTransferRate as well.
+func (l *Listener) ClientBodyTimeoutDuration() time.Duration { return l.clientBodyTimeout }
+func (l *Listener) SendTimeoutDuration() time.Duration       { return l.sendTimeout }
 
 // IdleTimeoutDuration and HeaderTimeoutDuration are the listener's parsed timeouts.
 func (l *Listener) IdleTimeoutDuration() time.Duration   { return l.idleTimeout }

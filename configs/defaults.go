@@ -18,6 +18,7 @@ const (
 	DefaultDeregistrationDelay = "30s"
 	DefaultConnectTimeout      = "5s"
 	DefaultResponseTimeout     = "60s"
+	DefaultTargetReadTimeout   = "60s" // as nginx's proxy_read_timeout
 	DefaultMaxIdleConns        = 1024
 	DefaultStickinessDuration  = "24h"
 	DefaultHCInterval          = "5s"
@@ -29,11 +30,18 @@ const (
 	DefaultIdleTimeout         = "60s"
 	DefaultNetworkIdleTimeout  = "350s"
 	DefaultHeaderTimeout       = "10s"
-	DefaultMaxHeaderBytes      = 65536
-	DefaultXFF                 = "append"
-	DefaultDesyncMitigation    = "defensive"
-	DefaultTLSPolicy           = "recommended"
-	DefaultALPNPolicy          = "None"
+	DefaultClientBodyTimeout   = "60s" // as nginx's client_body_timeout
+	DefaultSendTimeout         = "60s" // as nginx's send_timeout
+	// DefaultMinTransferRate (bytes per second) is the slowest a request body or a response may
+	// average once its first timeout has passed: a client trickling a byte per timeout interval
+	// is cut after about a timeout's length instead of never. 1 KiB/s is far below any real
+	// client (a 2G link does ~5 KiB/s), so only deliberate trickles meet it.
+	DefaultMinTransferRate  = 1024
+	DefaultMaxHeaderBytes   = 65536
+	DefaultXFF              = "append"
+	DefaultDesyncMitigation = "defensive"
+	DefaultTLSPolicy        = "recommended"
+	DefaultALPNPolicy       = "None"
 )
 
 // applyDefaults fills every setting the operator left out, in place, and synthesizes the target
@@ -128,8 +136,13 @@ func listenerDefaults(l *Listener) {
 		def(&l.XFF, DefaultXFF)
 		def(&l.DesyncMitigation, DefaultDesyncMitigation)
 		def(&l.HeaderTimeout, DefaultHeaderTimeout)
+		def(&l.ClientBodyTimeout, DefaultClientBodyTimeout)
+		def(&l.SendTimeout, DefaultSendTimeout)
 		if l.MaxHeaderBytes == 0 {
 			l.MaxHeaderBytes = DefaultMaxHeaderBytes
+		}
+		if l.MinTransferRate == 0 {
+			l.MinTransferRate = DefaultMinTransferRate
 		}
 	}
 	if l.TLSTerminated() {
@@ -225,12 +238,22 @@ func parseClassicTarget(s string) (proto string, port int, path string, ok bool)
 	return proto, n, path, true
 }
 
+// forwardersFromProxies reports whether an HTTP listener's trusted_forwarders default to its
+// trusted_proxies. Without PROXY protocol the peer is the client, so trusted_proxies keeps the
+// meaning it always had there: the peers whose forwarding headers are believed. With PROXY
+// protocol the two addresses differ, and forwarding headers are believed from nobody unless
+// trusted_forwarders names them (the default is none).
+func forwardersFromProxies(l *Listener) bool {
+	return l.TrustedForwarders == nil && !l.AcceptProxyProtocol
+}
+
 func groupDefaults(g *TargetGroup) {
 	def(&g.Algorithm, DefaultAlgorithm)
 	def(&g.DeregistrationDelay, DefaultDeregistrationDelay)
 	def(&g.ConnectTimeout, DefaultConnectTimeout)
 	if g.Protocol == "http" || g.Protocol == "https" {
 		def(&g.ResponseTimeout, DefaultResponseTimeout)
+		def(&g.TargetReadTimeout, DefaultTargetReadTimeout)
 	}
 	if g.MaxIdleConns == 0 {
 		g.MaxIdleConns = DefaultMaxIdleConns

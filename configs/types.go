@@ -126,15 +126,17 @@ type TargetGroup struct {
 	SlowStart           string       `toml:"slow_start"`
 	DeregistrationDelay string       `toml:"deregistration_delay"`
 	HTTP2               bool         `toml:"http2"`
-	ProxyProtocol       string       `toml:"proxy_protocol"`   // "", "v1", "v2"
-	ConnectTimeout      string       `toml:"connect_timeout"`  // dial budget (default 5s)
-	ResponseTimeout     string       `toml:"response_timeout"` // time to response headers before 504 (default 60s)
-	MaxIdleConns        int          `toml:"max_idle_conns"`   // idle keep-alive connections kept per target (default 1024)
+	ProxyProtocol       string       `toml:"proxy_protocol"`      // "", "v1", "v2"
+	ConnectTimeout      string       `toml:"connect_timeout"`     // dial budget (default 5s)
+	ResponseTimeout     string       `toml:"response_timeout"`    // time to response headers before 504 (default 60s)
+	TargetReadTimeout   string       `toml:"target_read_timeout"` // between reads of a response body (default 60s)
+	MaxIdleConns        int          `toml:"max_idle_conns"`      // idle keep-alive connections kept per target (default 1024)
 	Stickiness          *Stickiness  `toml:"stickiness"`
 	TLS                 *BackendTLS  `toml:"tls"`
 	HealthCheck         *HealthCheck `toml:"health_check"`
 
 	slowStart, deregistrationDelay, connectTimeout, responseTimeout time.Duration
+	targetReadTimeout                                               time.Duration
 	classic                                                         string // listener this group was synthesized for
 	synth                                                           bool   // synthesized by applyDefaults (classic listener)
 }
@@ -271,14 +273,20 @@ type Listener struct {
 	ALPNPolicy   string      `toml:"alpn_policy"` // network tls listeners (NLB names)
 	HTTP2        *bool       `toml:"http2"`       // application https: default true
 
-	TrustedProxies      []string `toml:"trusted_proxies"`
+	TrustedProxies      []string `toml:"trusted_proxies"` // peers that may send a PROXY header
 	AcceptProxyProtocol bool     `toml:"accept_proxy_protocol"`
+	// TrustedForwarders are the clients (the address a PROXY header gave, else the peer) whose
+	// forwarding headers are believed. nil = unset (see forwarderDefaults); [] = none.
+	TrustedForwarders []string `toml:"trusted_forwarders"`
 
 	XFF                     string `toml:"xff"`               // append | preserve | remove
 	DesyncMitigation        string `toml:"desync_mitigation"` // monitor | defensive | strictest
 	DropInvalidHeaderFields bool   `toml:"drop_invalid_header_fields"`
 	IdleTimeout             string `toml:"idle_timeout"`
-	HeaderTimeout           string `toml:"header_timeout"` // time to read request headers (default 10s)
+	HeaderTimeout           string `toml:"header_timeout"`      // time to read request headers (default 10s)
+	ClientBodyTimeout       string `toml:"client_body_timeout"` // between reads of a request body (default 60s)
+	SendTimeout             string `toml:"send_timeout"`        // between writes to a client (default 60s)
+	MinTransferRate         int    `toml:"min_transfer_rate"`   // bytes/s a body or response must average (default 1024)
 	MaxHeaderBytes          int    `toml:"max_header_bytes"`
 	MaxConnections          int    `toml:"max_connections"` // 0 = unlimited
 
@@ -300,7 +308,10 @@ type Listener struct {
 	Algorithm       string              `toml:"algorithm"`
 
 	trustedProxies             []netip.Prefix
+	trustedForwarders          []netip.Prefix
 	idleTimeout, headerTimeout time.Duration
+	clientBodyTimeout          time.Duration
+	sendTimeout                time.Duration
 	addr                       netip.AddrPort
 	synthesized                bool // DefaultAction / Forward were set by Validate (classic)
 }

@@ -464,6 +464,9 @@ func (v *validator) group(s scope, g *TargetGroup) {
 	if g.ResponseTimeout != "" && !l7 {
 		s.errf("response_timeout", "response_timeout applies to http and https groups, not %q", g.Protocol)
 	}
+	if g.TargetReadTimeout != "" && !l7 {
+		s.errf("target_read_timeout", "target_read_timeout applies to http and https groups, not %q (network listeners use idle_timeout)", g.Protocol)
+	}
 	if g.MaxIdleConns < 0 {
 		s.errf("max_idle_conns", "max_idle_conns %d must not be negative", g.MaxIdleConns)
 	}
@@ -507,6 +510,9 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 		if g.ResponseTimeout != "" {
 			g.responseTimeout = v.duration(s, "response_timeout", g.ResponseTimeout, true)
 		}
+		if g.TargetReadTimeout != "" {
+			g.targetReadTimeout = v.duration(s, "target_read_timeout", g.TargetReadTimeout, true)
+		}
 	} else {
 		// Synthesized from a classic listener: defaults only, never wrong.
 		q := scope{v: v}
@@ -515,6 +521,9 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 		g.connectTimeout = v.duration(q, "", g.ConnectTimeout, true)
 		if g.ResponseTimeout != "" {
 			g.responseTimeout = v.duration(q, "", g.ResponseTimeout, true)
+		}
+		if g.TargetReadTimeout != "" {
+			g.targetReadTimeout = v.duration(q, "", g.TargetReadTimeout, true)
 		}
 		v.quiet--
 	}
@@ -731,15 +740,27 @@ func (v *validator) listener(s scope, l *Listener, binds map[uint16][]bind, prio
 		v.enum(s, "xff", l.XFF, "append", "preserve", "remove")
 		v.enum(s, "desync_mitigation", l.DesyncMitigation, "monitor", "defensive", "strictest")
 		l.headerTimeout = v.duration(s, "header_timeout", l.HeaderTimeout, true)
+		l.clientBodyTimeout = v.duration(s, "client_body_timeout", l.ClientBodyTimeout, true)
+		l.sendTimeout = v.duration(s, "send_timeout", l.SendTimeout, true)
 		if l.MaxHeaderBytes < 1024 || l.MaxHeaderBytes > 1<<24 {
 			s.errf("max_header_bytes", "max_header_bytes %d is out of range 1024-16777216", l.MaxHeaderBytes)
+		}
+		if l.MinTransferRate < 1 || l.MinTransferRate > 1<<30 {
+			s.errf("min_transfer_rate", "min_transfer_rate %d is out of range 1-1073741824 (bytes per second; it cannot be turned off, lower it instead)", l.MinTransferRate)
+		}
+		if forwardersFromProxies(l) {
+			l.trustedForwarders = l.trustedProxies
+		} else {
+			l.trustedForwarders = v.prefixes(s, "trusted_forwarders", l.TrustedForwarders)
 		}
 	} else {
 		for _, f := range []struct {
 			key string
 			set bool
 		}{{"xff", l.XFF != ""}, {"desync_mitigation", l.DesyncMitigation != ""}, {"header_timeout", l.HeaderTimeout != ""},
-			{"max_header_bytes", l.MaxHeaderBytes != 0}, {"drop_invalid_header_fields", l.DropInvalidHeaderFields}} {
+			{"max_header_bytes", l.MaxHeaderBytes != 0}, {"drop_invalid_header_fields", l.DropInvalidHeaderFields},
+			{"client_body_timeout", l.ClientBodyTimeout != ""}, {"send_timeout", l.SendTimeout != ""},
+			{"min_transfer_rate", l.MinTransferRate != 0}, {"trusted_forwarders", l.TrustedForwarders != nil}} {
 			if f.set {
 				s.errf(f.key, "%s applies to http and https listeners, not %q", f.key, l.Protocol)
 			}
