@@ -27,17 +27,19 @@ const (
 	clientAuthVer  = "verify"
 )
 
-// screenHeaders runs once over the outgoing request's header names. It removes client-certificate
-// headers a client sent (unless its peer is a trusted proxy): only this listener's own TLS
-// handshake may say what certificate a client presented. With drop_invalid_header_fields it also
-// removes fields whose names are not letters, digits and hyphens (ALB's rule), such as
-// "X_Forwarded_For", which some servers read as X-Forwarded-For.
+// screenHeaders runs once over the outgoing request's header names. Unless the client is in
+// trusted_forwarders (the address a PROXY header gave, else the peer: whoever wrote these
+// headers), it removes what only a proxy may say about a client: client-certificate headers
+// (only this listener's own TLS handshake may say what certificate a client presented), and
+// X-Real-IP and Forwarded, which targets read as the client's address. With
+// drop_invalid_header_fields it also removes fields whose names are not letters, digits and
+// hyphens (ALB's rule), such as "X_Forwarded_For", which some servers read as X-Forwarded-For.
 func screenHeaders(h http.Header, trusted, dropInvalid bool) {
 	for k := range h {
 		switch {
 		case dropInvalid && !validHeaderName(k):
 			delete(h, k)
-		case !trusted && strings.HasPrefix(k, mtlsPrefix):
+		case !trusted && (strings.HasPrefix(k, mtlsPrefix) || k == "X-Real-Ip" || k == "Forwarded"):
 			delete(h, k)
 		}
 	}

@@ -31,7 +31,7 @@ type httpState struct {
 	cfg     *configs.Listener
 	table   *router.Table
 	actions [][]*groupProxy // by router rule ID: the proxies of the action's groups, in action order
-	trusted []netip.Prefix
+	trusted []netip.Prefix  // trusted_forwarders, matched against the client (after PROXY)
 	tlsOn   bool
 	proto   string // X-Forwarded-Proto
 	port    string // X-Forwarded-Port
@@ -60,7 +60,7 @@ type reqInfo struct {
 	group        *backends.Group
 	target       *backends.Target
 	client       netip.AddrPort
-	trusted      bool         // the peer is in trusted_proxies: its X-Forwarded-For and X-Request-Id are believed
+	trusted      bool         // the client is in trusted_forwarders: its forwarding headers are believed
 	closeAfter   bool         // desync: forward, then close both connections
 	body         *bodyWatcher // the client's request body, nil when there is none
 	reason       string       // error reason for the access log
@@ -306,6 +306,13 @@ func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
 			h.Set("X-Forwarded-For", strings.Join(prior, ", ")+", "+client)
 		} else {
 			h.Set("X-Forwarded-For", client)
+		}
+	}
+	if ri.trusted {
+		// ReverseProxy removed Forwarded for everyone; a trusted forwarder's chain is kept, as
+		// its X-Forwarded-For is.
+		if fwd := pr.In.Header["Forwarded"]; len(fwd) > 0 {
+			h["Forwarded"] = fwd
 		}
 	}
 	h["X-Forwarded-Proto"] = st.protoHdr

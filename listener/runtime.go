@@ -324,7 +324,7 @@ func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*htt
 	st := &httpState{
 		cfg:     lc,
 		table:   table,
-		trusted: lc.TrustedPrefixes(),
+		trusted: lc.ForwarderPrefixes(), // trusted_forwarders, never the PROXY senders
 		tlsOn:   lc.Protocol == "https",
 		proto:   lc.Protocol,
 		port:    portOf(lc.Address),

@@ -288,6 +288,9 @@ func (s *Server) handle(c net.Conn) {
 	if err := inbound.Handshake(c); err != nil {
 		s.inboundErrs.Add(1)
 		info.Err, info.Reason = err, "proxy_header"
+		// No header means no client address: the log names who connected, the peer.
+		meta.Client, _ = inbound.AddrPort(inbound.Socket(c).RemoteAddr())
+		meta.Local, _ = inbound.AddrPort(inbound.Socket(c).LocalAddr())
 		s.log.Debug("inbound PROXY header refused", "err", err)
 		return
 	}
