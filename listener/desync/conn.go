@@ -316,7 +316,12 @@ func (c *Conn) completeHead() {
 	chunked, n, ok := bodyFraming(head)
 	switch {
 	case !ok:
-		c.lose()
+		// Out of step from here on, but this head is complete and still belongs to the
+		// request net/http is about to serve (it accepts a folded Content-Length or
+		// Transfer-Encoding, joining the lines): keep it queued so that request is
+		// classified from its bytes (obs-fold: severe) rather than as unverifiable.
+		c.state = stLost
+		c.line = nil
 	case chunked:
 		c.state, c.line = stChunkLine, c.line[:0]
 	case n > 0:
