@@ -693,8 +693,19 @@ func TestResumptionDoesNotSign(t *testing.T) {
 		if n := m.Keystore().Stats().Signs.Load() - before; n != 0 {
 			t.Fatalf("resumed handshake signed %d times", n)
 		}
-		// After two rotations the old ticket no longer resumes.
-		m.RotateTicketKeys()
+		// The ticket is honoured for the lifetime Go's TLS 1.3 advertises (seven days): through
+		// every rotation of those seven days and a half (the key's own turn), and not after.
+		// The client keeps its first ticket (a resumption hands out fresh ones).
+		cc.ClientSessionCache = &firstTicketCache{}
+		if _, err := dial(addr, cc); err != nil {
+			t.Fatal(err)
+		}
+		for range ticketKeysKept - 1 {
+			m.RotateTicketKeys()
+		}
+		if cs, err := dial(addr, cc); err != nil || !cs.DidResume {
+			t.Fatalf("version %x: ticket not honoured for its advertised lifetime (%d rotations): %v", v, ticketKeysKept-1, err)
+		}
 		m.RotateTicketKeys()
 		if cs, err := dial(addr, cc); err != nil || cs.DidResume {
 			t.Fatalf("resumed with a retired ticket key: %v", err)
@@ -727,3 +738,23 @@ func FuzzParsePin(f *testing.F) {
 }
 
 var _ = errors.New
+
+// firstTicketCache keeps the first session ticket it is given and ignores later ones.
+type firstTicketCache struct {
+	mu sync.Mutex
+	cs *tls.ClientSessionState
+}
+
+func (c *firstTicketCache) Get(string) (*tls.ClientSessionState, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cs, c.cs != nil
+}
+
+func (c *firstTicketCache) Put(_ string, cs *tls.ClientSessionState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cs == nil && cs != nil {
+		c.cs = cs
+	}
+}

@@ -17,8 +17,20 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
-// Session-ticket key rotation: a new key every TicketRotation, the previous one still accepted.
-const TicketRotation = 12 * time.Hour
+// Session-ticket keys: a new key encrypts the tickets issued after each TicketRotation, and a
+// key is kept for decryption until every ticket it encrypted has outlived TicketLifetime.
+//
+// TicketLifetime is what Go's TLS 1.3 server advertises in every NewSessionTicket (fixed at
+// seven days; crypto/tls has no setting for it), so it is what a ticket must be honoured for:
+// keys used to be dropped after 12-24 hours while tickets claimed seven days. It is also the
+// retention Go uses for its own automatic ticket keys. TLS 1.2 tickets carry no lifetime hint.
+const (
+	TicketRotation = 12 * time.Hour
+	TicketLifetime = 7 * 24 * time.Hour
+	// ticketKeysKept is the current key plus enough previous ones that a ticket issued at the
+	// very end of its key's turn still decrypts TicketLifetime later.
+	ticketKeysKept = 1 + int((TicketLifetime+TicketRotation-1)/TicketRotation)
+)
 
 var (
 	errNoCertificate = errors.New("certs: no certificate for this listener")
@@ -326,7 +338,8 @@ func (t *ticketKeys) holder(listener string) *tls.Config {
 func (t *ticketKeys) rotate() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.secrets = [][32]byte{newSecret(), t.secrets[0]}
+	keep := min(len(t.secrets), ticketKeysKept-1)
+	t.secrets = append([][32]byte{newSecret()}, t.secrets[:keep]...)
 	for name, h := range t.holders {
 		h.SetSessionTicketKeys(deriveTicketKeys(t.secrets, name))
 	}
