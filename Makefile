@@ -26,8 +26,10 @@ deps:
 vet:
 	$(GO) vet ./...
 
+# The release name in `fulcrum --version`; the module version and commit come from the build.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
 build:
-	$(GO) build -o bin/fulcrum ./cmd/fulcrum
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/fulcrum ./cmd/fulcrum
 	$(GO) build -o bin/fulcrum-echo ./cmd/fulcrum-echo
 
 # The demo: three sample back ends and Fulcrum with configs/quickstart.toml, in the foreground.

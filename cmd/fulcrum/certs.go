@@ -1,15 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -17,30 +21,134 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
+const certsHelp = `Usage:
+  fulcrum certs SUBCOMMAND [flags] [NAME] [FILE]
+
+Subcommands (each answers --help):
+  list                          every certificate: kind, domains, expiry, serial, key location
+  show NAME                     one certificate in detail
+  renew NAME                    renew now (through the running fulcrum's admin API when it is up)
+  import NAME -cert F -key F    import a certificate; its key goes into the keystore
+  export NAME                   the certificate chain, PEM
+  authorities                   the private authorities: subject, expiry, fingerprint
+  export-authority NAME         an authority's CA certificate, PEM, for clients to trust
+
+The configuration file is -config FILE or the last argument (default ./fulcrum.toml); flags and
+arguments may come in any order. -o json prints the admin API's snake_case objects.
+
+Examples:
+  fulcrum certs list /etc/fulcrum/fulcrum.toml
+  fulcrum certs show www -o json -config /etc/fulcrum/fulcrum.toml
+  fulcrum certs export-authority internal fulcrum.toml > internal-ca.pem
+  fulcrum certs import legacy -cert legacy.pem -key legacy.key fulcrum.toml
+`
+
+// certsSub describes one `fulcrum certs` subcommand.
+type certsSub struct {
+	synopsis, help string
+	needsName      bool
+	output         bool // takes -o table|json
+	examples       []string
+}
+
+var certsSubs = map[string]certsSub{
+	"list": {synopsis: "fulcrum certs list [-o table|json] [-config] FILE", output: true,
+		help:     "Lists every certificate of the configuration: kind, domains, expiry, serial and where its key is.\n",
+		examples: []string{"fulcrum certs list fulcrum.toml", "fulcrum certs list -o json -config fulcrum.toml | jq '.[].not_after'"}},
+	"show": {synopsis: "fulcrum certs show NAME [-o json|table] [-config] FILE", needsName: true, output: true,
+		help:     "Shows one certificate with the admin API's field names (GET /admin/certificates).\n",
+		examples: []string{"fulcrum certs show www fulcrum.toml", "fulcrum certs show -config fulcrum.toml -o table www"}},
+	"renew": {synopsis: "fulcrum certs renew NAME [-config] FILE", needsName: true,
+		help: "Renews a certificate now. With a running fulcrum (its admin endpoint answers), the running\n" +
+			"process renews and serves the new certificate at once; otherwise it is renewed in state_dir\n" +
+			"and served after the next start or reload.\n",
+		examples: []string{"fulcrum certs renew www fulcrum.toml"}},
+	"import": {synopsis: "fulcrum certs import NAME -cert FILE -key FILE [-config] FILE", needsName: true,
+		help: "Imports an externally issued certificate: the key is generated into (HSM) or sealed in\n" +
+			"(software) the keystore, so the key file is no longer needed afterwards.\n",
+		examples: []string{"fulcrum certs import legacy -cert legacy.pem -key legacy.key fulcrum.toml"}},
+	"export": {synopsis: "fulcrum certs export NAME [-config] FILE", needsName: true,
+		help:     "Prints the certificate chain as PEM (never the key).\n",
+		examples: []string{"fulcrum certs export www fulcrum.toml > www.pem"}},
+	"authorities": {synopsis: "fulcrum certs authorities [-o table|json] [-config] FILE", output: true,
+		help:     "Lists the private certificate authorities: subject, validity, SHA-256 fingerprint, the file\nits certificate is stored in and where its key is.\n",
+		examples: []string{"fulcrum certs authorities fulcrum.toml", "fulcrum certs authorities -o json fulcrum.toml"}},
+	"export-authority": {synopsis: "fulcrum certs export-authority NAME [-config] FILE", needsName: true,
+		help:     "Prints an authority's CA certificate as PEM: what clients and targets must trust.\n",
+		examples: []string{"fulcrum certs export-authority internal fulcrum.toml > /usr/local/share/ca-certificates/internal.crt"}},
+}
+
 // cmdCerts runs the certificate subcommands against the configuration's keystore and state
 // directory. renew goes through the running process's admin API when there is one, so the new
 // certificate is served at once; otherwise it renews in the state directory.
 func cmdCerts(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: fulcrum certs list|show NAME|renew NAME|import NAME -cert F -key F|export NAME -config FILE")
+	// The subcommand is the first argument that is not a flag or a flag's value.
+	sub, rest := "", []string(nil)
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "-h" || a == "-help" || a == "--help" {
+			if sub == "" {
+				fmt.Fprint(stdout, certsHelp)
+				return 0
+			}
+		}
+		if sub == "" && !strings.HasPrefix(a, "-") {
+			sub = a
+			rest = append(append(rest, args[:i]...), args[i+1:]...)
+			break
+		}
+		if sub == "" && !strings.Contains(a, "=") && (a == "-config" || a == "--config" || a == "-o" || a == "--o" || a == "-cert" || a == "--cert" || a == "-key" || a == "--key") {
+			i++ // its value
+		}
+	}
+	if sub == "" {
+		fmt.Fprint(stderr, "fulcrum certs: missing subcommand\n\n"+certsHelp)
 		return 2
 	}
-	sub, args := args[0], args[1:]
+	spec, ok := certsSubs[sub]
+	if !ok {
+		fmt.Fprintf(stderr, "fulcrum certs: unknown subcommand %q (see fulcrum certs --help)\n", sub)
+		return 2
+	}
+	fs := newFlags("certs "+sub, spec.synopsis, spec.help, spec.examples...)
+	cf := addConfig(fs)
+	var certFile, keyFile, output string
+	if sub == "import" {
+		fs.StringVar(&certFile, "cert", "", "PEM certificate chain to import")
+		fs.StringVar(&keyFile, "key", "", "PEM private key to import into the keystore")
+	}
+	if spec.output {
+		def := "table"
+		if sub == "show" {
+			def = "json"
+		}
+		fs.StringVar(&output, "o", def, "output format: table or json")
+	}
+	maxArgs := 1
+	if spec.needsName {
+		maxArgs = 2
+	}
+	pos, code, ok := parse(fs, rest, stdout, stderr, maxArgs)
+	if !ok {
+		return code
+	}
 	var name string
-	if sub != "list" {
-		if len(args) == 0 || len(args[0]) == 0 || args[0][0] == '-' {
-			fmt.Fprintf(stderr, "fulcrum certs %s: missing certificate NAME\n", sub)
+	if spec.needsName {
+		if len(pos) == 0 {
+			fmt.Fprintf(stderr, "fulcrum certs %s: missing NAME (see fulcrum certs %s --help)\n", sub, sub)
 			return 2
 		}
-		name, args = args[0], args[1:]
+		name, pos = pos[0], pos[1:]
 	}
-	var certFile, keyFile string
-	_, path, ok := configFlag("certs "+sub, args, stderr, func(fs *flag.FlagSet) {
-		if sub == "import" {
-			fs.StringVar(&certFile, "cert", "", "PEM certificate chain to import")
-			fs.StringVar(&keyFile, "key", "", "PEM private key to import into the keystore")
-		}
-	})
+	if output != "" && output != "table" && output != "json" {
+		fmt.Fprintf(stderr, "fulcrum certs %s: -o %q: want table or json\n", sub, output)
+		return 2
+	}
+	if sub == "import" && (certFile == "" || keyFile == "") {
+		fmt.Fprintln(stderr, "fulcrum certs import: -cert and -key are required")
+		return 2
+	}
+	path, ok := cf.resolve(fs, pos, stderr)
 	if !ok {
 		return 2
 	}
@@ -79,19 +187,23 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 
 	switch sub {
 	case "list":
+		views := certificatesView(m.List(), time.Now())
+		if output == "json" {
+			return writeJSONTo(stdout, views)
+		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "NAME\tKIND\tDOMAINS\tNOT AFTER\tSERIAL\tKEY")
-		for _, c := range m.List() {
-			fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", c.Name, c.Kind, c.Domains, c.NotAfter.UTC().Format(time.RFC3339), c.Serial, c.KeyLocation)
+		fmt.Fprintln(tw, "NAME\tKIND\tDOMAINS\tNOT_AFTER\tRENEW_AT\tSERIAL\tKEY_LOCATION")
+		for _, c := range views {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", c.Name, c.Kind, strings.Join(c.Domains, ","), c.NotAfter.Format(time.RFC3339), orDash(c.RenewAt), c.Serial, c.KeyLocation)
 		}
 		tw.Flush()
 	case "show":
-		for _, c := range m.List() {
+		for _, c := range certificatesView(m.List(), time.Now()) {
 			if c.Name == name {
-				enc := json.NewEncoder(stdout)
-				enc.SetIndent("", "  ")
-				enc.Encode(c)
-				return 0
+				if output == "json" {
+					return writeJSONTo(stdout, c)
+				}
+				return writeFields(stdout, c)
 			}
 		}
 		fmt.Fprintf(stderr, "fulcrum certs show: no certificate %q in %s\n", name, path)
@@ -103,10 +215,6 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "%s: renewed in %s (reload a running fulcrum to serve it)\n", name, cfg.Server.StateDir)
 	case "import":
-		if certFile == "" || keyFile == "" {
-			fmt.Fprintln(stderr, "fulcrum certs import: -cert and -key are required")
-			return 2
-		}
 		certPEM, err := os.ReadFile(certFile)
 		if err != nil {
 			fmt.Fprintf(stderr, "fulcrum certs import: %v\n", err)
@@ -133,11 +241,93 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		stdout.Write(pem)
-	default:
-		fmt.Fprintf(stderr, "fulcrum certs: unknown subcommand %q\n", sub)
-		return 2
+	case "authorities":
+		views := authoritiesView(cfg, m)
+		if output == "json" {
+			return writeJSONTo(stdout, views)
+		}
+		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tSUBJECT\tNOT_AFTER\tSHA256_FINGERPRINT\tCERTIFICATE_FILE\tKEY_LOCATION")
+		for _, a := range views {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Subject, a.NotAfter.Format(time.RFC3339), a.SHA256Fingerprint, a.CertificateFile, a.KeyLocation)
+		}
+		tw.Flush()
+	case "export-authority":
+		a := m.Authority(name)
+		if a == nil {
+			fmt.Fprintf(stderr, "fulcrum certs export-authority: no authority %q in %s\n", name, path)
+			return 1
+		}
+		stdout.Write(a.CertPEM)
 	}
 	return 0
+}
+
+// authorityView is one private authority, with the admin API's naming.
+type authorityView struct {
+	Name              string    `json:"name"`
+	Subject           string    `json:"subject"`
+	Serial            string    `json:"serial"`
+	NotBefore         time.Time `json:"not_before"`
+	NotAfter          time.Time `json:"not_after"`
+	SHA256Fingerprint string    `json:"sha256_fingerprint"`
+	CertificateFile   string    `json:"certificate_file"`
+	KeyLocation       string    `json:"key_location"`
+}
+
+func authoritiesView(cfg *configs.Config, m *certs.Manager) []authorityView {
+	out := []authorityView{}
+	for _, ac := range cfg.Authorities {
+		a := m.Authority(ac.Name)
+		if a == nil {
+			continue
+		}
+		sum := sha256.Sum256(a.Cert.Raw)
+		out = append(out, authorityView{
+			Name: a.Name, Subject: a.Cert.Subject.String(), Serial: fmt.Sprintf("%x", a.Cert.SerialNumber),
+			NotBefore: a.Cert.NotBefore.UTC(), NotAfter: a.Cert.NotAfter.UTC(),
+			SHA256Fingerprint: hex.EncodeToString(sum[:]),
+			CertificateFile:   filepath.Join(cfg.StateDirPath(), "authorities", a.Name+".pem"),
+			KeyLocation:       m.Keystore().Describe(),
+		})
+	}
+	return out
+}
+
+func writeJSONTo(w io.Writer, v any) int {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		return 1
+	}
+	return 0
+}
+
+// writeFields prints a JSON object's fields as "key: value" lines, in the JSON names.
+func writeFields(w io.Writer, v any) int {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 1
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.Token() // {
+	tw := tabwriter.NewWriter(w, 0, 4, 1, ' ', 0)
+	for dec.More() {
+		k, _ := dec.Token()
+		var raw json.RawMessage
+		dec.Decode(&raw)
+		val := strings.Trim(string(raw), `"`)
+		fmt.Fprintf(tw, "%s:\t%s\n", k, val)
+	}
+	tw.Flush()
+	return 0
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 // renewViaAdmin asks a running fulcrum to renew; done is false when nothing listens there.

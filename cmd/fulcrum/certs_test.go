@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 )
 
@@ -86,8 +85,8 @@ default_action = { forward = "web" }
 			if code != 0 || !strings.Contains(out, "legacy") || !strings.Contains(out, "www") {
 				t.Fatalf("certs list: exit %d\n%s%s", code, out, errs)
 			}
-			code, out, errs = cli("show", "legacy")
-			var ci certs.CertInfo
+			code, out, errs = cli("show", "legacy", "-o", "json")
+			var ci certificateView
 			if code != 0 || json.Unmarshal([]byte(out), &ci) != nil {
 				t.Fatalf("certs show: exit %d\n%s%s", code, out, errs)
 			}

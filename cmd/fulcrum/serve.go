@@ -17,8 +17,22 @@ import (
 	"github.com/fulcrum-lb/fulcrum/listener"
 )
 
+const runHelp = `Starts every listener of FILE and the admin endpoint, then serves until SIGTERM or SIGINT,
+which stop accepting and drain open connections for up to server.shutdown_timeout.
+SIGHUP reloads FILE (a bad file changes nothing and is logged); SIGUSR1 reopens the access log.
+`
+
 func cmdRun(args []string, stdout, stderr io.Writer) int {
-	_, path, ok := configFlag("run", args, stderr, nil)
+	fs := newFlags("run", "fulcrum [run] [-config] FILE", runHelp,
+		"fulcrum run /etc/fulcrum/fulcrum.toml",
+		"fulcrum -config configs/quickstart.toml",
+		"kill -HUP $(pidof fulcrum)    # reload the file; a bad file changes nothing")
+	cf := addConfig(fs)
+	pos, code, ok := parse(fs, args, stdout, stderr, 1)
+	if !ok {
+		return code
+	}
+	path, ok := cf.resolve(fs, pos, stderr)
 	if !ok {
 		return 2
 	}
