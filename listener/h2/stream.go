@@ -1,0 +1,409 @@
+package h2
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+type streamState uint8
+
+const (
+	stateIdle streamState = iota
+	stateOpen
+	stateHalfClosedRemote // the client sent END_STREAM
+	stateHalfClosedLocal  // we sent END_STREAM, the client's body is still coming
+	stateClosed
+)
+
+var (
+	errStreamReset = errors.New("h2: stream reset")
+	errConnClosed  = errors.New("h2: connection closed")
+	errStalled     = errors.New("h2: client did not open its flow-control window in time")
+	errEnded       = errors.New("h2: response already ended")
+	errNoHead      = errors.New("h2: response head not written")
+)
+
+// Stream is one request and its response. Request fields are set before the Handler runs and
+// are read-only. Response methods must be called from one goroutine (the handler's).
+type Stream struct {
+	// Request head. Header holds the regular fields (lower-case names) in arrival order.
+	Method, Scheme, Authority, Path string
+	Protocol                        string // :protocol (extended CONNECT); empty otherwise
+	Header                          []hpack.HeaderField
+	ContentLength                   int64 // -1 when not announced
+
+	c  *conn
+	id uint32
+
+	// guarded by c.mu
+	state     streamState
+	err       error // why the stream ended early (reset, connection closed)
+	sendWin   int64
+	recvWin   int64
+	recvAck   int64 // consumed, not yet announced
+	received  int64
+	rbuf      []byte
+	eof       bool
+	abandoned bool // the handler will not read the body any more
+	trailers  []hpack.HeaderField
+	cancel    context.CancelFunc
+	ctx       context.Context
+	wake      chan struct{}
+
+	// handler-side
+	headDone, ended bool
+}
+
+// ID is the stream identifier.
+func (s *Stream) ID() uint32 { return s.id }
+
+// NetConn is the client connection the stream arrived on (a *tls.Conn over TLS).
+func (s *Stream) NetConn() net.Conn { return s.c.nc }
+
+// Context is cancelled when the stream is reset or its connection closes. It is created on
+// first use.
+func (s *Stream) Context() context.Context {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.ctx == nil {
+		s.ctx, s.cancel = context.WithCancel(context.Background())
+		if s.state == stateClosed && s.err != nil {
+			s.cancel()
+		}
+	}
+	return s.ctx
+}
+
+// notify wakes the stream's handler if it waits. Called with c.mu held.
+func (s *Stream) notify() {
+	if s.wake == nil {
+		return
+	}
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// parseRequest checks the request head (RFC 9113 section 8.3) and fills the request fields.
+func (s *Stream) parseRequest(f *http2.MetaHeadersFrame) error {
+	bad := http2.StreamError{StreamID: f.StreamID, Code: errCodeProtocol}
+	for _, hf := range f.PseudoFields() {
+		switch hf.Name {
+		case ":method":
+			s.Method = hf.Value
+		case ":scheme":
+			s.Scheme = hf.Value
+		case ":authority":
+			s.Authority = hf.Value
+		case ":path":
+			s.Path = hf.Value
+			if hf.Value == "" {
+				return bad
+			}
+		case ":protocol":
+			s.Protocol = hf.Value
+		default:
+			return bad // :status or unknown
+		}
+	}
+	regular := f.RegularFields()
+	for _, hf := range regular {
+		if connectionSpecific(hf.Name) {
+			return bad
+		}
+		switch hf.Name {
+		case "te":
+			if hf.Value != "trailers" {
+				return bad
+			}
+		case "content-length":
+			n, err := strconv.ParseUint(hf.Value, 10, 63)
+			if err != nil || (s.ContentLength >= 0 && int64(n) != s.ContentLength) {
+				return bad
+			}
+			s.ContentLength = int64(n)
+		}
+	}
+	if s.Method == "" {
+		return bad
+	}
+	if s.Method == "CONNECT" && s.Protocol == "" {
+		if s.Scheme != "" || s.Path != "" || s.Authority == "" {
+			return bad
+		}
+	} else {
+		// :protocol needs SETTINGS_ENABLE_CONNECT_PROTOCOL, which we do not send.
+		if s.Protocol != "" || s.Scheme == "" || s.Path == "" {
+			return bad
+		}
+		if s.Path[0] != '/' && !(s.Path == "*" && s.Method == "OPTIONS") {
+			if !strings.HasPrefix(s.Path, "http") { // absolute form is tolerated
+				return bad
+			}
+		}
+	}
+	s.Header = regular
+	return nil
+}
+
+// Read reads the request body. It returns io.EOF after the client's END_STREAM, and an error
+// when the stream was reset or the connection closed. Consumed bytes are returned to the
+// client's windows.
+func (s *Stream) Read(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	for {
+		if len(s.rbuf) > 0 {
+			n := copy(p, s.rbuf)
+			s.rbuf = s.rbuf[n:]
+			if len(s.rbuf) == 0 {
+				s.rbuf = s.rbuf[:0:0]
+			}
+			s.creditLocked(int64(n))
+			c.mu.Unlock()
+			return n, nil
+		}
+		if s.eof {
+			c.mu.Unlock()
+			return 0, io.EOF
+		}
+		if s.state == stateClosed {
+			err := s.err
+			c.mu.Unlock()
+			if err == nil {
+				err = errStreamReset
+			}
+			return 0, err
+		}
+		c.mu.Unlock()
+		<-s.wake
+		c.mu.Lock()
+	}
+}
+
+// creditLocked returns n read bytes to the stream and connection windows.
+func (s *Stream) creditLocked(n int64) {
+	c := s.c
+	c.creditConnLocked(n)
+	if s.state != stateOpen || c.closing {
+		return
+	}
+	s.recvAck += n
+	if s.recvAck >= int64(c.cfg.InitialWindowSize)/2 {
+		c.wf.WriteWindowUpdate(s.id, uint32(s.recvAck))
+		s.recvWin += s.recvAck
+		s.recvAck = 0
+		c.signal()
+	}
+}
+
+// Trailers returns the request trailers, valid after Read returned io.EOF.
+func (s *Stream) Trailers() []hpack.HeaderField {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.trailers
+}
+
+// WriteHead queues the response head. With end, the response has no body.
+func (s *Stream) WriteHead(status int, fields []hpack.HeaderField, end bool) error {
+	if s.headDone {
+		return errEnded
+	}
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := s.writableLocked(); err != nil {
+		return err
+	}
+	s.headDone = true
+	c.writeHeadLocked(s.id, status, fields, end)
+	if end {
+		s.endLocked()
+	}
+	c.signal()
+	return nil
+}
+
+func (s *Stream) writableLocked() error {
+	if s.ended {
+		return errEnded
+	}
+	if s.state == stateClosed || s.state == stateHalfClosedLocal {
+		if s.err != nil {
+			return s.err
+		}
+		return errStreamReset
+	}
+	if s.c.closing {
+		return errConnClosed
+	}
+	return nil
+}
+
+// Write queues body bytes as DATA frames as the client's windows allow; it waits for window up
+// to SendTimeout, then resets the stream.
+func (s *Stream) Write(p []byte) (int, error) {
+	return s.write(p, false)
+}
+
+// WriteData writes p and, with end, ends the response.
+func (s *Stream) WriteData(p []byte, end bool) error {
+	_, err := s.write(p, end)
+	return err
+}
+
+func (s *Stream) write(p []byte, end bool) (int, error) {
+	if !s.headDone {
+		return 0, errNoHead
+	}
+	c := s.c
+	written := 0
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	c.mu.Lock()
+	for {
+		if err := s.writableLocked(); err != nil {
+			c.mu.Unlock()
+			return written, err
+		}
+		if len(p) == 0 {
+			if end {
+				c.wf.WriteData(s.id, true, nil)
+				s.endLocked()
+				c.signal()
+			}
+			c.mu.Unlock()
+			return written, nil
+		}
+		n := min(int64(len(p)), s.sendWin, c.sendWin, int64(c.peerMaxFrame))
+		if n > 0 && c.out.Len() < maxOut {
+			last := end && int(n) == len(p)
+			c.wf.WriteData(s.id, last, p[:n])
+			s.sendWin -= n
+			c.sendWin -= n
+			p = p[n:]
+			written += int(n)
+			if last {
+				s.endLocked()
+			}
+			c.signal()
+			if last {
+				c.mu.Unlock()
+				return written, nil
+			}
+			continue
+		}
+		// Wait: for the stream's or the connection's window, or for the writer to drain.
+		var ch <-chan struct{} = s.wake
+		if n > 0 { // output full
+			if c.drained == nil {
+				c.drained = make(chan struct{})
+			}
+			c.drainWait++
+			ch = c.drained
+		} else if c.sendWin <= 0 {
+			c.connWait = append(c.connWait, s)
+		}
+		c.mu.Unlock()
+		if timer == nil {
+			timer = time.NewTimer(c.cfg.SendTimeout)
+		}
+		select {
+		case <-ch:
+			c.mu.Lock()
+		case <-timer.C:
+			c.srv.stats.StalledStreams.Add(1)
+			c.mu.Lock()
+			if s.state != stateClosed && !c.closing {
+				c.wf.WriteRSTStream(s.id, http2.ErrCodeCancel)
+				c.closeStreamLocked(s, errStalled)
+				c.signal()
+			}
+			c.mu.Unlock()
+			return written, errStalled
+		}
+	}
+}
+
+// WriteTrailers ends the response with trailer fields.
+func (s *Stream) WriteTrailers(fields []hpack.HeaderField) error {
+	if !s.headDone {
+		return errNoHead
+	}
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := s.writableLocked(); err != nil {
+		return err
+	}
+	c.writeHeadLocked(s.id, 0, fields, true)
+	s.endLocked()
+	c.signal()
+	return nil
+}
+
+// endLocked records our END_STREAM.
+func (s *Stream) endLocked() {
+	s.ended = true
+	c := s.c
+	c.completed++
+	switch s.state {
+	case stateHalfClosedRemote:
+		c.forgetLocked(s)
+	case stateOpen:
+		s.state = stateHalfClosedLocal
+	}
+}
+
+// Reset resets the stream with code (CANCEL when the target failed mid-response, for example).
+func (s *Stream) Reset(code http2.ErrCode) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.state == stateClosed || c.closing {
+		return
+	}
+	c.wf.WriteRSTStream(s.id, code)
+	c.closeStreamLocked(s, errStreamReset)
+	c.signal()
+}
+
+// finish runs after the handler returned: a response never ended is reset with code; a body
+// the client is still sending after our END_STREAM is refused with RST_STREAM(NO_ERROR).
+func (s *Stream) finish(code http2.ErrCode) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case s.state == stateClosed:
+	case !s.ended:
+		if !c.closing {
+			c.wf.WriteRSTStream(s.id, code)
+			c.signal()
+		}
+		c.closeStreamLocked(s, errStreamReset)
+	case s.state == stateHalfClosedLocal:
+		if !c.closing {
+			c.wf.WriteRSTStream(s.id, errCodeNo)
+			c.signal()
+		}
+		c.closeStreamLocked(s, errStreamReset)
+	}
+	if s.cancel != nil {
+		s.cancel()
+	}
+}
