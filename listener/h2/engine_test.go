@@ -300,4 +300,3 @@ func waitFor(d time.Duration, cond func() bool) error {
 	}
 	return errTimeout
 }
-
