@@ -42,6 +42,8 @@ const (
 	DefaultDesyncMitigation = "defensive"
 	DefaultTLSPolicy        = "recommended"
 	DefaultALPNPolicy       = "None"
+	DefaultFleetPrefix      = "/fulcrum/"
+	DefaultFleetLeaseTTL    = "10s"
 )
 
 // applyDefaults fills every setting the operator left out, in place, and synthesizes the target
@@ -64,6 +66,8 @@ func applyDefaults(c *Config) {
 			k.MaxSessions = DefaultPKCS11Sessions
 		}
 	}
+
+	applyFleetDefaults(c)
 
 	for i := range c.Authorities {
 		a := &c.Authorities[i]

@@ -19,6 +19,7 @@ type Config struct {
 	Certificates []Certificate `toml:"certificates"`
 	TargetGroups []TargetGroup `toml:"target_groups"`
 	Listeners    []Listener    `toml:"listeners"`
+	Fleet        *Fleet        `toml:"fleet"` // nil: a single node, nothing shared
 
 	// File is the path the configuration was loaded from ("" when loaded from bytes).
 	File string `toml:"-"`

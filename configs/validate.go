@@ -95,6 +95,7 @@ func (v *validator) run() {
 	c := v.c
 	v.server(scope{v: v, path: "server"})
 	v.keystore(scope{v: v, path: "keystore"})
+	v.fleet(scope{v: v, path: "fleet"})
 
 	v.auths = make(map[string]*Authority, len(c.Authorities))
 	for i := range c.Authorities {
