@@ -100,6 +100,16 @@ func (a *Action) RedirectStatus() int {
 // request's escaped path without its leading "/" and #{query} its raw query without "?".
 // It returns "" for other kinds.
 func (a *Action) RedirectLocation(r *http.Request, host string, tlsOn bool, port string) string {
+	var path, query string
+	if r != nil && r.URL != nil {
+		path, query = r.URL.EscapedPath(), r.URL.RawQuery
+	}
+	return a.RedirectLocationFor(path, query, host, tlsOn, port)
+}
+
+// RedirectLocationFor is RedirectLocation for engines without an *http.Request: escapedPath is
+// the request target's path as received, rawQuery its query without "?".
+func (a *Action) RedirectLocationFor(escapedPath, rawQuery, host string, tlsOn bool, port string) string {
 	rd := a.Redirect
 	if rd == nil {
 		return ""
@@ -108,10 +118,8 @@ func (a *Action) RedirectLocation(r *http.Request, host string, tlsOn bool, port
 	if tlsOn {
 		v.protocol = "https"
 	}
-	if r != nil && r.URL != nil {
-		v.path = strings.TrimPrefix(r.URL.EscapedPath(), "/")
-		v.query = r.URL.RawQuery
-	}
+	v.path = strings.TrimPrefix(escapedPath, "/")
+	v.query = rawQuery
 	scheme := asciiLower(rd.proto.expand(&v))
 	h := rd.host.expand(&v)
 	p := rd.port.expand(&v)

@@ -296,23 +296,58 @@ func (t *Table) candidates(h string) []candidate {
 	return t.other
 }
 
+// Headers gives the router a request's header values without a header map, so an engine that
+// keeps fields as slices of its read buffer can be matched without building one.
+type Headers interface {
+	// HeaderValue returns the i-th value (0-based, in arrival order) of the field named name
+	// (canonical form; compare names case-insensitively), without surrounding whitespace.
+	HeaderValue(name string, i int) (string, bool)
+}
+
+// Request is what matching reads of a request. An engine fills it from its own representation
+// (the strings may alias a buffer it owns: matching keeps none of them).
+type Request struct {
+	Method   string
+	Host     string // as received: its port, a trailing dot and case do not matter
+	Path     string // decoded ("/%61dmin" is "/admin", as the back end will see it); "" means "/"
+	RawQuery string
+	Header   Headers
+}
+
+// stdHeader serves an http.Header through Headers (a map is pointer-shaped: no allocation).
+type stdHeader http.Header
+
+func (h stdHeader) HeaderValue(name string, i int) (string, bool) {
+	vs := http.Header(h)[name]
+	if i < len(vs) {
+		return vs[i], true
+	}
+	return "", false
+}
+
 // MatchHTTP returns the first rule by priority that matches r, or the default; never nil.
 // host is the host the request is for (normally r.Host; its port, a trailing dot and case do not
 // matter) and src the client's address (already resolved through trusted proxies by the caller).
 // Paths are matched against r.URL.Path (decoded: "/%61dmin" is "/admin", as the back end will
 // see it). It does not allocate.
 func (t *Table) MatchHTTP(r *http.Request, host string, src netip.Addr) *Rule {
-	h := trimHost(host)
-	path, query := "/", ""
+	m := Request{Method: r.Method, Host: host, Header: stdHeader(r.Header)}
 	if r.URL != nil {
-		if r.URL.Path != "" {
-			path = r.URL.Path
-		}
-		query = r.URL.RawQuery
+		m.Path, m.RawQuery = r.URL.Path, r.URL.RawQuery
+	}
+	return t.Match(&m, src)
+}
+
+// Match is MatchHTTP for engines without an *http.Request. It does not allocate.
+func (t *Table) Match(m *Request, src netip.Addr) *Rule {
+	h := trimHost(m.Host)
+	path := m.Path
+	if path == "" {
+		path = "/"
 	}
 	src = src.Unmap()
 	for _, c := range t.candidates(h) {
-		if c.r.matchHTTP(r, h, path, query, src, c.hostKnown) {
+		if c.r.match(m, h, path, m.RawQuery, src, c.hostKnown) {
 			return c.r
 		}
 	}
@@ -336,8 +371,8 @@ func (t *Table) MatchSNI(serverName string) *Rule {
 	return t.rules[0]
 }
 
-// matchHTTP checks every condition, cheapest first.
-func (r *Rule) matchHTTP(req *http.Request, host, path, query string, src netip.Addr, hostKnown bool) bool {
+// match checks every condition, cheapest first.
+func (r *Rule) match(req *Request, host, path, query string, src netip.Addr, hostKnown bool) bool {
 	if len(r.methods) > 0 && !containsString(r.methods, req.Method) {
 		return false
 	}
@@ -393,16 +428,22 @@ func containsAddr(ps []netip.Prefix, a netip.Addr) bool {
 	return false
 }
 
-func (c *headerCond) match(h http.Header, host string) bool {
+func (c *headerCond) match(h Headers, host string) bool {
 	if c.host {
 		return matchAny(c.values, host)
 	}
-	for _, v := range h[c.name] {
+	if h == nil {
+		return false
+	}
+	for i := 0; ; i++ {
+		v, ok := h.HeaderValue(c.name, i)
+		if !ok {
+			return false
+		}
 		if matchAny(c.values, v) {
 			return true
 		}
 	}
-	return false
 }
 
 // match scans the raw query string pair by pair ('&'-separated; a pair without '=' has an

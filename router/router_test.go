@@ -224,7 +224,7 @@ func matchLinear(t *Table, r *http.Request, host string, src netip.Addr) *Rule {
 		query = r.URL.RawQuery
 	}
 	for _, rule := range t.rules[1:] {
-		if rule.matchHTTP(r, h, path, query, src.Unmap(), false) {
+		if rule.match(&Request{Method: r.Method, Header: stdHeader(r.Header)}, h, path, query, src.Unmap(), false) {
 			return rule
 		}
 	}

@@ -449,26 +449,32 @@ func (c *Conn) classifyRaw(r *http.Request) (Tier, Reason, bool) {
 // split as upstream does (method up to the first space, version after the
 // last one). It does not count.
 func ClassifyRaw(head []byte) (Tier, Reason) {
+	var c Classifier
 	it := lineIter{b: head}
-	reqLine, _, _ := it.next()
-	var s state
-	method, rest, hasSP := bytes.Cut(reqLine, []byte(" "))
-	var uri, version []byte
-	if !hasSP {
-		s.up(Ambiguous, ReasonMissingUri)
-	} else {
-		before, tok, partial := lastToken(rest)
-		switch {
-		case partial && bytes.HasPrefix(tok, []byte("HTTP/1.")), !partial && len(before) == 0 && len(tok) == 0:
-			s.up(Ambiguous, ReasonMissingUri)
-			version = tok
-		case partial:
-			uri = tok // no version: HTTP/0.9
-		default:
-			uri, version = before, tok
+	reqLine, crlf, _ := it.next()
+	method, uri, version := c.RequestLine(reqLine, crlf)
+	var store [32]Field
+	return c.Finish(method, uri, version, c.lines(&it, store[:0]))
+}
+
+// lines feeds the header lines of it to c and returns the fields.
+func (c *Classifier) lines(it *lineIter, fields []Field) []Field {
+	for {
+		line, crlf, ok := it.next()
+		if !ok {
+			return fields
 		}
+		c.LineEnd(crlf)
+		if len(line) == 0 {
+			c.Terminated()
+			return fields
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			c.Fold()
+			continue
+		}
+		fields = append(fields, c.Field(line))
 	}
-	return analyzeHead(s, head, method, uri, version)
 }
 
 // lastToken splits off the last space-separated token of b, ignoring trailing
@@ -497,85 +503,14 @@ func lastToken(b []byte) (before, tok []byte, partial bool) {
 // parsed), then analyses it.
 func analyzeRaw(head []byte, r *http.Request) (Tier, Reason) {
 	it := lineIter{b: head}
-	reqLine, _, _ := it.next()
+	reqLine, crlf, _ := it.next()
 	m, rest, ok1 := bytes.Cut(reqLine, []byte(" "))
 	u, p, ok2 := bytes.Cut(rest, []byte(" "))
 	if !ok1 || !ok2 || string(m) != r.Method || string(u) != r.RequestURI || string(p) != r.Proto {
 		return Ambiguous, ReasonUnverifiedRequest
 	}
-	return analyzeHead(state{}, head, m, u, p)
-}
-
-// analyzeHead is upstream's raw analysis over a head whose request line was
-// already split by the caller.
-func analyzeHead(s state, head, method, uri, version []byte) (Tier, Reason) {
-	if len(trimOWS(version)) == 0 {
-		version = []byte("HTTP/0.9")
-	}
-	it := lineIter{b: head}
-	_, crlf, _ := it.next()
-	if !crlf {
-		s.up(Acceptable, ReasonNonCrLfLineTermination)
-	}
-	nTE, nCL := 0, 0
-	terminated := false
-	for {
-		line, crlf, ok := it.next()
-		if !ok {
-			break
-		}
-		if !crlf {
-			s.up(Acceptable, ReasonNonCrLfLineTermination)
-		}
-		if len(line) == 0 {
-			terminated = true
-			break
-		}
-		if line[0] == ' ' || line[0] == '\t' {
-			s.up(obsFoldTier, ReasonMultilineHeader)
-			continue
-		}
-		name, value, found := bytes.Cut(line, []byte(":"))
-		if !found {
-			s.up(Ambiguous, ReasonMissingHeaderColon)
-		}
-		switch headerPass1(&s, name, value) {
-		case kindTE:
-			nTE++
-		case kindCL:
-			nCL++
-		}
-	}
-	if !terminated {
-		s.up(Ambiguous, ReasonMissingLastEmptyLine)
-	}
-	if (nTE > 0 || nCL > 0) && !versionBlocksFraming(&s, version, nTE, nCL) {
-		var f framing
-		for pass := kindTE; pass <= kindCL; pass++ {
-			it = lineIter{b: head}
-			it.next()
-			for {
-				line, _, ok := it.next()
-				if !ok || len(line) == 0 {
-					break
-				}
-				if line[0] == ' ' || line[0] == '\t' {
-					continue
-				}
-				name, value, _ := bytes.Cut(line, []byte(":"))
-				if k, _ := headerKind(name, value, nil); k == pass {
-					if pass == kindTE {
-						addTE(&f, &s, value)
-					} else {
-						addCL(&f, &s, value)
-					}
-				}
-			}
-		}
-		f.finish(&s, isBodyless(method))
-	}
-	checkMethod(&s, method)
-	checkVersion(&s, version)
-	checkURI(&s, uri)
-	return s.tier, s.reason
+	var c Classifier
+	c.LineEnd(crlf)
+	var store [32]Field
+	return c.Finish(m, u, p, c.lines(&it, store[:0]))
 }
