@@ -1,0 +1,425 @@
+package h1
+
+import (
+	"errors"
+	"io"
+	"strconv"
+	"sync"
+)
+
+// Buffers are pooled by size class and held only while bytes are in flight: a connection waiting
+// for its next request holds none (Release), which is most of what an idle connection costs.
+var (
+	pool4k  = sync.Pool{New: func() any { b := make([]byte, 4<<10); return &b }}
+	pool16k = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+	pool64k = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+)
+
+func getBuf(n int) *[]byte {
+	switch {
+	case n <= 4<<10:
+		return pool4k.Get().(*[]byte)
+	case n <= 16<<10:
+		return pool16k.Get().(*[]byte)
+	case n <= 64<<10:
+		return pool64k.Get().(*[]byte)
+	}
+	b := make([]byte, n)
+	return &b
+}
+
+func putBuf(p *[]byte) {
+	switch cap(*p) {
+	case 4 << 10:
+		pool4k.Put(p)
+	case 16 << 10:
+		pool16k.Put(p)
+	case 64 << 10:
+		pool64k.Put(p)
+	}
+}
+
+// Reader buffers one connection's input. Its buffer comes from a pool on the first read and goes
+// back on Release once nothing is buffered.
+type Reader struct {
+	rd   io.Reader
+	bp   *[]byte
+	r, w int
+	err  error
+}
+
+// NewReader returns a reader over rd holding no buffer yet.
+func NewReader(rd io.Reader) *Reader { return &Reader{rd: rd} }
+
+// Reset points b at rd, dropping anything buffered.
+func (b *Reader) Reset(rd io.Reader) {
+	if b.bp != nil {
+		putBuf(b.bp)
+	}
+	*b = Reader{rd: rd}
+}
+
+// Buffered returns the unread bytes (valid until the next Fill or Discard).
+func (b *Reader) Buffered() []byte {
+	if b.bp == nil {
+		return nil
+	}
+	return (*b.bp)[b.r:b.w]
+}
+
+// Discard drops n buffered bytes.
+func (b *Reader) Discard(n int) { b.r += n }
+
+// Release returns the buffer to its pool when nothing is buffered.
+func (b *Reader) Release() {
+	if b.bp != nil && b.r == b.w {
+		putBuf(b.bp)
+		b.bp, b.r, b.w = nil, 0, 0
+	}
+}
+
+// Fill reads once more from the connection, keeping what is buffered; the buffer grows (up to
+// max) when it is full. It returns io.EOF or the read error once nothing more can come.
+func (b *Reader) Fill(max int) error {
+	if b.err != nil {
+		return b.err
+	}
+	if b.bp == nil {
+		b.bp, b.r, b.w = getBuf(4<<10), 0, 0
+	}
+	buf := *b.bp
+	if b.r > 0 && b.w == len(buf) || b.r == b.w {
+		n := copy(buf, buf[b.r:b.w])
+		b.r, b.w = 0, n
+	}
+	if b.w == len(buf) {
+		if len(buf) >= max {
+			return errFull
+		}
+		nb := getBuf(min(len(buf)*4, max))
+		n := copy(*nb, buf[b.r:b.w])
+		putBuf(b.bp)
+		b.bp, b.r, b.w = nb, 0, n
+		buf = *nb
+	}
+	n, err := b.rd.Read(buf[b.w:])
+	b.w += n
+	if err != nil {
+		b.err = err
+		if n > 0 {
+			return nil
+		}
+		return err
+	}
+	return nil
+}
+
+var errFull = errors.New("h1: buffer full")
+
+// Err is the sticky read error, nil while the connection is readable.
+func (b *Reader) Err() error { return b.err }
+
+// Writer buffers one connection's output: heads and small bodies leave in one write.
+type Writer struct {
+	wr  io.Writer
+	bp  *[]byte
+	n   int
+	err error
+}
+
+// NewWriter returns a writer over wr holding no buffer yet.
+func NewWriter(wr io.Writer) *Writer { return &Writer{wr: wr} }
+
+// Reset points w at wr, dropping anything buffered.
+func (w *Writer) Reset(wr io.Writer) {
+	if w.bp != nil {
+		putBuf(w.bp)
+	}
+	*w = Writer{wr: wr}
+}
+
+// Buf returns the buffer to append to; call Commit with the result.
+func (w *Writer) Buf() []byte {
+	if w.bp == nil {
+		w.bp = getBuf(4 << 10)
+	}
+	return (*w.bp)[:w.n]
+}
+
+// Commit takes b (from Buf, appended to) as the buffered output. If the append outgrew the pooled
+// buffer, b is kept as is (it is garbage after the next Flush).
+func (w *Writer) Commit(b []byte) {
+	if cap(b) != cap(*w.bp) || &b[:1][0] != &(*w.bp)[:1][0] {
+		// Outgrown: write it now rather than keep an unpooled buffer.
+		w.n = 0
+		if w.err == nil {
+			_, w.err = w.wr.Write(b)
+		}
+		return
+	}
+	w.n = len(b)
+}
+
+// Write buffers p, writing through when it is large.
+func (w *Writer) Write(p []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	b := w.Buf()
+	if len(b)+len(p) <= cap(b) {
+		w.n += copy((*w.bp)[w.n:cap(b)], p)
+		return len(p), nil
+	}
+	if w.n > 0 && len(b)+len(p) <= 2*cap(b) {
+		// Fill up and flush: one write of a full buffer, the rest buffered.
+		k := copy((*w.bp)[w.n:cap(b)], p)
+		w.n += k
+		if err := w.Flush(); err != nil {
+			return 0, err
+		}
+		w.n = copy(*w.bp, p[k:])
+		return len(p), nil
+	}
+	if err := w.Flush(); err != nil {
+		return 0, err
+	}
+	n, err := w.wr.Write(p)
+	if err != nil {
+		w.err = err
+	}
+	return n, err
+}
+
+// Flush writes what is buffered.
+func (w *Writer) Flush() error {
+	if w.err != nil {
+		return w.err
+	}
+	if w.n == 0 {
+		return nil
+	}
+	_, err := w.wr.Write((*w.bp)[:w.n])
+	w.n = 0
+	if err != nil {
+		w.err = err
+	}
+	return err
+}
+
+// Release returns the buffer to its pool when nothing is buffered.
+func (w *Writer) Release() {
+	if w.bp != nil && w.n == 0 {
+		putBuf(w.bp)
+		w.bp = nil
+	}
+}
+
+// Buffered is how many bytes wait for Flush.
+func (w *Writer) Buffered() int { return w.n }
+
+// Err is the sticky write error.
+func (w *Writer) Err() error { return w.err }
+
+// Body errors.
+var (
+	// ErrBadChunk: malformed chunked framing (400 from a client, 502 from a target).
+	ErrBadChunk = errors.New("h1: malformed chunked body")
+	// ErrShortBody: the peer closed before the body ended.
+	ErrShortBody = errors.New("h1: body ended early")
+)
+
+const maxChunkLine = 4096 // as net/http
+const maxTrailers = 16 << 10
+
+// CopyBody copies a body framed as framing (n bytes for Sized) from src to dst. out is the
+// framing dst gets: the same, or UntilClose for a chunked body given to an HTTP/1.0 peer (the
+// chunks are unwrapped, trailers dropped). Output is flushed before every read that has to wait,
+// so bytes never sit in a buffer while the proxy waits for more (backpressure both ways: a slow
+// reader stalls the writes, which stall the reads). It returns the body bytes copied.
+func CopyBody(dst *Writer, src *Reader, framing Framing, n int64, out Framing) (int64, error) {
+	switch framing {
+	case NoBody:
+		return 0, nil
+	case Sized:
+		return copySized(dst, src, n)
+	case Chunked:
+		return copyChunked(dst, src, out == Chunked)
+	default:
+		return copySized(dst, src, -1)
+	}
+}
+
+// copySized copies n bytes (n < 0: until EOF).
+func copySized(dst *Writer, src *Reader, n int64) (int64, error) {
+	var done int64
+	for n < 0 || done < n {
+		buf := src.Buffered()
+		if len(buf) == 0 {
+			if err := dst.Flush(); err != nil {
+				return done, err
+			}
+			if err := src.Fill(64 << 10); err != nil {
+				if n < 0 && err == io.EOF {
+					return done, nil
+				}
+				if err == io.EOF {
+					err = ErrShortBody
+				}
+				return done, err
+			}
+			continue
+		}
+		if n >= 0 && int64(len(buf)) > n-done {
+			buf = buf[:n-done]
+		}
+		if _, err := dst.Write(buf); err != nil {
+			return done, err
+		}
+		src.Discard(len(buf))
+		done += int64(len(buf))
+	}
+	return done, nil
+}
+
+// line returns the next line of src including its LF, at most max bytes.
+func (b *Reader) line(dst *Writer, max int) ([]byte, error) {
+	for {
+		buf := b.Buffered()
+		for i, c := range buf {
+			if c == '\n' {
+				if i+1 > max {
+					return nil, ErrBadChunk
+				}
+				b.Discard(i + 1)
+				return buf[:i+1], nil
+			}
+		}
+		if len(buf) >= max {
+			return nil, ErrBadChunk
+		}
+		if dst != nil {
+			if err := dst.Flush(); err != nil {
+				return nil, err
+			}
+		}
+		if err := b.Fill(64 << 10); err != nil {
+			if err == io.EOF {
+				err = ErrShortBody
+			}
+			return nil, err
+		}
+	}
+}
+
+// copyChunked relays a chunked body, re-encoding each chunk's size line (extensions dropped) and
+// checking every byte of framing as strictly as the head: sizes in hex, CRLF everywhere.
+func copyChunked(dst *Writer, src *Reader, chunked bool) (int64, error) {
+	var done int64
+	for {
+		l, err := src.line(dst, maxChunkLine)
+		if err != nil {
+			return done, err
+		}
+		size, ok := chunkSize(l)
+		if !ok {
+			return done, ErrBadChunk
+		}
+		if size == 0 {
+			return done, copyTrailers(dst, src, chunked)
+		}
+		if chunked {
+			b := dst.Buf()
+			b = strconv.AppendUint(b, size, 16)
+			b = append(b, '\r', '\n')
+			dst.Commit(b)
+		}
+		k, err := copySized(dst, src, int64(size))
+		done += k
+		if err != nil {
+			return done, err
+		}
+		l, err = src.line(dst, 2)
+		if err != nil || len(l) != 2 || l[0] != '\r' {
+			return done, ErrBadChunk
+		}
+		if chunked {
+			dst.Write(crlf)
+		}
+	}
+}
+
+var crlf = []byte("\r\n")
+
+// chunkSize parses "HEX[;ext]\r\n".
+func chunkSize(l []byte) (uint64, bool) {
+	if len(l) < 3 || l[len(l)-2] != '\r' {
+		return 0, false
+	}
+	l = l[:len(l)-2]
+	for i, c := range l {
+		if c == ';' {
+			l = TrimOWS(l[:i])
+			break
+		}
+		if c == '\r' || c == '\n' || c == 0 {
+			return 0, false
+		}
+	}
+	if len(l) == 0 || len(l) > 15 {
+		return 0, false
+	}
+	var n uint64
+	for _, c := range l {
+		var d byte
+		switch {
+		case c >= '0' && c <= '9':
+			d = c - '0'
+		case c|0x20 >= 'a' && c|0x20 <= 'f':
+			d = c | 0x20 - 'a' + 10
+		default:
+			return 0, false
+		}
+		n = n<<4 | uint64(d)
+	}
+	return n, true
+}
+
+// copyTrailers relays the trailer section (valid fields only) and the final CRLF.
+func copyTrailers(dst *Writer, src *Reader, chunked bool) error {
+	if chunked {
+		dst.Write([]byte("0\r\n"))
+	}
+	total := 0
+	for {
+		l, err := src.line(dst, maxChunkLine)
+		if err != nil {
+			return err
+		}
+		total += len(l)
+		if total > maxTrailers || len(l) < 2 || l[len(l)-2] != '\r' {
+			return ErrBadChunk
+		}
+		if len(l) == 2 {
+			if chunked {
+				dst.Write(crlf)
+			}
+			return nil
+		}
+		name, value, ok := cutColon(l[:len(l)-2])
+		if !ok || !isToken(name) || !validValue(value) {
+			return ErrBadChunk
+		}
+		if chunked {
+			dst.Write(l)
+		}
+	}
+}
+
+func cutColon(b []byte) (name, value []byte, ok bool) {
+	for i, c := range b {
+		if c == ':' {
+			return b[:i], b[i+1:], true
+		}
+	}
+	return b, nil, false
+}
