@@ -124,6 +124,7 @@ func (t *h1Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			closeReqBody(req)
 			return nil, err
 		}
+		pc.buffers()
 		resp, err := t.exchange(ctx, pc, req)
 		if err == nil {
 			return resp, nil
@@ -355,7 +356,7 @@ func (h *h1Host) get(ctx context.Context, fresh, probe bool) (*h1Conn, error) {
 		}
 		c = tc
 	}
-	return &h1Conn{Conn: c, host: h, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10)}, nil
+	return &h1Conn{Conn: c, host: h}, nil
 }
 
 func (h *h1Host) put(pc *h1Conn) {
