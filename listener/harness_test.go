@@ -15,7 +15,10 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/backends"
+	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/listener/door"
 	"github.com/fulcrum-lb/fulcrum/listener/porttest"
 )
 
@@ -60,14 +63,24 @@ func testLogger(t testing.TB) *slog.Logger {
 // startRuntime starts a runtime for cfg and stops it when the test ends.
 func startRuntime(t testing.TB, cfg *configs.Config, obs Observer) *Runtime {
 	t.Helper()
-	rt, err := Start(context.Background(), cfg, Options{Log: testLogger(t), Observer: obs})
+	log := testLogger(t)
+	cm, err := certs.NewManager(context.Background(), cfg, log)
 	if err != nil {
+		t.Fatalf("certificate manager: %v", err)
+	}
+	reg := backends.NewRegistry(log)
+	rt, err := Start(context.Background(), cfg, Options{Log: log, Observer: obs, Certs: cm, Registry: reg})
+	if err != nil {
+		reg.Close()
+		cm.Close()
 		t.Fatalf("start: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		rt.Shutdown(ctx)
+		reg.Close()
+		cm.Close()
 	})
 	return rt
 }
@@ -118,7 +131,7 @@ func clientFrom(src string) *http.Client {
 }
 
 // rejectedOf is the listener's count of connections closed at accept.
-func rejectedOf(t testing.TB, rt *Runtime, listener string) Rejections {
+func rejectedOf(t testing.TB, rt *Runtime, listener string) door.Rejections {
 	t.Helper()
 	for _, s := range rt.Stats() {
 		if s.Name == listener {
@@ -126,5 +139,5 @@ func rejectedOf(t testing.TB, rt *Runtime, listener string) Rejections {
 		}
 	}
 	t.Fatalf("no listener %q in Stats", listener)
-	return Rejections{}
+	return door.Rejections{}
 }

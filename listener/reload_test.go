@@ -4,9 +4,14 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -282,5 +287,119 @@ tls = { ca_file = "no-such-ca.pem" }
 	}
 	if got := served(); got != "new.example.test" {
 		t.Fatalf("after the good reload the listener serves %q", got)
+	}
+}
+
+// TestReloadAddsAndRemovesListeners: a reload that removes one listener and adds another lets
+// the request in flight on the removed one finish, closes its socket before Reload returns, and
+// serves on the new one; a listener that changes kind at one address keeps its socket.
+func TestReloadAddsAndRemovesListeners(t *testing.T) {
+	dir := t.TempDir()
+	arrived, release := make(chan struct{}, 1), make(chan struct{})
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/slow" { // health checks
+			return
+		}
+		arrived <- struct{}{}
+		<-release
+		w.Write([]byte("slow done"))
+	}))
+	defer slow.Close()
+	fast := backend(t, "fast")
+	oldAddr, newAddr := freeAddr(t), freeAddr(t)
+	conf := func(name, addr, group string) string {
+		return header(dir) + fmt.Sprintf(`
+[[target_groups]]
+name = "slow"
+protocol = "http"
+targets = [%q]
+
+[[target_groups]]
+name = "fast"
+protocol = "http"
+targets = [%q]
+
+[[listeners]]
+name = %q
+style = "application"
+protocol = "http"
+address = %q
+default_action = { forward = %q }
+`, hostOf(slow), hostOf(fast), name, addr, group)
+	}
+	rt := startRuntime(t, loadConfig(t, dir, conf("old", oldAddr, "slow")), nil)
+	c := clientFrom("127.0.0.1")
+
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	inflight := make(chan result, 1)
+	go func() {
+		resp, err := c.Get("http://" + oldAddr + "/slow")
+		if err != nil {
+			inflight <- result{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		inflight <- result{resp.StatusCode, string(b), err}
+	}()
+	select {
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request never reached the back end")
+	}
+
+	oldSock := rt.Sockets()[oldAddr]
+	ch, err := rt.Reload(context.Background(), loadConfig(t, dir, conf("new", newAddr, "fast")))
+	if err != nil {
+		t.Fatalf("reload: %v", err)
+	}
+	if !slices.Equal(ch.Added, []string{"new"}) || !slices.Equal(ch.Removed, []string{"old"}) || len(ch.Updated) != 0 {
+		t.Fatalf("changes: %+v", ch)
+	}
+	// Asked of the socket, not its port: a free port may go to another test process at once.
+	if _, err := oldSock.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("the removed listener's socket is still open: Accept = %v", err)
+	}
+	if s, who, _ := get(t, c, newReq(t, "GET", "http://"+newAddr+"/")); s != 200 || who != "fast" {
+		t.Fatalf("the added listener: %d %q", s, who)
+	}
+	close(release)
+	select {
+	case r := <-inflight:
+		if r.err != nil || r.status != 200 || r.body != "slow done" {
+			t.Fatalf("the request in flight on the removed listener: %+v", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request in flight on the removed listener never finished")
+	}
+
+	// The same address as a network listener: the socket stays, the new kind serves it.
+	l4conf := header(dir) + fmt.Sprintf(`
+[[target_groups]]
+name = "fast"
+protocol = "tcp"
+targets = [%q]
+
+[[listeners]]
+name = "new"
+style = "network"
+protocol = "tcp"
+address = %q
+forward = "fast"
+`, hostOf(fast), newAddr)
+	if ch, err = rt.Reload(context.Background(), loadConfig(t, dir, l4conf)); err != nil {
+		t.Fatalf("reload to a network listener: %v", err)
+	}
+	if !slices.Equal(ch.Updated, []string{"new"}) {
+		t.Fatalf("changes: %+v", ch)
+	}
+	c4 := clientFrom("127.0.0.1")
+	defer c4.CloseIdleConnections() // a stream through a network listener lasts as long as the client keeps it
+	if s, who, _ := get(t, c4, newReq(t, "GET", "http://"+newAddr+"/")); s != 200 || who != "fast" {
+		t.Fatalf("through the network listener: %d %q", s, who)
 	}
 }

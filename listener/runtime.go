@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"sort"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
+	"github.com/fulcrum-lb/fulcrum/listener/door"
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
 	"github.com/fulcrum-lb/fulcrum/listener/l4"
 	"github.com/fulcrum-lb/fulcrum/router"
@@ -25,27 +27,36 @@ import (
 type Options struct {
 	Log      *slog.Logger
 	Observer Observer // nil: no metrics or access log
+	// Certs and Registry outlive the runtime's generations; the caller creates them, and
+	// closes them after Shutdown.
+	Certs    *certs.Manager
+	Registry *backends.Registry
 	// ListenConfig opens new sockets; the zero value is fine.
 	ListenConfig net.ListenConfig
+	// Inherited are listening sockets handed over by a previous process, by configured
+	// address. A listener whose address is here serves on it instead of opening a socket;
+	// sockets no listener takes are closed once the first configuration is applied.
+	Inherited map[string]net.Listener
 }
 
 // Runtime runs every listener of a configuration and applies new configurations live:
-// build generation N+1 beside N, commit it by swapping each kept listener's state, then retire
-// what N alone held. Long-lived state (sockets, target health, certificates) survives reloads.
+// build generation N+1 beside N, commit it by storing each kept listener's generation, then
+// retire what N alone held. Long-lived state (sockets, target health, certificates) survives
+// reloads.
 type Runtime struct {
-	mu   sync.Mutex // serializes Reload and Shutdown; never taken on the request path
-	log  *slog.Logger
-	obs  Observer
-	lc   net.ListenConfig
-	reg  *backends.Registry
-	cm   *certs.Manager
-	cfg  atomic.Pointer[configs.Config]
-	set  *backends.Set
-	http map[string]*HTTPListener // by address
-	l4   map[string]*L4Listener   // by address
+	mu        sync.Mutex // serializes Reload and Shutdown; never taken on the request path
+	log       *slog.Logger
+	obs       Observer
+	lc        net.ListenConfig
+	reg       *backends.Registry
+	cm        *certs.Manager
+	inherited map[string]net.Listener // until the first apply takes what it needs
+	cfg       atomic.Pointer[configs.Config]
+	set       *backends.Set
+	listeners map[string]*door.Listener // by configured address
 
 	ready atomic.Bool
-	bg    sync.WaitGroup // retiring listeners and generations
+	bg    sync.WaitGroup // retiring listeners, servers and generations
 }
 
 // Changes says what a reload did, for the log and the admin API.
@@ -55,33 +66,36 @@ type Changes struct {
 	Updated []string `json:"updated"`
 }
 
-// Start builds the certificate manager, the target registry and every listener of cfg.
+// Start runs every listener of cfg with the certificate manager and the target registry of
+// opts.
 func Start(ctx context.Context, cfg *configs.Config, opts Options) (*Runtime, error) {
 	log := opts.Log
 	if log == nil {
 		log = slog.Default()
 	}
-	cm, err := certs.NewManager(ctx, cfg, log)
-	if err != nil {
-		return nil, fmt.Errorf("certificate manager: %w", err)
+	if opts.Certs == nil || opts.Registry == nil {
+		return nil, errors.New("listener: Start needs Options.Certs and Options.Registry")
 	}
 	rt := &Runtime{
-		log:  log,
-		obs:  opts.Observer,
-		lc:   opts.ListenConfig,
-		reg:  backends.NewRegistry(log),
-		cm:   cm,
-		http: map[string]*HTTPListener{},
-		l4:   map[string]*L4Listener{},
+		log:       log,
+		obs:       opts.Observer,
+		lc:        opts.ListenConfig,
+		reg:       opts.Registry,
+		cm:        opts.Certs,
+		inherited: maps.Clone(opts.Inherited),
+		listeners: map[string]*door.Listener{},
 	}
-	if _, err := rt.apply(ctx, cfg); err != nil {
-		rt.reg.Close()
-		cm.Close()
+	_, err := rt.apply(ctx, cfg)
+	for _, ln := range rt.inherited {
+		ln.Close() // no listener of this configuration wants it
+	}
+	rt.inherited = nil
+	if err != nil {
 		return nil, err
 	}
 	// ACME orders start only now: HTTP-01 and TLS-ALPN-01 challenges are answered by the
 	// listeners just bound.
-	cm.StartACME()
+	rt.cm.StartACME()
 	rt.ready.Store(true)
 	return rt, nil
 }
@@ -103,23 +117,57 @@ func (rt *Runtime) Reload(ctx context.Context, cfg *configs.Config) (*Changes, e
 	return rt.apply(ctx, cfg)
 }
 
+// serverTLSSource builds a listener's TLS configuration (the pending certificates of a reload).
+type serverTLSSource interface {
+	ServerTLS(l *configs.Listener) (*tls.Config, error)
+}
+
+// build makes the next generation of one listener without touching anything that serves;
+// prev is the running generation at the same address, if any. This switch is the one place
+// that knows the kinds of listener.
+func (rt *Runtime) build(cfg *configs.Config, lc *configs.Listener, set *backends.Set, tlsSrc serverTLSSource, prev *door.Generation) (*door.Generation, error) {
+	if lc.Layer7() {
+		return rt.buildHTTP(lc, set, tlsSrc, prev, cfg.Server.ShutdownTimeoutDuration())
+	}
+	return rt.buildL4(lc, set, tlsSrc, prev)
+}
+
+// serverOf returns prev's Server when it is of kind S, so a generation of the same kind keeps
+// serving with it.
+func serverOf[S door.Server](prev *door.Generation) (S, bool) {
+	var zero S
+	if prev == nil {
+		return zero, false
+	}
+	s, ok := prev.Server.(S)
+	return s, ok
+}
+
+// front is the front door of lc: PROXY policy, TLS (nil when the kind sees the bytes as sent),
+// connection limit.
+func (rt *Runtime) front(lc *configs.Listener, tc *tls.Config, handshake time.Duration) door.Front {
+	return door.Front{
+		Proxy:            inbound.NewLayer(inbound.Config{Trusted: lc.TrustedPrefixes(), Required: lc.AcceptProxyProtocol}),
+		TLS:              tc,
+		HandshakeTimeout: handshake,
+		MaxConns:         lc.MaxConnections,
+	}
+}
+
 // plan is one listener of the next generation before it is committed.
 type plan struct {
-	cfg    *configs.Listener
-	httpSt *httpState
-	l4St   *l4State
-	fd     *frontDoor
-	keepH  *HTTPListener
-	keepL4 *L4Listener
-	sock   net.Listener // newly opened
+	cfg  *configs.Listener
+	gen  *door.Generation
+	keep *door.Listener // the running listener at the address, nil for a new one
+	sock net.Listener   // the new listener's socket
 }
 
 func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, error) {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 
-	// Certificates are prepared, not applied: target groups and listeners are checked against
-	// the pending set, which serves only once everything else has been built.
+	// Build. Certificates are prepared, not applied: target groups and listeners are checked
+	// against the pending set, which serves only once everything else has been built.
 	pending, err := rt.cm.Prepare(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("certificates: %w", err)
@@ -131,28 +179,29 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 	plans := make([]*plan, 0, len(cfg.Listeners))
 	var errs []error
 	for i := range cfg.Listeners {
-		p, err := rt.plan(&cfg.Listeners[i], set, pending)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("listeners[%d] (%q): %w", i, cfg.Listeners[i].Name, err))
+		lc := &cfg.Listeners[i]
+		p := &plan{cfg: lc, keep: rt.listeners[lc.Address]}
+		var prev *door.Generation
+		if p.keep != nil {
+			prev = p.keep.Generation()
+		}
+		if p.gen, err = rt.build(cfg, lc, set, pending, prev); err != nil {
+			errs = append(errs, fmt.Errorf("listeners[%d] (%q): %w", i, lc.Name, err))
 			continue
 		}
 		plans = append(plans, p)
 	}
-	// Open the sockets of new addresses last, so a failure above opens nothing.
-	if len(errs) == 0 {
-		for _, p := range plans {
-			if p.keepH != nil || p.keepL4 != nil {
-				continue
-			}
-			if _, busy := rt.occupied(p.cfg.Address); busy {
-				continue // the address changes kind (HTTP <-> L4): opened at commit, after the old one closes
-			}
-			ln, err := rt.lc.Listen(ctx, "tcp", p.cfg.Address)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("listeners (%q): listen on %s: %w", p.cfg.Name, p.cfg.Address, err))
-				break
-			}
-			p.sock = ln
+	// New sockets open before the commit, so an address that cannot be bound fails the reload
+	// and the running generation keeps serving.
+	for i, p := range plans {
+		if len(errs) > 0 {
+			break
+		}
+		if p.keep != nil {
+			continue
+		}
+		if p.sock, err = rt.listen(ctx, p.cfg.Address); err != nil {
+			errs = append(errs, fmt.Errorf("listeners[%d] (%q): listen on %s: %w", i, p.cfg.Name, p.cfg.Address, err))
 		}
 	}
 	if len(errs) == 0 {
@@ -173,60 +222,41 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 	// Commit.
 	ch := &Changes{}
 	budget := cfg.Server.ShutdownTimeoutDuration()
-	keptH, keptL4 := map[string]bool{}, map[string]bool{}
+	next := make(map[string]*door.Listener, len(plans))
 	for _, p := range plans {
-		switch {
-		case p.keepH != nil:
-			p.keepH.update(p.httpSt, p.fd, budget)
-			keptH[p.cfg.Address] = true
-			ch.Updated = append(ch.Updated, p.cfg.Name)
-		case p.keepL4 != nil:
-			p.keepL4.update(p.l4St, p.cfg.Name)
-			keptL4[p.cfg.Address] = true
-			ch.Updated = append(ch.Updated, p.cfg.Name)
-		}
-	}
-	for addr, l := range rt.http {
-		if !keptH[addr] {
-			delete(rt.http, addr)
-			ch.Removed = append(ch.Removed, l.name)
-			rt.retireListener(l.Shutdown, budget, p0(plans, addr))
-		}
-	}
-	for addr, l := range rt.l4 {
-		if !keptL4[addr] {
-			delete(rt.l4, addr)
-			ch.Removed = append(ch.Removed, l.name)
-			rt.retireListener(l.Shutdown, budget, p0(plans, addr))
-		}
-	}
-	for _, p := range plans {
-		if p.keepH != nil || p.keepL4 != nil {
+		if p.keep == nil {
+			next[p.cfg.Address] = door.New(p.sock, p.gen, rt.log)
+			ch.Added = append(ch.Added, p.cfg.Name)
 			continue
 		}
-		if p.sock == nil { // an address that changed kind: the old listener was closed just above
-			ln, err := rt.lc.Listen(ctx, "tcp", p.cfg.Address)
-			if err != nil {
-				rt.log.Error("listen after kind change", "listener", p.cfg.Name, "address", p.cfg.Address, "err", err)
-				continue
-			}
-			p.sock = ln
+		if old := p.keep.Store(p.gen); old.Server != p.gen.Server {
+			// The listener changed kind: the old kind's connections finish on it.
+			rt.background(func() { drain(old.Server, budget) })
 		}
-		if p.httpSt != nil {
-			rt.http[p.cfg.Address] = newHTTPListener(p.sock, p.httpSt, p.fd, budget, rt.log)
-		} else {
-			rt.l4[p.cfg.Address] = newL4Listener(p.sock, p.l4St, rt.log, p.cfg.Name, rt.obs)
-		}
-		ch.Added = append(ch.Added, p.cfg.Name)
+		next[p.cfg.Address] = p.keep
+		ch.Updated = append(ch.Updated, p.cfg.Name)
 	}
+	// Release.
+	for addr, l := range rt.listeners {
+		if next[addr] != nil {
+			continue
+		}
+		ch.Removed = append(ch.Removed, l.Generation().Name)
+		l.StopAccepting() // the address is free when Reload returns
+		rt.background(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), budget)
+			defer cancel()
+			l.Shutdown(ctx)
+		})
+	}
+	rt.listeners = next
 	old := rt.set
 	rt.set = set
 	rt.cfg.Store(cfg)
 	if old != nil {
 		// Requests that loaded the old generation still hold its groups; Release honours each
 		// group's deregistration delay before targets stop being checked.
-		rt.bg.Add(1)
-		go func() { defer rt.bg.Done(); old.Release() }()
+		rt.background(old.Release)
 	}
 	sort.Strings(ch.Added)
 	sort.Strings(ch.Removed)
@@ -234,82 +264,62 @@ func (rt *Runtime) apply(ctx context.Context, cfg *configs.Config) (*Changes, er
 	return ch, nil
 }
 
-// p0 reports whether a listener of the next generation takes over addr, in which case the old
-// listener must close synchronously before the new socket opens.
-func p0(plans []*plan, addr string) bool {
-	for _, p := range plans {
-		if p.cfg.Address == addr && p.sock == nil && p.keepH == nil && p.keepL4 == nil {
-			return true
-		}
+// listen opens the socket of a new listener, or takes the one a previous process handed over.
+func (rt *Runtime) listen(ctx context.Context, addr string) (net.Listener, error) {
+	if ln, ok := rt.inherited[addr]; ok {
+		delete(rt.inherited, addr)
+		return ln, nil
 	}
-	return false
+	return rt.lc.Listen(ctx, "tcp", addr)
 }
 
-func (rt *Runtime) retireListener(shutdown func(context.Context) error, budget time.Duration, sync bool) {
-	stop := func() {
-		ctx, cancel := context.WithTimeout(context.Background(), budget)
-		defer cancel()
-		shutdown(ctx)
-	}
-	if sync {
-		stop()
-		return
-	}
+func (rt *Runtime) background(f func()) {
 	rt.bg.Add(1)
-	go func() { defer rt.bg.Done(); stop() }()
+	go func() { defer rt.bg.Done(); f() }()
 }
 
-func (rt *Runtime) occupied(addr string) (string, bool) {
-	if _, ok := rt.http[addr]; ok {
-		return "http", true
-	}
-	if _, ok := rt.l4[addr]; ok {
-		return "l4", true
-	}
-	return "", false
+// drain lets a retired Server finish its requests within budget, then closes it.
+func drain(s door.Server, budget time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), budget)
+	defer cancel()
+	s.Drain(ctx)
+	s.Close()
 }
 
-// plan builds one listener's next state without touching anything that serves.
-// serverTLSSource builds a listener's TLS configuration (the pending certificates of a reload).
-type serverTLSSource interface {
-	ServerTLS(l *configs.Listener) (*tls.Config, error)
+// Sockets are the listening sockets by configured address (to hand over on upgrade). They stay
+// the runtime's.
+func (rt *Runtime) Sockets() map[string]net.Listener {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	m := make(map[string]net.Listener, len(rt.listeners))
+	for addr, l := range rt.listeners {
+		m[addr] = l.Socket()
+	}
+	return m
 }
 
-func (rt *Runtime) plan(lc *configs.Listener, set *backends.Set, tlsSrc serverTLSSource) (*plan, error) {
-	p := &plan{cfg: lc}
-	layer := inbound.NewLayer(inbound.Config{Trusted: lc.TrustedPrefixes(), Required: lc.AcceptProxyProtocol})
-	fd := &frontDoor{layer: layer, handshakeTimeout: lc.HeaderTimeoutDuration(), maxHeaderBytes: lc.MaxHeaderBytes, maxConns: lc.MaxConnections}
-	if lc.Layer7() {
-		st, err := rt.buildHTTPState(lc, set)
-		if err != nil {
-			return nil, err
-		}
-		if lc.TLSTerminated() {
-			tc, err := tlsSrc.ServerTLS(lc)
-			if err != nil {
-				return nil, err
-			}
-			if lc.HTTP2Enabled() {
-				tc.NextProtos = []string{"h2", "http/1.1"}
-			} else {
-				tc.NextProtos = []string{"http/1.1"}
-			}
-			fd.tls = tc
-		}
-		p.httpSt, p.fd = st, fd
-		p.keepH = rt.http[lc.Address]
-		return p, nil
-	}
-	st, err := rt.buildL4State(lc, set, layer, tlsSrc)
-	if st != nil {
-		st.maxConns = lc.MaxConnections
-	}
+// buildHTTP builds the next generation of an HTTP listener.
+func (rt *Runtime) buildHTTP(lc *configs.Listener, set *backends.Set, tlsSrc serverTLSSource, prev *door.Generation, budget time.Duration) (*door.Generation, error) {
+	st, err := rt.buildHTTPState(lc, set)
 	if err != nil {
 		return nil, err
 	}
-	p.l4St = st
-	p.keepL4 = rt.l4[lc.Address]
-	return p, nil
+	var tc *tls.Config
+	if lc.TLSTerminated() {
+		if tc, err = tlsSrc.ServerTLS(lc); err != nil {
+			return nil, err
+		}
+		if lc.HTTP2Enabled() {
+			tc.NextProtos = []string{"h2", "http/1.1"}
+		} else {
+			tc.NextProtos = []string{"http/1.1"}
+		}
+	}
+	srv, ok := serverOf[*httpServer](prev)
+	if !ok {
+		srv = newHTTPServer(lc.Address, budget, rt.log)
+	}
+	return &door.Generation{Name: lc.Name, Front: rt.front(lc, tc, lc.HeaderTimeoutDuration()), Server: srv, State: st}, nil
 }
 
 func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*httpState, error) {
@@ -356,29 +366,23 @@ func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*htt
 }
 
 // Shutdown stops every listener, lets in-flight work finish until ctx ends, and stops the
-// background work (health checks, certificate renewal).
+// background work (health checks). The certificate manager and the registry stay the caller's.
 func (rt *Runtime) Shutdown(ctx context.Context) error {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	rt.ready.Store(false)
 	var wg sync.WaitGroup
-	for _, l := range rt.http {
-		wg.Add(1)
-		go func() { defer wg.Done(); l.Shutdown(ctx) }()
-	}
-	for _, l := range rt.l4 {
+	for _, l := range rt.listeners {
 		wg.Add(1)
 		go func() { defer wg.Done(); l.Shutdown(ctx) }()
 	}
 	wg.Wait()
-	rt.http, rt.l4 = map[string]*HTTPListener{}, map[string]*L4Listener{}
+	rt.listeners = map[string]*door.Listener{}
 	if rt.set != nil {
 		rt.set.Release()
 		rt.set = nil
 	}
 	rt.bg.Wait()
-	rt.reg.Close()
-	rt.cm.Close()
 	return ctx.Err()
 }
 
@@ -386,37 +390,33 @@ func (rt *Runtime) Shutdown(ctx context.Context) error {
 type ListenerStats struct {
 	Name string
 	Kind string // "http" or "l4"
-	HTTP HTTPStats
-	L4   l4.Stats
-	// Rejected is for both kinds (HTTP.Rejected repeats it for HTTP listeners).
-	Rejected Rejections
+	door.Stats
+	L4 l4.Stats // the layer-4 engine's counters (l4 listeners only)
 }
 
 // Stats returns every listener's counters.
 func (rt *Runtime) Stats() []ListenerStats {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
-	out := make([]ListenerStats, 0, len(rt.http)+len(rt.l4))
-	for _, l := range rt.http {
-		hs := l.Stats()
-		out = append(out, ListenerStats{Name: l.name, Kind: "http", HTTP: hs, Rejected: hs.Rejected})
-	}
-	for _, l := range rt.l4 {
-		out = append(out, ListenerStats{Name: l.name, Kind: "l4", L4: l.Stats(), Rejected: l.Rejected()})
+	out := make([]ListenerStats, 0, len(rt.listeners))
+	for _, l := range rt.listeners {
+		g := l.Generation()
+		ls := ListenerStats{Name: g.Name, Kind: "http", Stats: l.Stats()}
+		if s, ok := g.Server.(*l4Server); ok {
+			ls.Kind, ls.L4 = "l4", s.Stats()
+		}
+		out = append(out, ls)
 	}
 	return out
 }
 
-// Addrs maps listener names to bound addresses (for tests that listen on port 0).
+// Addrs maps listener names to bound addresses.
 func (rt *Runtime) Addrs() map[string]string {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	m := map[string]string{}
-	for _, l := range rt.http {
-		m[l.name] = l.Addr().String()
-	}
-	for _, l := range rt.l4 {
-		m[l.name] = l.Addr().String()
+	for _, l := range rt.listeners {
+		m[l.Generation().Name] = l.Addr().String()
 	}
 	return m
 }

@@ -504,7 +504,9 @@ forward = "gone"
 	waitFor(t, 5*time.Second, "three connections ended", func() bool {
 		var n int
 		for _, s := range d.rt.Stats() {
-			n += int(s.L4.Accepted) - int(s.L4.Active)
+			if s.Kind == "l4" {
+				n += int(s.Accepted) - int(s.Active)
+			}
 		}
 		return n >= 3
 	})

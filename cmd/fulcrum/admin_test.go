@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"path/filepath"
 	"slices"
@@ -274,5 +275,71 @@ default_action = { forward = "echo" }
 	}
 	if s, _ := fetch(t, httpClient(), "GET", "http://127.0.0.1:"+port+"/healthz", nil); s != 200 {
 		t.Fatalf("public admin /healthz: %d", s)
+	}
+}
+
+// TestReloadOnTakenPort: a reload that adds a listener on an address another process holds is
+// refused before anything changes; the running listener keeps serving, and the answer and
+// /admin/reload/last name the listener and the address.
+func TestReloadOnTakenPort(t *testing.T) {
+	dir := t.TempDir()
+	b := echoBackend(t, "b1")
+	web, admin := freeAddr(t), freeAddr(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	conf := func(extra string) string {
+		return configHead(dir, admin, "") + fmt.Sprintf(`
+[[target_groups]]
+name = "echo"
+protocol = "http"
+targets = [%q]
+
+[[listeners]]
+name = "web"
+style = "application"
+protocol = "http"
+address = %q
+default_action = { fixed_response = { status = 200, content_type = "text/plain", body = "web" } }
+%s`, hostOf(b), web, extra)
+	}
+	path := filepath.Join(dir, "fulcrum.toml")
+	d := startTestDaemon(t, path, conf(""))
+	c := httpClient()
+
+	writeConfig(t, path, conf(fmt.Sprintf(`
+[[listeners]]
+name = "second"
+style = "application"
+protocol = "http"
+address = %q
+default_action = { forward = "echo" }
+`, taken.Addr())))
+	var res reloadResult
+	if s := fetchJSON(t, c, "POST", d.admin+"/admin/reload", &res); s != http.StatusUnprocessableEntity || res.OK {
+		t.Fatalf("reload onto a taken port: %d %+v", s, res)
+	}
+	var last reloadResult
+	if s := fetchJSON(t, c, "GET", d.admin+"/admin/reload/last", &last); s != 200 || last.OK {
+		t.Fatalf("GET /admin/reload/last: %d %+v", s, last)
+	}
+	joined := strings.Join(last.Errors, "\n")
+	if !strings.Contains(joined, `"second"`) || !strings.Contains(joined, taken.Addr().String()) {
+		t.Fatalf("the refusal does not name the listener and the address: %q", last.Errors)
+	}
+	if s, body := fetch(t, c, "GET", "http://"+web+"/", nil); s != 200 || body != "web" {
+		t.Fatalf("the running listener after the refused reload: %d %q", s, body)
+	}
+
+	// Once the port is free the same file applies.
+	taken.Close()
+	res = reloadResult{}
+	if s := fetchJSON(t, c, "POST", d.admin+"/admin/reload", &res); s != 200 || !res.OK {
+		t.Fatalf("reload once the port is free: %d %+v", s, res)
+	}
+	if s, body := fetch(t, c, "GET", "http://"+taken.Addr().String()+"/", nil); s != 200 || !strings.Contains(body, "b1") {
+		t.Fatalf("the added listener: %d %q", s, body)
 	}
 }

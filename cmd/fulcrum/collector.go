@@ -81,20 +81,18 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range c.rt.Stats() {
 		counter(c.rejected, float64(s.Rejected.MaxConnections), s.Name, "max_connections")
 		counter(c.rejected, float64(s.Rejected.UntrustedProxy), s.Name, "untrusted_proxy")
+		gauge(c.active, float64(s.Active), s.Name)
+		counter(c.accepted, float64(s.Accepted), s.Name)
 		switch s.Kind {
 		case "http":
-			gauge(c.active, float64(s.HTTP.Active), s.Name)
-			counter(c.accepted, float64(s.HTTP.Accepted), s.Name)
-			counter(c.handshakes, float64(s.HTTP.Handshakes-s.HTTP.Resumed), s.Name, "ok", "false")
-			counter(c.handshakes, float64(s.HTTP.Resumed), s.Name, "ok", "true")
-			counter(c.handshakes, float64(s.HTTP.HandshakeErrors), s.Name, "failed", "false")
+			counter(c.handshakes, float64(s.Handshakes-s.Resumed), s.Name, "ok", "false")
+			counter(c.handshakes, float64(s.Resumed), s.Name, "ok", "true")
+			counter(c.handshakes, float64(s.HandshakeErrors), s.Name, "failed", "false")
 		case "l4":
-			gauge(c.active, float64(s.L4.Active), s.Name)
-			counter(c.accepted, float64(s.L4.Accepted), s.Name)
 			counter(c.bytesIn, float64(s.L4.BytesIn), s.Name)
 			counter(c.bytesOut, float64(s.L4.BytesOut), s.Name)
-			counter(c.l4Errors, float64(s.L4.InboundErrors), s.Name, "proxy_header")
-			counter(c.l4Errors, float64(s.L4.HandshakeErrors), s.Name, "handshake")
+			counter(c.l4Errors, float64(s.InboundErrors), s.Name, "proxy_header")
+			counter(c.l4Errors, float64(s.HandshakeErrors+s.L4.HandshakeErrors), s.Name, "handshake")
 			counter(c.l4Errors, float64(s.L4.DialErrors), s.Name, "dial")
 			counter(c.l4Errors, float64(s.L4.IdleClosed), s.Name, "idle_timeout")
 		}

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/backends"
+	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener"
 )
@@ -111,7 +113,13 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	if err != nil {
 		return nil, err
 	}
-	opts := listener.Options{Log: log}
+	cm, err := certs.NewManager(ctx, cfg, log)
+	if err != nil {
+		obs.Close()
+		return nil, fmt.Errorf("certificate manager: %w", err)
+	}
+	reg := backends.NewRegistry(log)
+	opts := listener.Options{Log: log, Certs: cm, Registry: reg}
 	if cfg.Server.Admin != "" || cfg.Server.AccessLog != "" {
 		// Nobody can read metrics without the admin endpoint, so with neither it nor an access
 		// log the request path skips observation altogether (the "off" of fulcrum-bench).
@@ -119,6 +127,8 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	}
 	rt, err := listener.Start(ctx, cfg, opts)
 	if err != nil {
+		reg.Close()
+		cm.Close()
 		obs.Close()
 		return nil, err
 	}
@@ -129,6 +139,8 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			rt.Shutdown(sctx)
+			reg.Close()
+			cm.Close()
 			obs.Close()
 			return nil, err
 		}
@@ -193,6 +205,8 @@ func (d *daemon) reopenLogs() {
 
 func (d *daemon) shutdown(ctx context.Context) error {
 	err := d.rt.Shutdown(ctx)
+	d.rt.Registry().Close()
+	d.rt.Certs().Close()
 	if d.admin != nil {
 		d.admin.Close()
 	}

@@ -11,11 +11,13 @@ import (
 	"io"
 	"math/big"
 	"net"
-
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/listener/door"
+	"github.com/fulcrum-lb/fulcrum/listener/inbound"
 )
 
 // testCA issues leaf certificates for test servers.
@@ -146,23 +148,50 @@ func mustState(t testing.TB, c Config) *State {
 	return st
 }
 
-// startServer runs a Server on ln (a fresh loopback listener when nil).
-func startServer(t testing.TB, ln net.Listener, st *State, opt Options) *Server {
+// testServer is a door.Listener serving one State with a Handler, as the runtime builds them.
+type testServer struct {
+	*door.Listener
+	h *Handler
+}
+
+// testStats merges the listener's connection counters with the engine's.
+type testStats struct {
+	Stats
+	Active          int64
+	InboundErrors   uint64
+	HandshakeErrors uint64 // TLS handshake (front door) or ClientHello peek (engine)
+}
+
+func (s *testServer) Stats() testStats {
+	ls, hs := s.Listener.Stats(), s.h.Stats()
+	return testStats{Stats: hs, Active: ls.Active, InboundErrors: ls.InboundErrors,
+		HandshakeErrors: ls.HandshakeErrors + hs.HandshakeErrors}
+}
+
+func generation(st *State, h *Handler, proxy *inbound.Layer) *door.Generation {
+	return &door.Generation{Name: "test", State: st, Server: h, Front: door.Front{
+		Proxy: proxy, TLS: st.TLS(), HandshakeTimeout: st.Config().HandshakeTimeout}}
+}
+
+// Store makes st the generation for new connections and returns the previous State.
+func (s *testServer) Store(st *State) *State {
+	cur := s.Listener.Generation()
+	return s.Listener.Store(generation(st, s.h, cur.Front.Proxy)).State.(*State)
+}
+
+// startServer serves st on a fresh loopback socket, behind proxy (nil: no PROXY protocol).
+func startServer(t testing.TB, proxy *inbound.Layer, st *State, opt Options) *testServer {
 	t.Helper()
-	if ln == nil {
-		var err error
-		if ln, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
-			t.Fatal(err)
-		}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	s := NewServer(ln, st, opt)
-	served := make(chan error, 1)
-	go func() { served <- s.Serve() }()
+	h := NewHandler(opt)
+	s := &testServer{Listener: door.New(ln, generation(st, h, proxy), opt.Log), h: h}
 	t.Cleanup(func() {
-		s.Close()
-		if err := <-served; err != ErrServerClosed {
-			t.Errorf("Serve returned %v", err)
-		}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // cut what is left at once
+		s.Shutdown(ctx)
 	})
 	return s
 }

@@ -2,9 +2,11 @@
 // listeners: accept, optional TLS termination or ClientHello peek for SNI routing, dial a
 // target, then relay bytes both ways with half-close, idle timeouts and byte counters.
 //
-// A Server owns its listening socket; the per-generation part (targets, TLS configuration,
-// timeouts) is a *State swapped atomically on reload. Each connection loads the State once and
-// keeps it to the end, so a reload never touches established streams.
+// A Handler is the engine behind a door.Listener, which owns the socket, the front door (PROXY
+// header, TLS termination with State.TLS) and the connections; the per-generation part
+// (targets, TLS configuration, timeouts) is a *State carried by the listener's generation. Each
+// connection keeps the generation it was accepted in, so a reload never touches established
+// streams.
 package l4
 
 import (
@@ -172,6 +174,10 @@ func NewState(c Config) (*State, error) {
 	}
 	return s, nil
 }
+
+// TLS is the configuration the front door terminates TLS with in ModeTLS (nil otherwise): the
+// listener's, with the ALPN policy's protocols.
+func (s *State) TLS() *tls.Config { return s.tls }
 
 // Config returns the configuration the state was built from (with defaults applied).
 func (s *State) Config() Config { return s.cfg }
