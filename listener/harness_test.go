@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/certs"
+	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/door"
 	"github.com/fulcrum-lb/fulcrum/listener/porttest"
