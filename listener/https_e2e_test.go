@@ -29,6 +29,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/listener/h2"
 )
 
 // l7PKI is the head of a TLS test configuration: an authority in the software keystore and two
@@ -500,13 +501,13 @@ default_action = { forward = "web" }
 	time.Sleep(500 * time.Millisecond) // nothing to wait on: we measure what arrives in a window
 	c.Close()
 	<-readDone
-	const limit = 250 // MaxConcurrentStreams of the listener's HTTP/2 server
+	const limit = h2.DefaultMaxConcurrentStreams // SETTINGS_MAX_CONCURRENT_STREAMS of the listener
 	t.Logf("sent %d HEADERS+RST_STREAM pairs; back end: %d requests, peak %d concurrent; GOAWAY=%v", sent, hits.Load(), peak.Load(), goaway.Load())
 	if p := peak.Load(); p > limit {
 		t.Fatalf("back end saw %d concurrent requests from one connection, want <= %d", p, limit)
 	}
 
-	// The limit itself: 400 streams held open on one connection get at most 250 running.
+	// The limit itself: 400 streams held open on one connection get at most the limit running.
 	c2, fr2 := l7H2Conn(t, addr, pool)
 	defer c2.Close()
 	go func() {

@@ -12,8 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/net/http2"
-
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 	"github.com/fulcrum-lb/fulcrum/listener/door"
 )
@@ -37,6 +35,7 @@ type httpServer struct {
 	name   atomic.Pointer[string]
 	state  atomic.Pointer[httpState]
 	server atomic.Pointer[serverGen]
+	h2     atomic.Pointer[h2Gen] // HTTP/2 engine for ALPN "h2" connections; nil when http2 is off
 	// done maps each connection handed to net/http to its door.Listener's done; net/http's
 	// ConnState reports the end of the connection.
 	done sync.Map
@@ -90,21 +89,20 @@ func (s *httpServer) installServer(st *httpState) {
 		ErrorLog:          discardLog,
 		ConnContext:       desync.ConnContext,
 		ConnState:         s.connState,
-		// TLS is terminated by the front door, so ServeTLS is not used; HTTP/2 is selected
-		// through TLSNextProto after the handshake negotiated "h2".
+		// TLS is terminated by the front door, so ServeTLS is not used; HTTP/2 connections
+		// never reach net/http: our own engine (listener/h2) serves them in ServeConn.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
+	var newH2 *h2Gen
 	if c.HTTP2Enabled() {
-		h2 := &http2.Server{
-			MaxConcurrentStreams:         250,
-			IdleTimeout:                  c.IdleTimeoutDuration(),
-			MaxUploadBufferPerConnection: 1 << 20,
-			MaxReadFrameSize:             1 << 20,
-		}
-		srv.TLSNextProto = nil // ConfigureServer fills it
-		if err := http2.ConfigureServer(srv, h2); err != nil {
-			s.log.Error("configure HTTP/2", "listener", *s.name.Load(), "err", err)
-		}
+		newH2 = newH2Gen(c, http.HandlerFunc(s.serveHTTP))
+	}
+	if oldH2 := s.h2.Swap(newH2); oldH2 != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			retireH2(s.ctx, oldH2, s.budget)
+		}()
 	}
 	gen := &serverGen{key: serverKey(st), srv: srv, ln: newChanListener(s.addr)}
 	old := s.server.Swap(gen)
@@ -136,13 +134,20 @@ func (s *httpServer) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	s.state.Load().ServeHTTP(w, r)
 }
 
-// ServeConn implements door.Server: HTTP/2 connections go to net/http as *tls.Conn (so it
-// switches to HTTP/2 by ALPN), HTTP/1 ones through the desync sniffer, which needs every raw
-// request head.
+// ServeConn implements door.Server: HTTP/2 connections are served here, on the connection's
+// goroutine, by the h2 engine; HTTP/1 ones go to net/http through the desync sniffer, which
+// needs every raw request head.
 func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
-	if tc, ok := c.(*tls.Conn); !ok || tc.ConnectionState().NegotiatedProtocol != "h2" {
-		c = desync.NewConn(c, g.State.(*httpState).cfg.MaxHeaderBytes)
+	if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		if gen := s.h2.Load(); gen != nil {
+			serveH2(s.ctx, gen, c) // closes c
+		} else {
+			c.Close()
+		}
+		done()
+		return
 	}
+	c = desync.NewConn(c, g.State.(*httpState).cfg.MaxHeaderBytes)
 	s.done.Store(c, done)
 	// A reload may retire the server we loaded between the load and the hand-off; then the new
 	// one takes the connection, so none is dropped.
@@ -173,8 +178,16 @@ func (s *httpServer) finish(c net.Conn) {
 func (s *httpServer) Refused(*door.Generation, string, error, net.Conn, time.Time) {}
 
 // Drain implements door.Server: keep-alive connections close after their request, idle ones
-// at once.
+// at once; HTTP/2 connections get GOAWAY naming their last stream and close once it is done.
 func (s *httpServer) Drain(ctx context.Context) error {
+	h2done := make(chan struct{})
+	go func() {
+		defer close(h2done)
+		if g := s.h2.Load(); g != nil {
+			g.srv.Shutdown(ctx)
+		}
+	}()
+	defer func() { <-h2done }()
 	gen := s.server.Load()
 	if gen == nil {
 		return nil
@@ -193,6 +206,9 @@ func (s *httpServer) Close() {
 	if gen := s.server.Load(); gen != nil {
 		gen.ln.Close()
 		gen.srv.Close()
+	}
+	if g := s.h2.Load(); g != nil {
+		g.srv.Close()
 	}
 	s.wg.Wait()
 }

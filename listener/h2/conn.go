@@ -402,6 +402,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeRefusedStream}
 	}
 	s.state = stateOpen
+	s.hasBody = !f.StreamEnded()
 	if f.StreamEnded() {
 		s.state = stateHalfClosedRemote
 		s.eof = true

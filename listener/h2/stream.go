@@ -60,6 +60,7 @@ type Stream struct {
 
 	// handler-side
 	headDone, ended bool
+	hasBody         bool
 }
 
 // ID is the stream identifier.
@@ -205,6 +206,25 @@ func (s *Stream) creditLocked(n int64) {
 		s.recvAck = 0
 		c.signal()
 	}
+}
+
+// HasBody reports whether the client announced a body (no END_STREAM on its HEADERS).
+func (s *Stream) HasBody() bool { return s.hasBody }
+
+// WriteInformational queues a 1xx head (103 Early Hints, 100 Continue); the final head follows.
+func (s *Stream) WriteInformational(status int, fields []hpack.HeaderField) error {
+	if s.headDone || status < 100 || status > 199 || status == 101 {
+		return errEnded
+	}
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := s.writableLocked(); err != nil {
+		return err
+	}
+	c.writeHeadLocked(s.id, status, fields, false)
+	c.signal()
+	return nil
 }
 
 // Trailers returns the request trailers, valid after Read returned io.EOF.
