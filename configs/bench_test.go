@@ -51,22 +51,33 @@ func BenchmarkLoadInvalid(b *testing.B) {
 	}
 }
 
-// TestLoadLargeFast guards against quadratic checks creeping in (generous bound for -race).
+// TestLoadLargeFast guards against quadratic checks creeping in. A wall-clock bound fails on a
+// loaded machine under -race, so the yardstick is the TOML decoder on the same text, timed in the
+// same conditions: validation and the error path's line index must stay a small multiple of it.
 func TestLoadLargeFast(t *testing.T) {
 	if testing.Short() {
 		t.Skip("short")
 	}
 	src := append(bigConfig(1000, 10), "[[listeners.rules]]\npriority = 1\npaths = [\"x\"]\nforward = \"g0\"\n"...)
 	start := time.Now()
+	var c Config
+	if _, err := toml.Decode(string(src), &c); err != nil {
+		t.Fatal(err)
+	}
+	decode := time.Since(start)
+	start = time.Now()
 	_, err := Load("big.toml", src)
+	load := time.Since(start)
 	if err == nil || !strings.Contains(err.Error(), "big.toml:") {
 		t.Fatalf("want problems, got %v", err)
 	}
 	if !strings.Contains(err.Error(), `listeners[999].rules[10] ("l999"): paths[0] "x" must start with "/"`) {
 		t.Errorf("got %v", err)
 	}
-	if d := time.Since(start); d > 10*time.Second {
-		t.Errorf("loading 10,000 rules took %v", d)
+	t.Logf("decode %v, load %v (%.1fx)", decode, load, float64(load)/float64(decode))
+	// Today Load is about 1.1-2x the decode alone; a quadratic check over 10,000 rules is 100x.
+	if load > 6*decode {
+		t.Errorf("loading 10,000 rules took %v, %.1fx the %v the decoder alone takes", load, float64(load)/float64(decode), decode)
 	}
 }
 
