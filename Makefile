@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: test deps vet build demo bench fuzz clean
+.PHONY: test deps vet build demo bench fuzz clean install
 
 # Every test: installs what the tests need when it is missing, then vet + race tests
 # (the fuzz seed corpora run as ordinary tests), then the memory bounds once more without the
@@ -13,7 +13,7 @@ test: deps vet
 	$(GO) test -count=1 -run 'Memory' ./listener/l4
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
-TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client
+TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd
 deps:
 	@missing=""; \
 	for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -31,6 +31,16 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null)
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/fulcrum ./cmd/fulcrum
 	$(GO) build -o bin/fulcrum-echo ./cmd/fulcrum-echo
+
+# make install [PREFIX=/usr/local] [DESTDIR=]: the binary, and the systemd unit where systemd
+# looks for local units (PREFIX/lib/systemd/system), its paths rewritten to PREFIX.
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 bin/fulcrum $(DESTDIR)$(PREFIX)/bin/fulcrum
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system
+	sed 's#/usr/local/bin/fulcrum#$(PREFIX)/bin/fulcrum#g' configs/systemd/fulcrum.service > $(DESTDIR)$(PREFIX)/lib/systemd/system/fulcrum.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/fulcrum.service
+	@echo "installed $(DESTDIR)$(PREFIX)/bin/fulcrum and $(DESTDIR)$(PREFIX)/lib/systemd/system/fulcrum.service (see the unit's header for the rest)"
 
 # The demo: three sample back ends and Fulcrum with configs/quickstart.toml, in the foreground.
 # Ctrl-C stops Fulcrum, and the trap stops the back ends.

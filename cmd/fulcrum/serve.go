@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,15 +45,28 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	log := newLogger(stderr, cfg.Server.LogLevel)
+	notify := newNotifier()
+	sdNotify := func(lines ...string) {
+		if err := notify.send(lines...); err != nil {
+			log.Warn("systemd notification failed", "err", err)
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	d, err := startDaemon(ctx, path, cfg, log)
 	if err != nil {
+		sdNotify("STATUS=start failed: " + firstLine(err))
 		log.Error("start failed", "err", err)
 		return 1
 	}
+	d.notify = sdNotify
 	log.Info("fulcrum started", "version", versionString(), "config", path, "listeners", d.rt.Addrs())
+	// startDaemon returns once every listener is bound and serving and the admin endpoint is up.
+	sdNotify("READY=1", "STATUS="+d.status(), fmt.Sprintf("MAINPID=%d", os.Getpid()))
+	wctx, wstop := context.WithCancel(context.Background())
+	defer wstop()
+	go notify.runWatchdog(wctx, func(err error) { log.Warn("systemd watchdog", "err", err) })
 
 	hup := make(chan os.Signal, 1)
 	usr1 := make(chan os.Signal, 1)
@@ -68,6 +82,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 			d.reopenLogs()
 		case <-ctx.Done():
 			budget := d.rt.Config().Server.ShutdownTimeoutDuration()
+			sdNotify("STOPPING=1", fmt.Sprintf("STATUS=draining for up to %s", budget))
 			log.Info("draining", "budget", budget)
 			sctx, cancel := context.WithTimeout(context.Background(), budget)
 			err := d.shutdown(sctx)
@@ -103,6 +118,10 @@ type daemon struct {
 	rt    *listener.Runtime
 	obs   *observer
 	admin *adminServer
+
+	// notify tells systemd about state changes (no-op outside systemd; nil in tests that start
+	// a daemon without cmdRun).
+	notify func(lines ...string)
 
 	reloadMu   sync.Mutex
 	lastReload atomic.Pointer[reloadResult] // for GET /admin/reload/last
@@ -156,6 +175,16 @@ func (d *daemon) reload(trigger string) reloadResult {
 	t0 := time.Now()
 	res := reloadResult{Trigger: trigger, At: t0.UTC(), File: d.path}
 	defer func() { d.lastReload.Store(&res) }()
+	if d.notify != nil {
+		d.notify("RELOADING=1", "MONOTONIC_USEC="+monotonicUsec(), "STATUS=reloading ("+trigger+")")
+		defer func() {
+			st := d.status()
+			if !res.OK {
+				st = "reload refused, previous configuration serving: " + strings.Join(res.Errors, "; ") + "; " + st
+			}
+			d.notify("READY=1", "STATUS="+st)
+		}()
+	}
 	cfg, err := configs.LoadFile(d.path)
 	if err == nil {
 		old := d.rt.Config()
@@ -186,6 +215,22 @@ func (d *daemon) reload(trigger string) reloadResult {
 	d.log.Error("reload refused; the running configuration keeps serving", "trigger", trigger,
 		"err", strings.Join(res.Errors, "; "))
 	return res
+}
+
+// status is the one-line STATUS= systemd shows in `systemctl status`.
+func (d *daemon) status() string {
+	cfg := d.rt.Config()
+	addrs := make([]string, 0, len(cfg.Listeners))
+	for name, a := range d.rt.Addrs() {
+		addrs = append(addrs, name+"="+a)
+	}
+	sort.Strings(addrs)
+	return fmt.Sprintf("serving %d listeners (%s), %d target groups", len(addrs), strings.Join(addrs, " "), len(cfg.TargetGroups))
+}
+
+func firstLine(err error) string {
+	s, _, _ := strings.Cut(err.Error(), "\n")
+	return s
 }
 
 func nonNil(s []string) []string {
