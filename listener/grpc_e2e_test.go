@@ -197,4 +197,3 @@ default_action = { forward = "grpc-tls" }
 		})
 	}
 }
-
