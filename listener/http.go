@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -60,10 +61,13 @@ type reqInfo struct {
 	group        *backends.Group
 	target       *backends.Target
 	client       netip.AddrPort
-	trusted      bool         // the client is in trusted_forwarders: its forwarding headers are believed
-	closeAfter   bool         // desync: forward, then close both connections
-	body         *bodyWatcher // the client's request body, nil when there is none
-	reason       string       // error reason for the access log
+	trusted      bool            // the client is in trusted_forwarders: its forwarding headers are believed
+	closeAfter   bool            // desync: forward, then close both connections
+	body         *bodyWatcher    // the client's request body, nil when there is none
+	resp         *releaseBody    // the target's response body, nil when there is none
+	cancel       func()          // cancels the exchange with the target (target_read_timeout)
+	clientCtx    context.Context // the client request's own context
+	reason       string          // error reason for the access log
 	requestID    string
 	start        time.Time
 	targetAddr   string
@@ -98,8 +102,27 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ri.trusted = inPrefixes(st.trusted, ri.client.Addr())
 	sw := acquireStatusWriter(w)
 	defer releaseStatusWriter(sw)
+	sw.pace = newPace(st.cfg.SendTimeoutDuration(), st.cfg.MinTransferRate)
+	if dc := desync.ConnFromContext(r.Context()); dc != nil {
+		sw.dl = dc
+	} else if r.ProtoMajor == 2 {
+		sw.dl = http.NewResponseController(w) // per stream
+	}
 
+	// A response the proxy aborts mid-way (a target that stalls or dies mid-body, a client
+	// that stops reading) ends in panic(http.ErrAbortHandler), which closes the client's
+	// connection or resets its stream. It is still a request: log and count it on the way out.
+	aborted := true
+	defer func() {
+		if aborted {
+			ri.reason = abortReason(ri, sw)
+			if st.obs != nil {
+				st.observe(r, ri, sw)
+			}
+		}
+	}()
 	st.serve(sw, r, ri)
+	aborted = false
 	if st.obs != nil {
 		st.observe(r, ri, sw)
 	}
@@ -109,6 +132,38 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// under it). Close the connection instead, as ReverseProxy does when a body fails
 		// mid-copy; a client whose kept-alive connection closes without an answer retries.
 		panic(http.ErrAbortHandler)
+	}
+}
+
+// abortReason says why a response was aborted after it began.
+func abortReason(ri *reqInfo, sw *statusWriter) string {
+	switch {
+	case ri.resp != nil && ri.resp.stalled.Load():
+		return "target_read_timeout"
+	case ri.resp != nil && ri.resp.failed:
+		return "target_closed_mid_body"
+	case sw.werr != nil && errors.Is(sw.werr, os.ErrDeadlineExceeded):
+		return "send_timeout"
+	case sw.werr != nil:
+		return "client_closed"
+	case ri.reason != "":
+		return ri.reason
+	}
+	return "response_aborted"
+}
+
+// limitUnreadBody bounds what net/http does with an HTTP/1 request body no target will read
+// (a blocked request, a fixed response, a redirect): it reads up to 256 KiB of it before or
+// after the answer, with no deadline of its own, so a client that announced a body and withheld
+// it held the connection for as long as it liked. The whole of that read now has
+// client_body_timeout; at the body's end net/http clears the deadline itself (its background
+// read), and a body that does not end in time closes the connection.
+func (st *httpState) limitUnreadBody(r *http.Request) {
+	if r.ProtoMajor != 1 || r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	if dc := desync.ConnFromContext(r.Context()); dc != nil {
+		dc.SetReadDeadline(time.Now().Add(st.cfg.ClientBodyTimeoutDuration()))
 	}
 }
 
@@ -159,6 +214,7 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		}
 		v := desync.Decide(st.desync, tier)
 		if v.Block {
+			st.limitUnreadBody(r)
 			ri.reason = "desync:" + reason.String()
 			badRequest(w, "request rejected: "+reason.String())
 			return
@@ -179,11 +235,13 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 	a := rule.Action
 	switch a.Kind {
 	case router.ActionFixedResponse:
+		st.limitUnreadBody(r)
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
 		a.WriteFixed(w)
 	case router.ActionRedirect:
+		st.limitUnreadBody(r)
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
@@ -200,11 +258,23 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		// The proxy works on a shallow copy: net/http must keep seeing its own body type on r,
 		// or after an early answer it drains up to 256 KiB of an unwanted upload before replying
 		// instead of closing the connection.
-		out := r.WithContext(context.WithValue(r.Context(), ctxKey{}, ri))
+		ri.clientCtx = r.Context()
+		ctx := context.WithValue(r.Context(), ctxKey{}, ri)
+		if gp.group.Config().TargetReadTimeoutDuration() > 0 {
+			// target_read_timeout ends a stalled response by cancelling the exchange (closing
+			// the body under a pending read is not safe with every transport).
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithCancel(ctx)
+			defer cancel()
+			ri.cancel = cancel
+		}
+		out := r.WithContext(ctx)
 		if r.Body != nil && r.Body != http.NoBody {
-			bw := &bodyWatcher{ReadCloser: r.Body}
+			bw := &bodyWatcher{ReadCloser: r.Body, pace: newPace(st.cfg.ClientBodyTimeoutDuration(), st.cfg.MinTransferRate)}
 			if dc := desync.ConnFromContext(r.Context()); dc != nil {
-				bw.conn = dc
+				bw.conn, bw.dl = dc, dc
+			} else if r.ProtoMajor == 2 {
+				bw.dl = http.NewResponseController(w) // per stream
 			}
 			ri.body = bw
 			out.Body = bw
@@ -233,8 +303,10 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 			// reader, after it set eof, when cut is set; or this goroutine, when it finds eof
 			// set after setting the deadline. cutGrace only has to outlast that handoff.
 			if bw.conn != nil {
+				at := time.Now().Add(cutGrace)
+				bw.cutAt.Store(at.UnixNano())
 				bw.cut.Store(true)
-				bw.conn.SetReadDeadline(time.Now().Add(cutGrace))
+				bw.conn.SetReadDeadline(at)
 				if bw.eof.Load() {
 					bw.conn.SetReadDeadline(time.Time{})
 				}
@@ -365,6 +437,8 @@ func (st *httpState) errorHandler(w http.ResponseWriter, r *http.Request, err er
 	switch {
 	case errors.Is(err, errNoTarget):
 		status, reason = http.StatusServiceUnavailable, "no_healthy_target"
+	case ri != nil && ri.body.slow():
+		status, reason = http.StatusRequestTimeout, "client_body_timeout"
 	case ri != nil && ri.body.failed():
 		status, reason = http.StatusBadRequest, "client_body_error"
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
@@ -385,7 +459,7 @@ func (st *httpState) errorHandler(w http.ResponseWriter, r *http.Request, err er
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
-	if status == http.StatusBadRequest {
+	if status == http.StatusBadRequest || status == http.StatusRequestTimeout {
 		w.Header().Set("Connection", "close")
 	}
 	w.WriteHeader(status)
@@ -423,7 +497,7 @@ func (t *pickTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if err == nil {
 			ri.targetStatus = resp.StatusCode
 			target.ReportSuccess()
-			resp.Body = wrapBody(resp.Body, target)
+			resp.Body = wrapBody(resp.Body, target, ri, g.Config().TargetReadTimeoutDuration())
 			return resp, nil
 		}
 		target.Release()
@@ -447,14 +521,53 @@ func neverSent(err error) bool {
 	return errors.As(err, &op) && op.Op == "dial"
 }
 
-// releaseBody releases the target's in-flight slot when the response body is done.
+// releaseBody releases the target's in-flight slot when the response body is done, and bounds
+// each wait for the target's next bytes by target_read_timeout: a target that stalls mid-body
+// has its body closed under the read, which fails the copy, so the client's connection is
+// aborted (never a cut-short response presented as complete). A read that fails because of the
+// target (stall, reset, close before the end) is a failure for passive health.
 type releaseBody struct {
 	io.ReadCloser
 	once   sync.Once
 	target *backends.Target
+
+	timeout time.Duration
+	timer   *time.Timer     // armed only while a read waits on the target
+	cancel  func()          // ends the exchange when the timer fires
+	client  context.Context // the client's request: a read failing because it ended is not the target's fault
+	stalled atomic.Bool     // the timer fired
+	failed  bool            // a read failed for the target's reasons (reported once)
+}
+
+func (b *releaseBody) Read(p []byte) (int, error) {
+	if b.timeout > 0 {
+		if b.timer == nil {
+			b.timer = time.AfterFunc(b.timeout, b.stall)
+		} else {
+			b.timer.Reset(b.timeout)
+		}
+	}
+	n, err := b.ReadCloser.Read(p)
+	if b.timer != nil {
+		b.timer.Stop()
+	}
+	if err != nil && err != io.EOF && !b.failed && (b.stalled.Load() || b.client == nil || b.client.Err() == nil) {
+		b.failed = true
+		b.target.ReportFailure()
+	}
+	return n, err
+}
+
+// stall runs on the timer's goroutine: cancelling the exchange makes the pending read fail.
+func (b *releaseBody) stall() {
+	b.stalled.Store(true)
+	b.cancel()
 }
 
 func (b *releaseBody) Close() error {
+	if b.timer != nil {
+		b.timer.Stop()
+	}
 	err := b.ReadCloser.Close()
 	b.once.Do(b.target.Release)
 	return err
@@ -468,11 +581,17 @@ type releaseRWBody struct {
 
 func (b *releaseRWBody) Write(p []byte) (int, error) { return b.w.Write(p) }
 
-func wrapBody(body io.ReadCloser, t *backends.Target) io.ReadCloser {
+func wrapBody(body io.ReadCloser, t *backends.Target, ri *reqInfo, readTimeout time.Duration) io.ReadCloser {
 	if rw, ok := body.(io.ReadWriteCloser); ok {
+		// Upgraded (WebSocket): a long silence is normal; idle_timeout governs it.
 		return &releaseRWBody{releaseBody: releaseBody{ReadCloser: rw, target: t}, w: rw}
 	}
-	return &releaseBody{ReadCloser: body, target: t}
+	b := &releaseBody{ReadCloser: body, target: t, client: ri.clientCtx}
+	if ri.cancel != nil {
+		b.timeout, b.cancel = readTimeout, ri.cancel
+	}
+	ri.resp = b
+	return b
 }
 
 // bodyWatcher remembers a failed read of the client's body so the error maps to 400, not 502.
@@ -486,8 +605,15 @@ type bodyWatcher struct {
 
 	// cut: the handler ended before the upload and set a read deadline to end it (see serve);
 	// a read that reaches the end then clears it, through conn, the client connection.
-	cut  atomic.Bool
-	conn interface{ SetReadDeadline(time.Time) error }
+	cut   atomic.Bool
+	cutAt atomic.Int64 // the cut's deadline, UnixNano
+	conn  interface{ SetReadDeadline(time.Time) error }
+
+	// pace (client_body_timeout, min_transfer_rate) sets a read deadline through dl before
+	// each read of the body: the HTTP/1 connection, or the HTTP/2 stream.
+	pace     pace
+	dl       interface{ SetReadDeadline(time.Time) error }
+	timedOut atomic.Bool // a read failed on the pace's deadline
 
 	// A primed first byte (see prime), returned by the first Read.
 	pending bool
@@ -498,7 +624,7 @@ type bodyWatcher struct {
 
 // prime reads the first byte of the body now; false when that read failed (a malformed body).
 func (b *bodyWatcher) prime() bool {
-	n, err := b.ReadCloser.Read(b.pre[:])
+	n, err := b.pacedRead(b.pre[:])
 	if err != nil && err != io.EOF {
 		b.bad.Store(true)
 		return false
@@ -520,20 +646,49 @@ func (b *bodyWatcher) Read(p []byte) (int, error) {
 		b.read.Add(int64(b.preN))
 		return b.preN, b.preErr
 	}
-	n, err := b.ReadCloser.Read(p)
+	n, err := b.pacedRead(p)
 	b.read.Add(int64(n))
-	if err == io.EOF {
-		b.eof.Store(true)
-		if b.cut.Load() {
-			b.conn.SetReadDeadline(time.Time{})
-		}
-	} else if err != nil {
+	if err != nil && err != io.EOF {
 		b.bad.Store(true)
 	}
 	return n, err
 }
 
+// pacedRead reads from the client under the pace's deadline. At the end of the body it clears
+// the deadline: net/http then starts a background read on an HTTP/1 connection, which a
+// leftover deadline would fail, cancelling the context of a later request.
+func (b *bodyWatcher) pacedRead(p []byte) (int, error) {
+	paced := b.pace.on() && b.dl != nil
+	var t0 time.Time
+	if paced {
+		t0 = time.Now()
+		b.dl.SetReadDeadline(b.pace.deadline(t0))
+		if b.cut.Load() {
+			b.dl.SetReadDeadline(time.Unix(0, b.cutAt.Load())) // the cut wins (see serve)
+		}
+	}
+	n, err := b.ReadCloser.Read(p)
+	if paced {
+		b.pace.done(n, time.Since(t0))
+	}
+	switch {
+	case err == io.EOF:
+		b.eof.Store(true)
+		if paced {
+			b.dl.SetReadDeadline(time.Time{})
+		}
+		if b.cut.Load() {
+			b.conn.SetReadDeadline(time.Time{})
+		}
+	case err != nil && paced && errors.Is(err, os.ErrDeadlineExceeded) && !b.cut.Load():
+		b.timedOut.Store(true)
+	}
+	return n, err
+}
+
 func (b *bodyWatcher) failed() bool { return b != nil && b.bad.Load() }
+
+func (b *bodyWatcher) slow() bool { return b != nil && b.timedOut.Load() }
 
 // bytesIn is the request body bytes read: the Content-Length when the body was never read (a
 // fixed response), 0 when there is neither.

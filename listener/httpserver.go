@@ -163,7 +163,12 @@ func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
 // connState reports the end of a connection to its listener. It runs on net/http's goroutines
 // and must not call RemoteAddr (that would read a PROXY header on the accept path).
 func (s *httpServer) connState(c net.Conn, st http.ConnState) {
-	if st == http.StateHijacked || st == http.StateClosed {
+	switch st {
+	case http.StateIdle:
+		// A response's writes ran under send_timeout deadlines (statusWriter); the next
+		// request's first write may come from net/http itself (100 Continue, an error answer).
+		c.SetWriteDeadline(time.Time{})
+	case http.StateHijacked, http.StateClosed:
 		s.finish(c)
 	}
 }

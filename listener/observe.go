@@ -81,6 +81,12 @@ type statusWriter struct {
 	http.ResponseWriter
 	status  int
 	written int64
+
+	// pace (send_timeout, min_transfer_rate) sets a write deadline through dl before each
+	// write to the client: the HTTP/1 connection, or the HTTP/2 stream. nil dl: none.
+	pace pace
+	dl   interface{ SetWriteDeadline(time.Time) error }
+	werr error // the first failed write
 }
 
 var statusWriterPool = sync.Pool{New: func() any { return new(statusWriter) }}
@@ -100,6 +106,11 @@ func (w *statusWriter) WriteHeader(code int) {
 	if w.status == 0 && code >= 200 || code == http.StatusSwitchingProtocols {
 		w.status = code
 	}
+	if w.dl != nil && w.pace.on() {
+		// The head may be written only after the handler (net/http flushes it then): give
+		// that write a fresh deadline rather than one left from a previous request.
+		w.dl.SetWriteDeadline(w.pace.deadline(time.Now()))
+	}
 	w.ResponseWriter.WriteHeader(code)
 }
 
@@ -107,16 +118,41 @@ func (w *statusWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
+	if w.dl == nil || !w.pace.on() {
+		n, err := w.ResponseWriter.Write(p)
+		w.written += int64(n)
+		w.noteErr(err)
+		return n, err
+	}
+	t0 := time.Now()
+	w.dl.SetWriteDeadline(w.pace.deadline(t0))
 	n, err := w.ResponseWriter.Write(p)
+	w.pace.done(n, time.Since(t0))
 	w.written += int64(n)
+	w.noteErr(err)
 	return n, err
+}
+
+func (w *statusWriter) noteErr(err error) {
+	if err != nil && w.werr == nil {
+		w.werr = err
+	}
 }
 
 // Flush is direct (not only through Unwrap) because ReverseProxy flushes streaming responses often.
 func (w *statusWriter) Flush() {
-	if f, ok := w.ResponseWriter.(http.Flusher); ok {
-		f.Flush()
+	f, ok := w.ResponseWriter.(http.Flusher)
+	if !ok {
+		return
 	}
+	if w.dl == nil || !w.pace.on() {
+		f.Flush()
+		return
+	}
+	t0 := time.Now()
+	w.dl.SetWriteDeadline(w.pace.deadline(t0))
+	f.Flush()
+	w.pace.done(0, time.Since(t0))
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
