@@ -104,9 +104,7 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer releaseStatusWriter(sw)
 	sw.pace = newPace(st.cfg.SendTimeoutDuration(), st.cfg.MinTransferRate)
 	if dc := desync.ConnFromContext(r.Context()); dc != nil {
-		sw.dl = dc
-	} else if r.ProtoMajor == 2 {
-		sw.dl = http.NewResponseController(w) // per stream
+		sw.dl = dc // HTTP/1; the HTTP/2 engine bounds its own connection's writes
 	}
 
 	// A response the proxy aborts mid-way (a target that stalls or dies mid-body, a client
@@ -272,9 +270,7 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		if r.Body != nil && r.Body != http.NoBody {
 			bw := &bodyWatcher{ReadCloser: r.Body, pace: newPace(st.cfg.ClientBodyTimeoutDuration(), st.cfg.MinTransferRate)}
 			if dc := desync.ConnFromContext(r.Context()); dc != nil {
-				bw.conn, bw.dl = dc, dc
-			} else if r.ProtoMajor == 2 {
-				bw.dl = http.NewResponseController(w) // per stream
+				bw.conn, bw.dl = dc, dc // HTTP/1; the HTTP/2 engine paces its own streams
 			}
 			ri.body = bw
 			out.Body = bw

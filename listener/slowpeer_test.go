@@ -279,7 +279,7 @@ func activeHTTP(t testing.TB, rt *Runtime, name string) int64 {
 	t.Helper()
 	for _, s := range rt.Stats() {
 		if s.Name == name {
-			return s.HTTP.Active
+			return s.Active
 		}
 	}
 	t.Fatalf("no listener %q", name)
