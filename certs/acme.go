@@ -12,7 +12,6 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -118,6 +117,7 @@ func (m *Manager) newACMEIssuer(cfg *configs.Config, c configs.Certificate) (*ac
 			acme.ChallengeTypeTLSALPN01: alpnSolver{&m.chal},
 		},
 	}
+	m.fleetSolvers(iss.client)
 	if c.ACMEDNS != nil {
 		// DNS-01 alone: it proves wildcards and works whether or not the CA reaches our
 		// listeners, and an operator who configured DNS expects DNS to be used.
@@ -163,12 +163,7 @@ func (a *acmeIssuer) ensureAccount(ctx context.Context) (acme.Account, error) {
 		return *a.account, nil
 	}
 	keyName := a.m.acmeAccountKey(a.directory, a.email)
-	a.m.acctMu.Lock()
-	signer, err := a.m.ks.Signer(ctx, keyName)
-	if errors.Is(err, keystore.ErrNotFound) {
-		signer, err = a.m.ks.Generate(ctx, keyName, keystore.ECDSAP256)
-	}
-	a.m.acctMu.Unlock()
+	signer, err := a.m.accountKey(ctx, keyName)
 	if err != nil {
 		return acme.Account{}, fmt.Errorf("acme account key %s in %s: %w", keyName, a.m.ks.Describe(), err)
 	}

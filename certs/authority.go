@@ -12,8 +12,6 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -49,14 +47,14 @@ type Authority struct {
 
 // loadOrCreateAuthority reuses the stored CA certificate when its key is still in the keystore,
 // otherwise generates a key in the keystore and self-signs a new CA certificate.
-func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, stateDir, prefix string, a configs.Authority) (*Authority, bool, error) {
+func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stateIO, prefix string, a configs.Authority) (*Authority, bool, error) {
 	validity := a.ValidityDuration()
 	if validity <= 0 {
 		validity = parseDur(a.Validity, DefaultValidity)
 	}
 	keyName := prefix + "ca-" + a.Name
-	path := filepath.Join(stateDir, "authorities", a.Name+".pem")
-	if b, err := os.ReadFile(path); err == nil {
+	path := "authorities/" + a.Name + ".pem"
+	if b, err := state.readState(ctx, path); err == nil {
 		if c, err := parseCertPEM(b); err == nil && time.Now().Before(c.NotAfter) && c.Subject.CommonName == commonName(a) {
 			if s, err := ks.Signer(ctx, keyName); err == nil && publicKeysEqual(s.Public(), c.PublicKey) {
 				return &Authority{Name: a.Name, Cert: c, CertPEM: b, signer: s, keyName: keyName, validity: validity}, false, nil
@@ -92,10 +90,7 @@ func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, stateDir, 
 		return nil, false, err
 	}
 	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, false, err
-	}
-	if err := keystore.WriteFileAtomic(path, pemBytes, 0o644); err != nil {
+	if err := state.writeState(ctx, path, pemBytes, 0o644); err != nil {
 		return nil, false, fmt.Errorf("authority %s: store certificate: %w", a.Name, err)
 	}
 	return &Authority{Name: a.Name, Cert: c, CertPEM: pemBytes, signer: s, keyName: keyName, validity: validity}, true, nil

@@ -63,6 +63,7 @@ type Manager struct {
 	snap   atomic.Pointer[snapshot]
 
 	tickets ticketKeys
+	fleet   *fleetNode // nil without [fleet]
 
 	chal      challenges    // pending ACME challenges, answered by the listeners
 	acmeStart chan struct{} // closed by StartACME
@@ -137,11 +138,20 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	if err != nil {
 		return nil, err
 	}
-	ks, err := keystore.Open(ctx, cfg.Keystore, keystore.Options{StateDir: stateDir, Resolve: cfg.Resolve, Log: log})
+	blobs := fleetBlobs(cfg)
+	ks, err := keystore.Open(ctx, cfg.Keystore, keystore.Options{StateDir: stateDir, Resolve: cfg.Resolve, Log: log, Blobs: blobs})
 	if err != nil {
 		return nil, err
 	}
-	m := &Manager{log: log, ks: ks, stateDir: stateDir, prefix: prefix, acmeStart: make(chan struct{})}
+	fl, err := openFleet(ctx, cfg, stateDir, ks, blobs, log)
+	if err != nil {
+		ks.Close()
+		return nil, err
+	}
+	if fl != nil {
+		prefix = fl.keyPrefix
+	}
+	m := &Manager{log: log, ks: ks, stateDir: stateDir, prefix: prefix, acmeStart: make(chan struct{}), fleet: fl}
 	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	m.cache = certmagic.NewCache(certmagic.CacheOptions{
 		GetConfigForCert: func(certmagic.Certificate) (*certmagic.Config, error) { return m.cmcfg, nil },
@@ -157,16 +167,19 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	})
 	m.cmcfg.DisableARI = true
 	m.tickets.init()
+	m.startFleetSecrets(ctx)
 
 	snap, fresh, err := m.prepare(ctx, cfg, nil)
 	if err != nil {
 		m.cache.Stop()
+		m.closeFleet()
 		ks.Close()
 		m.cancel()
 		return nil, err
 	}
 	m.cfg.Store(cfg)
 	m.commit(snap, fresh, nil)
+	m.watchFleet()
 
 	m.wg.Add(2)
 	go m.rotateTickets()
@@ -274,7 +287,7 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 				continue
 			}
 		}
-		auth, created, err := loadOrCreateAuthority(ctx, m.ks, m.stateDir, m.prefix, a)
+		auth, created, err := m.loadOrCreateAuthority(ctx, a)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -419,7 +432,7 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 	} else if !errors.Is(err, os.ErrNotExist) {
 		m.log.Warn("stored certificate unusable; issuing a new one", "certificate", e.name, "err", err)
 		// Keep counting generations so new key names never collide with old ones.
-		if b, rerr := os.ReadFile(m.certPath(e.name)); rerr == nil {
+		if b, rerr := m.readState(ctx, certKey(e.name)); rerr == nil {
 			var st storedCert
 			if json.Unmarshal(b, &st) == nil {
 				e.gen = st.Generation
@@ -432,6 +445,9 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 		// wait for a CA.
 		m.log.Info("ACME certificate pending", "certificate", e.name, "acme", e.spec.ACME)
 		return nil
+	}
+	if m.fleet != nil {
+		return m.fleetIssueFirst(ctx, e)
 	}
 	tc, st, err := m.issue(ctx, e, e.gen+1)
 	if err != nil {
@@ -486,7 +502,7 @@ func chainsTo(leaf *x509.Certificate, a *Authority) bool {
 
 // readStored loads state_dir/certificates/NAME.json and finds its key in the keystore.
 func (m *Manager) readStored(ctx context.Context, name string) (*storedCert, *tls.Certificate, error) {
-	b, err := os.ReadFile(m.certPath(name))
+	b, err := m.readState(ctx, certKey(name))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -581,7 +597,7 @@ func (m *Manager) writeStored(st *storedCert) error {
 	if err != nil {
 		return err
 	}
-	if err := keystore.WriteFileAtomic(m.certPath(st.Name), b, 0o600); err != nil {
+	if err := m.writeState(m.ctx, certKey(st.Name), b, 0o600); err != nil {
 		return fmt.Errorf("store certificate %s: %w", st.Name, err)
 	}
 	return nil
@@ -658,7 +674,7 @@ func (m *Manager) renewLoop(ctx context.Context, e *entry) {
 			t.Stop()
 		case <-t.C:
 		}
-		if err := m.renew(ctx, e); err != nil {
+		if err := m.renewScheduled(ctx, e); err != nil {
 			if ctx.Err() != nil {
 				return
 			}
@@ -683,6 +699,9 @@ func (m *Manager) renewLoop(ctx context.Context, e *entry) {
 // renew issues generation gen+1, swaps it in and deletes generation gen-1's key (one previous
 // generation is kept so handshakes that already picked the old certificate still sign).
 func (m *Manager) renew(ctx context.Context, e *entry) error {
+	if m.fleet != nil {
+		return m.fleetRenew(ctx, e, true)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	tc, st, err := m.issue(ctx, e, e.gen+1)
@@ -861,6 +880,7 @@ func (m *Manager) Close() {
 	m.cancel()
 	m.wg.Wait()
 	m.cache.Stop()
+	m.closeFleet()
 	if err := m.ks.Close(); err != nil {
 		m.log.Warn("closing keystore", "err", err)
 	}

@@ -355,10 +355,18 @@ func (m *Manager) rotateTickets() {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			m.tickets.rotate()
+			if m.fleet == nil { // a fleet's keys are rotated by its leader
+				m.tickets.rotate()
+			}
 		}
 	}
 }
 
 // RotateTicketKeys rotates now (tests, or an operator after a suspected key leak).
-func (m *Manager) RotateTicketKeys() { m.tickets.rotate() }
+func (m *Manager) RotateTicketKeys() {
+	if m.fleet != nil {
+		m.fleetRotateTickets()
+		return
+	}
+	m.tickets.rotate()
+}

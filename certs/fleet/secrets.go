@@ -59,6 +59,9 @@ func (s *Sealer) Open(name string, sealed []byte) ([]byte, error) {
 	return out, nil
 }
 
+// ErrMasterKeyMismatch: this node cannot open what the fleet sealed.
+var ErrMasterKeyMismatch = errors.New("fleet: this node's master key differs from the fleet's: every node needs the same master_key")
+
 // CheckMasterKey makes sure every node seals under the same key: the first node stores a
 // sealed marker, and a node whose key cannot open it is refused with a clear error rather
 // than failing later on every sealed key.
@@ -80,7 +83,7 @@ func (f *Fleet) CheckMasterKey(ctx context.Context, s *Sealer) error {
 		return nil
 	}
 	if _, err := s.Open("master-key-check", kvs[0].Value); err != nil {
-		return errors.New("fleet: this node's master key differs from the fleet's: every node needs the same master_key")
+		return ErrMasterKeyMismatch
 	}
 	return nil
 }

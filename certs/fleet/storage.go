@@ -241,13 +241,28 @@ func (s *Storage) Stat(ctx context.Context, key string) (ki certmagic.KeyInfo, e
 // ends). The lock lives on this node's lease.
 func (s *Storage) Lock(ctx context.Context, name string) (err error) {
 	defer func() { s.f.Stats.done(OpLock, err) }()
-	sess, err := s.f.session(ctx)
-	if err != nil {
-		return fmt.Errorf("fleet: lock %s: %w", name, err)
-	}
-	m := concurrency.NewMutex(sess, s.f.key("locks/", strings.Trim(name, "/")))
-	if err := m.Lock(ctx); err != nil {
-		return fmt.Errorf("fleet: lock %s: %w", name, err)
+	var m *concurrency.Mutex
+	for {
+		// Transient failures (a member dying, an election, etcd away for longer than the
+		// lease) are waited out: the caller asked to wait for the lock, not to fail on them.
+		sess, err := s.f.session(ctx)
+		if err != nil {
+			return fmt.Errorf("fleet: lock %s: %w", name, err)
+		}
+		m = concurrency.NewMutex(sess, s.f.key("locks/", strings.Trim(name, "/")))
+		err = m.Lock(ctx)
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("fleet: lock %s: %w", name, err)
+		}
+		s.f.log.Debug("fleet lock: retrying", "lock", name, "err", err)
+		select {
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+			return fmt.Errorf("fleet: lock %s: %w", name, ctx.Err())
+		}
 	}
 	s.mu.Lock()
 	s.locks[name] = m

@@ -78,6 +78,18 @@ type Options struct {
 	StateDir string                   // software keys are sealed under StateDir/keys
 	Resolve  func(path string) string // makes configuration paths absolute; nil = identity
 	Log      *slog.Logger
+	// Blobs, when set, is where the software keystore keeps its sealed keys instead of
+	// StateDir/keys (fleet mode: etcd, so every node of the fleet finds every key). The
+	// blobs are sealed exactly as on disk; keys are named "keys/NAME.sealed".
+	Blobs Blobs
+}
+
+// Blobs is a key-value store for sealed key blobs (certmagic.Storage satisfies it). Load
+// returns an error wrapping fs.ErrNotExist for a missing key.
+type Blobs interface {
+	Load(ctx context.Context, key string) ([]byte, error)
+	Store(ctx context.Context, key string, value []byte) error
+	Delete(ctx context.Context, key string) error
 }
 
 // Open builds the keystore described by cfg.
@@ -98,7 +110,11 @@ func Open(ctx context.Context, cfg configs.Keystore, opt Options) (Keystore, err
 		if err != nil {
 			return nil, fmt.Errorf("keystore: master key: %w", err)
 		}
-		return newSoftware(filepath.Join(opt.StateDir, "keys"), master)
+		sw, err := newSoftware(filepath.Join(opt.StateDir, "keys"), master)
+		if err == nil {
+			sw.blobs = opt.Blobs
+		}
+		return sw, err
 	case "pkcs11":
 		pin, err := ReadSecret(cfg.Pin, opt.Resolve)
 		if err != nil {
@@ -186,4 +202,14 @@ func (c countingSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpts)
 	c.st.Signs.Add(1)
 	c.st.SignNanos.Add(uint64(time.Since(t)))
 	return sig, nil
+}
+
+// MasterKey reads a master key reference as the software keystore does ("file:PATH", created
+// 0600 with 32 random bytes when absent, or "env:NAME" holding base64): fleet mode seals its
+// shared secrets under the same key.
+func MasterKey(ref string, resolve func(string) string) ([]byte, error) {
+	if resolve == nil {
+		resolve = func(p string) string { return p }
+	}
+	return loadMasterKey(ref, resolve)
 }

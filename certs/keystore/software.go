@@ -30,6 +30,30 @@ type software struct {
 
 	mu   sync.Mutex // guards keys and file writes (control plane only)
 	keys map[string]crypto.Signer
+
+	blobs Blobs // nil: sealed files under dir
+}
+
+// The sealed blob of a key is a file under dir, or a value in blobs (fleet mode).
+func (s *software) readBlob(name string) ([]byte, error) {
+	if s.blobs != nil {
+		return s.blobs.Load(context.Background(), "keys/"+name+".sealed")
+	}
+	return os.ReadFile(s.path(name))
+}
+
+func (s *software) writeBlob(name string, b []byte) error {
+	if s.blobs != nil {
+		return s.blobs.Store(context.Background(), "keys/"+name+".sealed", b)
+	}
+	return WriteFileAtomic(s.path(name), b, 0o600)
+}
+
+func (s *software) removeBlob(name string) error {
+	if s.blobs != nil {
+		return s.blobs.Delete(context.Background(), "keys/"+name+".sealed")
+	}
+	return os.Remove(s.path(name))
 }
 
 // sealedKey is the on-disk form of one key (JSON, base64 fields).
@@ -153,7 +177,7 @@ func (s *software) store(name string, k crypto.Signer) (crypto.Signer, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err := WriteFileAtomic(s.path(name), blob, 0o600); err != nil {
+	if err := s.writeBlob(name, blob); err != nil {
 		return nil, fmt.Errorf("keystore: write %s: %w", name, err)
 	}
 	cs := countingSigner{Signer: k, st: &s.stats}
@@ -200,7 +224,7 @@ func (s *software) Signer(ctx context.Context, name string) (crypto.Signer, erro
 	if k, ok := s.keys[name]; ok {
 		return k, nil
 	}
-	blob, err := os.ReadFile(s.path(name))
+	blob, err := s.readBlob(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("keystore: %s: %w", name, ErrNotFound)
 	}
@@ -262,7 +286,7 @@ func (s *software) Delete(ctx context.Context, name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.keys, name)
-	if err := os.Remove(s.path(name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := s.removeBlob(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("keystore: delete %s: %w", name, err)
 	}
 	return nil

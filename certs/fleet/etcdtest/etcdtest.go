@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,6 +66,23 @@ type Cluster struct {
 	bin     string
 	Members []*Member
 	initial string
+	launch  chan func() // run on the launcher thread
+}
+
+// launcher runs process starts on one locked OS thread that lives as long as the cluster:
+// Pdeathsig (kill etcd if the test process dies) fires when the forking *thread* exits, and
+// Go retires threads whose goroutine exited locked (as cgo callers such as PKCS#11 do).
+func (c *Cluster) launcher(stop <-chan struct{}) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	for {
+		select {
+		case f := <-c.launch:
+			f()
+		case <-stop:
+			return
+		}
+	}
 }
 
 // Start starts an n-member cluster and waits until it has a leader. The members are stopped
@@ -72,7 +90,9 @@ type Cluster struct {
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
 	bin := Need(t)
-	c := &Cluster{t: t, bin: bin}
+	c := &Cluster{t: t, bin: bin, launch: make(chan func())}
+	stopLauncher := make(chan struct{})
+	go c.launcher(stopLauncher)
 	base := t.TempDir()
 	var initial []string
 	for i := range n {
@@ -92,6 +112,7 @@ func Start(t testing.TB, n int) *Cluster {
 		for _, m := range c.Members {
 			m.Stop()
 		}
+		close(stopLauncher)
 		if t.Failed() {
 			for _, m := range c.Members {
 				m.mu.Lock()
@@ -186,7 +207,9 @@ func (m *Member) start() error {
 	cmd.Stdout = lockedWriter{m}
 	cmd.Stderr = lockedWriter{m}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	errc := make(chan error, 1)
+	m.cluster.launch <- func() { errc <- cmd.Start() }
+	if err := <-errc; err != nil {
 		return fmt.Errorf("start etcd %s: %w", m.Name, err)
 	}
 	m.everJoined = true

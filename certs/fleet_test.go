@@ -1,0 +1,321 @@
+package certs
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/hex"
+	"log/slog"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/certs/fleet/etcdtest"
+	"github.com/fulcrum-lb/fulcrum/configs"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// countingHandler counts log messages by text (how many certificates a node issued).
+type countingHandler struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (h *countingHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	h.n[r.Message]++
+	h.mu.Unlock()
+	return nil
+}
+func (h *countingHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *countingHandler) WithGroup(string) slog.Handler      { return h }
+func (h *countingHandler) count(msg string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.n[msg]
+}
+
+const fleetMasterEnv = "TEST_FLEET_MASTER_KEY"
+
+func fleetConfig(t *testing.T, c *etcdtest.Cluster, node string, lifetime string) *configs.Config {
+	cfg := &configs.Config{
+		Server:      configs.Server{StateDir: t.TempDir()},
+		Keystore:    configs.Keystore{Type: "software", MasterKey: "env:" + fleetMasterEnv},
+		Authorities: []configs.Authority{{Name: "internal"}},
+		Certificates: []configs.Certificate{
+			{Name: "www", Domains: []string{"www.fulcrum.test"}, Authority: "internal", Lifetime: lifetime},
+		},
+		Listeners: []configs.Listener{{Name: "public", Protocol: "https", Address: "127.0.0.1:1", Certificates: []string{"www"}}},
+		Fleet:     &configs.Fleet{Etcd: c.Endpoints(), Prefix: "/fulcrum-test/" + t.Name(), Node: node, LeaseTTL: "2s"},
+	}
+	return cfg
+}
+
+type fleetTestNode struct {
+	m    *Manager
+	log  *countingHandler
+	addr string
+}
+
+// startFleet starts three managers at once (they race for the authority and the first
+// certificate) and serves each one's listener.
+func startFleet(t *testing.T, c *etcdtest.Cluster, lifetime string) []*fleetTestNode {
+	t.Helper()
+	key := make([]byte, 32)
+	rand.Read(key)
+	t.Setenv(fleetMasterEnv, base64.StdEncoding.EncodeToString(key))
+	nodes := make([]*fleetTestNode, 3)
+	errs := make([]error, 3)
+	var wg sync.WaitGroup
+	for i, name := range []string{"a", "b", "c"} {
+		cfg := fleetConfig(t, c, name, lifetime)
+		h := &countingHandler{n: map[string]int{}}
+		nodes[i] = &fleetTestNode{log: h}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			nodes[i].m, errs[i] = NewManager(context.Background(), cfg, slog.New(h))
+		}()
+	}
+	wg.Wait()
+	for i, n := range nodes {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		t.Cleanup(n.m.Close)
+		tc, err := n.m.ServerTLS(&n.m.cfg.Load().Listeners[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.addr = serve(t, tc)
+	}
+	return nodes
+}
+
+func issued(nodes []*fleetTestNode) int {
+	n := 0
+	for _, x := range nodes {
+		n += x.log.count("issued certificate")
+	}
+	return n
+}
+
+// waitSame waits until every node serves the same certificate, other than not (a serial), and
+// returns its serial.
+func waitSame(t *testing.T, nodes []*fleetTestNode, not string) string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s0 := serialOf(nodes[0].m, "www")
+		same := s0 != not
+		for _, n := range nodes[1:] {
+			same = same && serialOf(n.m, "www") == s0
+		}
+		if same {
+			return s0
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes do not converge on one certificate (other than %s)", not)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestFleet: three nodes on a three-member etcd share one private authority and one
+// certificate, renew it once for the fleet, resume each other's TLS sessions, share the
+// sticky-cookie key, ride out one etcd member dying and all of etcd stopping, and take over
+// a renewal from a node that died holding its lock. Nothing in etcd is a key in the clear.
+func TestFleet(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	nodes := startFleet(t, c, "15s")
+	ctx := context.Background()
+
+	// One authority, one certificate, issued once.
+	ca := nodes[0].m.Authority("internal").Cert
+	for _, n := range nodes[1:] {
+		if !n.m.Authority("internal").Cert.Equal(ca) {
+			t.Fatal("nodes have different authorities")
+		}
+	}
+	serial1 := waitSame(t, nodes, "")
+	if n := issued(nodes); n != 1 {
+		t.Fatalf("the fleet issued %d certificates, want 1", n)
+	}
+
+	// A session from node a resumes on b and c.
+	cache := tls.NewLRUClientSessionCache(8)
+	cc := &tls.Config{RootCAs: nodes[0].m.Authority("internal").Pool(), ServerName: "www.fulcrum.test", ClientSessionCache: cache}
+	if _, err := dial(nodes[0].addr, cc); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range nodes[1:] {
+		cs, err := dial(n.addr, cc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !cs.DidResume {
+			t.Fatalf("session from node a did not resume on %s", n.m.fleet.f.Node())
+		}
+	}
+	// One sticky-cookie key for the fleet.
+	k := nodes[0].m.StickyKey()
+	if len(k) != 32 || !bytes.Equal(k, nodes[1].m.StickyKey()) || !bytes.Equal(k, nodes[2].m.StickyKey()) {
+		t.Fatal("nodes have different sticky-cookie keys")
+	}
+
+	// The scheduled renewal (a third of 15 s left) happens once for the fleet.
+	serial2 := waitSame(t, nodes, serial1)
+	if n := issued(nodes); n != 2 {
+		t.Fatalf("the fleet issued %d certificates for one renewal, want 2 in all", n)
+	}
+
+	// One etcd member dies: a renewal still reaches every node.
+	c.Members[1].Kill()
+	if err := nodes[1].m.Renew("www"); err != nil {
+		t.Fatalf("renew with one etcd member down: %v", err)
+	}
+	serial3 := waitSame(t, nodes, serial2)
+	if err := c.Members[1].Restart(); err != nil {
+		t.Fatal(err)
+	}
+
+	// All of etcd stops: every node keeps serving, handshakes never fail.
+	var failed, done atomic.Int64
+	stop := make(chan struct{})
+	var lwg sync.WaitGroup
+	for _, n := range nodes {
+		lwg.Add(1)
+		go func() {
+			defer lwg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := dial(n.addr, &tls.Config{RootCAs: nodes[0].m.Authority("internal").Pool(), ServerName: "www.fulcrum.test"}); err != nil {
+					failed.Add(1)
+					t.Logf("handshake with etcd down: %v", err)
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	c.StopAll()
+	// A renewal now waits (no lock to be had) rather than failing for good.
+	renewed := make(chan error, 1)
+	go func() { renewed <- nodes[2].m.Renew("www") }()
+	time.Sleep(3 * time.Second) // longer than the lease TTL: sessions are lost
+	select {
+	case err := <-renewed:
+		t.Fatalf("a renewal finished while etcd was down: %v", err)
+	default:
+	}
+	c.StartAll(t)
+	select {
+	case err := <-renewed:
+		if err != nil {
+			t.Fatalf("renewal after etcd came back: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("renewal did not resume when etcd came back")
+	}
+	close(stop)
+	lwg.Wait()
+	if failed.Load() != 0 || done.Load() == 0 {
+		t.Fatalf("%d of %d handshakes failed while etcd was down", failed.Load(), done.Load())
+	}
+	serial4 := waitSame(t, nodes, serial3)
+
+	// Node a dies holding the renewal lock: node b renews once a's lease is gone.
+	if err := nodes[0].m.fleet.st.Lock(ctx, "cert-www"); err != nil {
+		t.Fatal(err)
+	}
+	nodes[0].m.fleet.f.Kill()
+	start := time.Now()
+	if err := nodes[1].m.Renew("www"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("takeover after the lock holder died: %v (lease TTL 2s)", time.Since(start))
+	if s := serialOf(nodes[1].m, "www"); s == serial4 {
+		t.Fatal("node b did not renew")
+	}
+
+	// Nothing under the prefix is a private key in the clear.
+	assertNoClearKeys(t, c, nodes)
+}
+
+// assertNoClearKeys scans every value under the fleet's prefix for the nodes' private keys
+// (raw, hex, base64, PEM) and their session-ticket secrets.
+func assertNoClearKeys(t *testing.T, c *etcdtest.Cluster, nodes []*fleetTestNode) {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, "/fulcrum-test/"+t.Name()+"/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) < 5 {
+		t.Fatalf("only %d values under the prefix", len(resp.Kvs))
+	}
+	var secrets [][]byte
+	for _, n := range nodes[1:] {
+		n.m.tickets.mu.Lock()
+		for _, s := range n.m.tickets.secrets {
+			secrets = append(secrets, append([]byte(nil), s[:]...))
+		}
+		n.m.tickets.mu.Unlock()
+		secrets = append(secrets, n.m.StickyKey())
+		for _, s := range []any{n.m.Authority("internal").signer, entryOf(n.m, "www").cur.Load().PrivateKey} {
+			if k, ok := unwrapECDSA(s); ok {
+				secrets = append(secrets, mustBytes(k))
+			}
+		}
+	}
+	if len(secrets) < 6 {
+		t.Fatalf("only %d secrets to look for", len(secrets))
+	}
+	for _, kv := range resp.Kvs {
+		v := kv.Value
+		if bytes.Contains(v, []byte("PRIVATE KEY")) {
+			t.Errorf("%s holds a PEM private key", kv.Key)
+		}
+		for _, s := range secrets {
+			for _, enc := range [][]byte{s, []byte(hex.EncodeToString(s)), []byte(base64.StdEncoding.EncodeToString(s)), []byte(base64.RawURLEncoding.EncodeToString(s))} {
+				if bytes.Contains(v, enc) {
+					t.Errorf("%s holds a secret in the clear", kv.Key)
+				}
+			}
+		}
+	}
+}
+
+// unwrapECDSA finds the in-memory key inside the software keystore's counting signer.
+func unwrapECDSA(s any) (*ecdsa.PrivateKey, bool) {
+	for range 4 {
+		if k, ok := s.(*ecdsa.PrivateKey); ok {
+			return k, true
+		}
+		v := reflect.ValueOf(s)
+		if v.Kind() != reflect.Struct {
+			return nil, false
+		}
+		f := v.FieldByName("Signer")
+		if !f.IsValid() || !f.CanInterface() {
+			return nil, false
+		}
+		s = f.Interface()
+	}
+	return nil, false
+}
