@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -81,7 +82,17 @@ func OpenPKCS11(ctx context.Context, cfg PKCS11Config, log *slog.Logger) (Keysto
 	return k, nil
 }
 
+// configureMu serializes the token-label check with crypto11.Configure: the check may
+// initialize the module itself, and must finalize it before crypto11 initializes it.
+var configureMu sync.Mutex
+
 func (k *p11) configure() (*crypto11.Context, error) {
+	configureMu.Lock()
+	defer configureMu.Unlock()
+	if n := countTokens(k.cfg.Module, k.cfg.TokenLabel); n > 1 {
+		// crypto11 would take the first one, which may not be the token holding the keys.
+		return nil, fmt.Errorf("keystore: pkcs11 token label %q matches %d tokens in %s: give each token a distinct label (softhsm2-util --show-slots lists them)", k.cfg.TokenLabel, n, k.cfg.Module)
+	}
 	c, err := crypto11.Configure(&crypto11.Config{
 		Path:            k.cfg.Module,
 		TokenLabel:      k.cfg.TokenLabel,
@@ -93,6 +104,38 @@ func (k *p11) configure() (*crypto11.Context, error) {
 		return nil, fmt.Errorf("keystore: pkcs11 token %q in %s: %w", k.cfg.TokenLabel, k.cfg.Module, err)
 	}
 	return c, nil
+}
+
+// countTokens counts the initialized tokens labelled label; 0 when the module cannot be asked
+// (crypto11.Configure then reports why). When crypto11 already holds the module initialized in
+// this process it is enumerated as is, and never finalized here.
+func countTokens(module, label string) int {
+	m := pkcs11.New(module)
+	if m == nil {
+		return 0
+	}
+	defer m.Destroy()
+	err := m.Initialize()
+	var ce pkcs11.Error
+	if errors.As(err, &ce) && ce == pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
+		err = nil
+	} else if err == nil {
+		defer m.Finalize()
+	}
+	if err != nil {
+		return 0
+	}
+	slots, err := m.GetSlotList(true)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, sl := range slots {
+		if ti, err := m.GetTokenInfo(sl); err == nil && strings.TrimRight(ti.Label, " \x00") == label {
+			n++
+		}
+	}
+	return n
 }
 
 func (k *p11) Describe() string { return "pkcs11 token " + k.cfg.TokenLabel }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math/big"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -141,4 +142,42 @@ func externalCert(t *testing.T, name string) (certPEM, keyPEM []byte, leaf *x509
 	kder, _ := x509.MarshalPKCS8PrivateKey(key)
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), leaf
+}
+
+// TestDuplicateTokenLabel: a second `softhsm2-util --init-token` with the same label makes two
+// tokens; a keystore naming that label must refuse to guess which one holds its keys. It runs
+// the binary with its own SoftHSM2 configuration, so the shared test token is not disturbed.
+func TestDuplicateTokenLabel(t *testing.T) {
+	softhsmtest.Need(t, hsm)
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	tokens := filepath.Join(dir, "tokens")
+	os.MkdirAll(tokens, 0o700)
+	conf := filepath.Join(dir, "softhsm2.conf")
+	os.WriteFile(conf, []byte("directories.tokendir = "+tokens+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600)
+	env := append(os.Environ(), "SOFTHSM2_CONF="+conf, "TEST_PIN=1234")
+	initToken := func() {
+		cmd := exec.Command("softhsm2-util", "--init-token", "--free", "--label", "dup", "--pin", "1234", "--so-pin", "5678")
+		cmd.Env = env
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("softhsm2-util: %v\n%s", err, out)
+		}
+	}
+	path := filepath.Join(dir, "fulcrum.toml")
+	writeConfig(t, path, fmt.Sprintf("[server]\nadmin = \"\"\nstate_dir = %q\n\n[keystore]\ntype = \"pkcs11\"\nmodule = %q\ntoken_label = \"dup\"\npin = \"env:TEST_PIN\"\n\n[[authorities]]\nname = \"internal\"\n", dir, softhsmtest.Keystore().Module))
+	certsList := func() (string, error) {
+		cmd := exec.Command(bin, "certs", "authorities", path)
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	initToken()
+	if out, err := certsList(); err != nil {
+		t.Fatalf("one token labelled dup: %v\n%s", err, out)
+	}
+	initToken()
+	out, err := certsList()
+	if err == nil || !strings.Contains(out, `token label "dup" matches 2 tokens`) {
+		t.Fatalf("two tokens labelled dup: %v\n%s", err, out)
+	}
 }
