@@ -107,6 +107,9 @@ func (g *Group) Config() *configs.TargetGroup { return g.cfg }
 // Protocol is the group's protocol: http, https, tcp or tls.
 func (g *Group) Protocol() string { return g.proto }
 
+// MaxInFlight is the group's cap on requests in progress per target (0: unlimited).
+func (g *Group) MaxInFlight() int64 { return int64(g.cfg.MaxInFlight) }
+
 // Targets returns the group's targets (healthy or not) in configuration order.
 func (g *Group) Targets() []*Target {
 	out := make([]*Target, len(g.members))

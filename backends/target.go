@@ -65,6 +65,19 @@ func (t *Target) Acquire() { t.inflight.Add(1) }
 // Release ends what Acquire started.
 func (t *Target) Release() { t.inflight.Add(-1) }
 
+// TryAcquire counts a request in flight unless limit (> 0) are already; limit 0 is unlimited.
+func (t *Target) TryAcquire(limit int64) bool {
+	if limit <= 0 {
+		t.inflight.Add(1)
+		return true
+	}
+	if t.inflight.Add(1) > limit {
+		t.inflight.Add(-1)
+		return false
+	}
+	return true
+}
+
 // InFlight is the number of requests or connections in progress.
 func (t *Target) InFlight() int64 { return t.inflight.Load() }
 

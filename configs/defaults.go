@@ -20,6 +20,7 @@ const (
 	DefaultResponseTimeout     = "60s"
 	DefaultTargetReadTimeout   = "60s" // as nginx's proxy_read_timeout
 	DefaultMaxIdleConns        = 1024
+	DefaultMaxInFlight         = 0 // unlimited: a cap is the operator's estimate of what a target takes
 	DefaultStickinessDuration  = "24h"
 	DefaultHCInterval          = "5s"
 	DefaultHCTimeout           = "2s"
@@ -261,6 +262,9 @@ func groupDefaults(g *TargetGroup) {
 	}
 	if g.MaxIdleConns == 0 {
 		g.MaxIdleConns = DefaultMaxIdleConns
+	}
+	if g.MaxInFlight == 0 {
+		g.MaxInFlight = DefaultMaxInFlight
 	}
 	targetDefaults(g.Targets)
 	if st := g.Stickiness; st != nil && (st.Type == "lb_cookie" || st.Type == "app_cookie") {

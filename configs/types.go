@@ -132,6 +132,7 @@ type TargetGroup struct {
 	ResponseTimeout     string       `toml:"response_timeout"`    // time to response headers before 504 (default 60s)
 	TargetReadTimeout   string       `toml:"target_read_timeout"` // between reads of a response body (default 60s)
 	MaxIdleConns        int          `toml:"max_idle_conns"`      // idle keep-alive connections kept per target (default 1024)
+	MaxInFlight         int          `toml:"max_in_flight"`       // requests at once per target; over it 503 (default 0 = unlimited)
 	Stickiness          *Stickiness  `toml:"stickiness"`
 	TLS                 *BackendTLS  `toml:"tls"`
 	HealthCheck         *HealthCheck `toml:"health_check"`

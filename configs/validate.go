@@ -471,6 +471,11 @@ func (v *validator) group(s scope, g *TargetGroup) {
 	if g.MaxIdleConns < 0 {
 		s.errf("max_idle_conns", "max_idle_conns %d must not be negative", g.MaxIdleConns)
 	}
+	if g.MaxInFlight < 0 {
+		s.errf("max_in_flight", "max_in_flight %d must not be negative", g.MaxInFlight)
+	} else if g.MaxInFlight > 0 && !l7 {
+		s.errf("max_in_flight", "max_in_flight applies to http and https groups, not %q", g.Protocol)
+	}
 	if st := g.Stickiness; st != nil {
 		if v.enum(s, "stickiness.type", st.Type, "lb_cookie", "app_cookie", "source_ip") {
 			switch {

@@ -92,6 +92,9 @@ const cutGrace = 100 * time.Millisecond
 // errNoTarget means no healthy target: the client gets 503 without any dial.
 var errNoTarget = errors.New("no healthy target")
 
+// errOverCap means the targets picked were at the group's max_in_flight: 503 without any dial.
+var errOverCap = errors.New("targets at max_in_flight")
+
 // ServeHTTP is the per-request entry point of every HTTP listener.
 func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ri := reqInfoPool.Get().(*reqInfo)
@@ -433,6 +436,8 @@ func (st *httpState) errorHandler(w http.ResponseWriter, r *http.Request, err er
 	switch {
 	case errors.Is(err, errNoTarget):
 		status, reason = http.StatusServiceUnavailable, "no_healthy_target"
+	case errors.Is(err, errOverCap):
+		status, reason = http.StatusServiceUnavailable, "max_in_flight"
 	case ri != nil && ri.body.slow():
 		status, reason = http.StatusRequestTimeout, "client_body_timeout"
 	case ri != nil && ri.body.failed():
@@ -480,10 +485,18 @@ func (t *pickTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, errNoTarget
 	}
 	rt := g.Transport()
+	limit := g.MaxInFlight()
 	for attempt := 0; ; attempt++ {
+		if !target.TryAcquire(limit) {
+			// At its max_in_flight: one other target, else 503 at once rather than a pile-up.
+			next := g.Pick(ri.client.Addr(), target)
+			if next == nil || next == target || !next.TryAcquire(limit) {
+				return nil, errOverCap
+			}
+			target = next
+		}
 		req.URL.Host = target.Addr()
 		ri.target, ri.targetAddr = target, target.Addr()
-		target.Acquire()
 		t0 := time.Now()
 		if attempt == 0 {
 			ri.requestDur = t0.Sub(ri.start)
