@@ -90,6 +90,9 @@ func (v *validator) fleet(s scope) {
 	if f.CertFile != "" && f.KeyFile == "" && f.Key == "" {
 		s.errf("cert_file", "cert_file needs key_file or key (a key name in the keystore)")
 	}
+	if f.Key != "" && v.c.Keystore.Type == "software" {
+		s.errf("key", "key names a key in a pkcs11 keystore; software-keystore keys live in the fleet's etcd themselves, so use key_file")
+	}
 	if f.KeyFile != "" && f.Key != "" {
 		s.errf("key", "set key_file or key, not both")
 	}

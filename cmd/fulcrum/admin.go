@@ -111,6 +111,10 @@ func adminHandler(d *daemon) http.Handler {
 	mux.HandleFunc("GET /admin/targets", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, targetsView(d.rt.Config(), d.rt.Registry().Targets()))
 	})
+	mux.HandleFunc("GET /admin/fleet", func(w http.ResponseWriter, r *http.Request) {
+		code, v := fleetView(d, r)
+		writeJSON(w, code, v)
+	})
 	mux.HandleFunc("GET /admin/certificates", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, certificatesView(d.rt.Certs().List(), time.Now()))
 	})

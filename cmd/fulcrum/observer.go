@@ -94,7 +94,7 @@ func newObserver(cfg *configs.Config, log *slog.Logger) (*observer, error) {
 
 // attach registers the collectors that read the runtime (targets, certificates, connections).
 func (o *observer) attach(rt *listener.Runtime) {
-	o.reg.MustRegister(newRuntimeCollector(rt))
+	o.reg.MustRegister(newRuntimeCollector(rt), newFleetCollector(rt))
 }
 
 // bind pre-binds every series a configuration's requests can touch.

@@ -137,7 +137,11 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 		obs.Close()
 		return nil, fmt.Errorf("certificate manager: %w", err)
 	}
-	reg := backends.NewRegistry(log)
+	var regOpts []backends.Option
+	if k := cm.StickyKey(); k != nil { // a fleet: one sticky-cookie key for every node
+		regOpts = append(regOpts, backends.WithStickyKey(k))
+	}
+	reg := backends.NewRegistry(log, regOpts...)
 	opts := listener.Options{Log: log, Certs: cm, Registry: reg}
 	if cfg.Server.Admin != "" || cfg.Server.AccessLog != "" {
 		// Nobody can read metrics without the admin endpoint, so with neither it nor an access
