@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -24,6 +25,7 @@ type hcSpec struct {
 	healthy, unhealthy int
 	cfg                *configs.HealthCheck  // for Matches (validated configs)
 	ranges             []configs.StatusRange // parsed from the raw matcher (unvalidated configs)
+	grpc               []configs.StatusRange // grpc_code: a gRPC check when set
 }
 
 func (h hcSpec) String() string {
@@ -45,8 +47,8 @@ func (h hcSpec) fingerprint() string {
 	if !h.enabled {
 		return "off"
 	}
-	return fmt.Sprintf("%s|%s|%d|%s|%s|%d|%d|%v", h.protocol, h.path, h.port, h.interval, h.timeout,
-		h.healthy, h.unhealthy, h.ranges)
+	return fmt.Sprintf("%s|%s|%d|%s|%s|%d|%d|%v|%v", h.protocol, h.path, h.port, h.interval, h.timeout,
+		h.healthy, h.unhealthy, h.ranges, h.grpc)
 }
 
 // resolveHC applies defaults to a group's health check. The default protocol is the group's.
@@ -75,6 +77,17 @@ func resolveHC(g *configs.TargetGroup) (hcSpec, error) {
 	case "http", "https", "tcp", "tls":
 	default:
 		return s, fmt.Errorf("health_check.protocol %q: want http, https, tcp or tls", s.protocol)
+	}
+	if hc.GRPCCode != "" {
+		s.grpc = hc.GRPCRanges()
+		if s.grpc == nil {
+			r, err := configs.ParseGRPCCodes(hc.GRPCCode)
+			if err != nil {
+				return s, fmt.Errorf("health_check.grpc_code: %w", err)
+			}
+			s.grpc = r
+		}
+		s.path = configs.DefaultHCGRPCPath
 	}
 	if hc.Path != "" {
 		s.path = hc.Path
@@ -234,6 +247,9 @@ func (t *Target) check(ctx context.Context) error {
 		}
 		return nil
 	default: // http, https
+		if len(hc.grpc) > 0 {
+			return t.checkGRPC(ctx, addr)
+		}
 		tr := &http.Transport{
 			DialContext:       d.DialContext,
 			DisableKeepAlives: true, // a check must prove a fresh connection works
@@ -274,4 +290,73 @@ func (t *Target) checkTLS(addr string) *tls.Config {
 		c.ServerName = host
 	}
 	return c
+}
+
+// grpcCheckBody is an empty message in gRPC's length-prefixed framing: an empty
+// grpc.health.v1.HealthCheckRequest asks about the whole server.
+var grpcCheckBody = []byte{0, 0, 0, 0, 0}
+
+// checkGRPC calls the check path over HTTP/2 (h2c for http checks, h2 for https) and matches the
+// grpc-status against grpc_code, as ALB does. For the standard health service the answer must
+// also say SERVING: that service answers NOT_SERVING with status OK.
+func (t *Target) checkGRPC(ctx context.Context, addr string) error {
+	hc := &t.spec.hc
+	var d net.Dialer
+	tr := &http.Transport{DialContext: d.DialContext, DisableKeepAlives: true, Proxy: nil}
+	var p http.Protocols
+	scheme := "http"
+	if hc.protocol == "https" {
+		scheme = "https"
+		tr.TLSClientConfig = t.checkTLS(addr)
+		tr.ForceAttemptHTTP2 = true
+		p.SetHTTP2(true)
+	} else {
+		p.SetUnencryptedHTTP2(true)
+	}
+	tr.Protocols = &p
+	defer tr.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, scheme+"://"+addr+hc.path, bytes.NewReader(grpcCheckBody))
+	if err != nil {
+		return fmt.Errorf("grpc check: %w", err)
+	}
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	req.Header.Set("User-Agent", "Fulcrum-HealthChecker/1.0")
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("grpc check: %w", err)
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("grpc check: HTTP status %d", resp.StatusCode)
+	}
+	gs := resp.Trailer.Get("Grpc-Status")
+	if gs == "" {
+		gs = resp.Header.Get("Grpc-Status") // a trailers-only answer
+	}
+	code, err := strconv.Atoi(gs)
+	if err != nil {
+		return fmt.Errorf("grpc check: no grpc-status in the answer")
+	}
+	ok := false
+	for _, r := range hc.grpc {
+		ok = ok || code >= r.Lo && code <= r.Hi
+	}
+	if !ok {
+		return fmt.Errorf("grpc check: grpc-status %d does not match", code)
+	}
+	if code == 0 && hc.path == configs.DefaultHCGRPCPath && grpcServing(body) != 1 {
+		return fmt.Errorf("grpc check: health service answered %d, not SERVING", grpcServing(body))
+	}
+	return nil
+}
+
+// grpcServing reads the status field of a length-prefixed grpc.health.v1.HealthCheckResponse
+// (field 1, varint); 0 (UNKNOWN) when absent or malformed.
+func grpcServing(b []byte) int {
+	if len(b) < 7 || b[5] != 0x08 { // field 1, varint; the enum's values fit in one byte
+		return 0
+	}
+	return int(b[6] & 0x7f)
 }

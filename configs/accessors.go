@@ -183,6 +183,9 @@ func (t *Target) AddrPort() netip.AddrPort { return t.addr }
 // MatcherRanges are the health check's parsed matcher ranges (nil for tcp/tls checks).
 func (h *HealthCheck) MatcherRanges() []StatusRange { return h.matcher }
 
+// GRPCRanges are the parsed grpc_code ranges; nil when the check is not a gRPC check.
+func (h *HealthCheck) GRPCRanges() []StatusRange { return h.grpcCodes }
+
 // AddrPort is the listener's address when its host is an IP literal (invalid for "" or
 // "localhost" hosts; listen on Address).
 func (l *Listener) AddrPort() netip.AddrPort { return l.addr }

@@ -28,6 +28,7 @@ const (
 	DefaultHCUnhealthy         = 2
 	DefaultHCPath              = "/"
 	DefaultHCMatcher           = "200-399"
+	DefaultHCGRPCPath          = "/grpc.health.v1.Health/Check" // with grpc_code: the standard health service
 	DefaultIdleTimeout         = "60s"
 	DefaultNetworkIdleTimeout  = "350s"
 	DefaultHeaderTimeout       = "10s"
@@ -284,6 +285,9 @@ func groupDefaults(g *TargetGroup) {
 		h.UnhealthyThreshold = DefaultHCUnhealthy
 	}
 	if h.Protocol == "http" || h.Protocol == "https" {
+		if h.GRPCCode != "" {
+			def(&h.Path, DefaultHCGRPCPath)
+		}
 		def(&h.Path, DefaultHCPath)
 		def(&h.Matcher, DefaultHCMatcher)
 	}

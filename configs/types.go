@@ -172,10 +172,13 @@ type HealthCheck struct {
 	HealthyThreshold   int    `toml:"healthy_threshold"`
 	UnhealthyThreshold int    `toml:"unhealthy_threshold"`
 	Matcher            string `toml:"matcher"` // "200", "200-399", "200,204,300-399"
-	Disabled           bool   `toml:"disabled"`
+	// GRPCCode makes the check a gRPC call (ALB's Matcher.GrpcCode): "0", "0-99", "0,12".
+	GRPCCode string `toml:"grpc_code"`
+	Disabled bool   `toml:"disabled"`
 
 	interval, timeout time.Duration
 	matcher           []StatusRange
+	grpcCodes         []StatusRange
 }
 
 // StatusRange is an inclusive range of HTTP status codes.

@@ -563,6 +563,16 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 		} else if h.Matcher != "" {
 			s.errf(f+"matcher", "health_check.matcher applies to http and https health checks, not %q", h.Protocol)
 		}
+		if h.GRPCCode != "" {
+			m, err := ParseGRPCCodes(h.GRPCCode)
+			switch {
+			case !web:
+				s.errf(f+"grpc_code", "health_check.grpc_code applies to http and https health checks, not %q", h.Protocol)
+			case err != nil:
+				s.errf(f+"grpc_code", "health_check.grpc_code %q: %v (e.g. \"0\", \"0-99\" or \"0,12\")", h.GRPCCode, err)
+			}
+			h.grpcCodes = m
+		}
 	} else if web {
 		h.matcher, _ = ParseMatcher(h.Matcher)
 	}
@@ -577,6 +587,30 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 	if h.UnhealthyThreshold < 1 || h.UnhealthyThreshold > 100 {
 		s.errf(f+"unhealthy_threshold", "health_check.unhealthy_threshold %d is out of range 1-100", h.UnhealthyThreshold)
 	}
+}
+
+// ParseGRPCCodes parses a health check's grpc_code, "0", "0-99" or "0,12", into ranges of gRPC
+// status codes 0-99 (as ALB's GrpcCode).
+func ParseGRPCCodes(m string) ([]StatusRange, error) {
+	if strings.TrimSpace(m) == "" {
+		return nil, errors.New("must not be empty")
+	}
+	var out []StatusRange
+	for _, part := range strings.Split(m, ",") {
+		part = strings.TrimSpace(part)
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, errA := strconv.Atoi(strings.TrimSpace(lo))
+		b := a
+		var errB error
+		if isRange {
+			b, errB = strconv.Atoi(strings.TrimSpace(hi))
+		}
+		if errA != nil || errB != nil || part == "" || part[0] == '+' || a < 0 || b > 99 || a > b {
+			return nil, fmt.Errorf("%q is not a gRPC code or range within 0-99", part)
+		}
+		out = append(out, StatusRange{Lo: a, Hi: b})
+	}
+	return out, nil
 }
 
 // ParseMatcher parses a health-check matcher, "200", "200-399" or "200,204,300-399", into ranges
