@@ -178,7 +178,7 @@ func TestTargetKilledUnderLoad(t *testing.T) {
 name = "web"
 protocol = "http"
 targets = [%q, %q]
-health_check = { path = "/healthz", interval = "100ms", timeout = "50ms", unhealthy_threshold = 2, healthy_threshold = 2 }
+health_check = { path = "/healthz", interval = "300ms", timeout = "250ms", unhealthy_threshold = 2, healthy_threshold = 2 }
 [[listeners]]
 name = "public"
 style = "application"
@@ -188,17 +188,29 @@ default_action = { forward = "web" }
 `, hostOf(b1), hostOf(b2), addr))
 	rt := startRuntime(t, cfg, nil)
 	c := clientFrom("127.0.0.1")
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	var l load
-	wg := runLoad(ctx, c, "http://"+addr+"/", 500, 10, &l)
-	time.Sleep(500 * time.Millisecond)
+	// Load first, so both targets hold pooled keep-alive connections; the kill then closes them
+	// between requests. A request the target was answering at the very instant it died gets 502
+	// (as from ALB); the test is about what follows: stale pooled connections and refused dials
+	// must be retried on the live target until health takes the dead one out.
+	warm, stopWarm := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	var before load
+	runLoad(warm, c, "http://"+addr+"/", 500, 10, &before).Wait()
+	stopWarm()
+	if before.failed.Load() != 0 || before.ok.Load() == 0 {
+		t.Fatalf("before the kill: %d ok, %d failed (first: %v)", before.ok.Load(), before.failed.Load(), before.firstErr.Load())
+	}
 	killed := time.Now()
 	b2.CloseClientConnections()
 	b2.Close()
+	// The live target's checks must not time out on a loaded -race machine (a 50 ms timeout did,
+	// leaving no healthy target and answering 503); the killed one is refused at once anyway.
+	ctx, cancel := context.WithTimeout(context.Background(), 2500*time.Millisecond)
+	defer cancel()
+	var l load
+	wg := runLoad(ctx, c, "http://"+addr+"/", 500, 10, &l)
 	g := rt.set.Group("web")
 	var b2Target string = hostOf(b2)
-	waitFor(t, 2*time.Second, func() bool {
+	waitFor(t, 3*time.Second, func() bool {
 		for _, tg := range g.Targets() {
 			if st := tg.Status(); st.Address == b2Target {
 				return !st.Healthy
@@ -209,7 +221,7 @@ default_action = { forward = "web" }
 	t.Logf("target marked down %v after it was killed", time.Since(killed))
 	wg.Wait()
 	if l.failed.Load() != 0 {
-		t.Fatalf("%d requests failed (first: %v); refused dials must be retried on the live target", l.failed.Load(), l.firstErr.Load())
+		t.Fatalf("%d of %d requests failed (first: %v); refused dials must be retried on the live target", l.failed.Load(), l.failed.Load()+l.ok.Load(), l.firstErr.Load())
 	}
 }
 
