@@ -28,8 +28,11 @@ func toggleServer(t *testing.T) (*httptest.Server, *atomic.Bool) {
 }
 
 func fastHC(proto string) *configs.HealthCheck {
-	return &configs.HealthCheck{Protocol: proto, Path: "/healthz", Interval: "20ms", Timeout: "500ms",
-		HealthyThreshold: 2, UnhealthyThreshold: 2, Matcher: "200-299"}
+	h := &configs.HealthCheck{Protocol: proto, Interval: "100ms", Timeout: "90ms", HealthyThreshold: 2, UnhealthyThreshold: 2}
+	if proto == "" || proto == "http" || proto == "https" {
+		h.Path, h.Matcher = "/healthz", "200-299"
+	}
+	return h
 }
 
 func TestActiveHTTPHealth(t *testing.T) {
@@ -68,7 +71,7 @@ func TestActiveTCPHealthServerClosed(t *testing.T) {
 	}
 	address := ln.Addr().String()
 	go acceptAndClose(ln)
-	gc := configs.TargetGroup{Name: "db", Protocol: "tcp", HealthCheck: fastHC(""),
+	gc := configs.TargetGroup{Name: "db", Protocol: "tcp", HealthCheck: fastHC("tcp"),
 		Targets: []configs.Target{{Address: address, Weight: 1}}}
 	g := build(t, r, conf(gc)).Group("db")
 	tg := g.Targets()[0]

@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"net/netip"
@@ -17,6 +19,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/BurntSushi/toml"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
@@ -36,8 +40,28 @@ func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
 func withClock(r *Registry, c *fakeClock) { c.ns.Store(int64(time.Hour)); r.clock = c.now }
 
+// conf validates groups the way the binary loads a file (written as TOML, read by
+// configs.Load), so backends only ever sees validated configuration. It panics on a group that
+// does not validate: tests of validation belong to configs.
 func conf(groups ...configs.TargetGroup) *configs.Config {
-	return &configs.Config{TargetGroups: groups}
+	c, err := load(configs.Config{TargetGroups: groups})
+	if err != nil {
+		panic(err)
+	}
+	return c
+}
+
+// load validates a whole configuration written as a struct.
+func load(c configs.Config) (*configs.Config, error) {
+	var b bytes.Buffer
+	if err := toml.NewEncoder(&b).Encode(&c); err != nil {
+		return nil, err
+	}
+	loaded, err := configs.Load(filepath.Join(os.TempDir(), "backends-test.toml"), b.Bytes())
+	if err != nil {
+		return nil, fmt.Errorf("config: %w\n%s", err, b.String())
+	}
+	return loaded, nil
 }
 
 // noHC is a group whose targets need no server (Pick never dials).
@@ -91,6 +115,7 @@ func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) {
 
 // testPKI is a CA and a leaf for 127.0.0.1 / backend.test.
 type testPKI struct {
+	ca      *x509.Certificate
 	caPEM   []byte
 	caFile  string
 	leaf    tls.Certificate
@@ -124,6 +149,7 @@ func newPKI(t testing.TB) *testPKI {
 	}
 	leaf, _ := x509.ParseCertificate(der)
 	p := &testPKI{
+		ca:      ca,
 		caPEM:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
 		leaf:    tls.Certificate{Certificate: [][]byte{der, caDER}, PrivateKey: key, Leaf: leaf},
 		leafPin: PinOf(leaf),

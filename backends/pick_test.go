@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
 func addr(i int) string { return "127.0.0.1:" + itoa(1000+i) }
@@ -288,15 +290,13 @@ func TestPassiveEjection(t *testing.T) {
 	}
 }
 
-func TestBuildErrors(t *testing.T) {
+// TestBuildErrorLeaksNothing: a Build that fails on one group (what only building finds: a
+// missing ca_file) releases the targets of the groups built before it.
+func TestBuildErrorLeaksNothing(t *testing.T) {
 	r := newReg(t)
-	bad := noHC("g", "fastest", 1)
-	if _, err := r.Build(conf(bad), nil); err == nil {
-		t.Error("unknown algorithm accepted")
-	}
-	dup := noHC("g", "", 1)
-	if _, err := r.Build(conf(dup, dup), nil); err == nil {
-		t.Error("duplicate group accepted")
+	bad := httpsGroup("127.0.0.1:1", &configs.BackendTLS{CAFile: "/nonexistent/ca.pem"}, false)
+	if _, err := r.Build(conf(noHC("g", "", 1), bad), nil); err == nil {
+		t.Fatal("a group with a missing ca_file was built")
 	}
 	if n := len(r.Targets()); n != 0 {
 		t.Errorf("failed Build leaked %d targets", n)

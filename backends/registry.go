@@ -21,6 +21,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -52,13 +53,15 @@ const (
 	maxEjection          = 5 * time.Minute
 )
 
-// TLSProvider supplies the client TLS configuration for https/tls target groups (the certificate
-// manager implements it). Return the same *tls.Config pointer while nothing changed: transports
-// are reused across reloads only when the pointer is the same. Returning (nil, nil) makes backends
-// build the configuration from the group's tls table (ca_file, server_name, pin_public_keys,
-// insecure_skip_verify).
+// TLSProvider is what only the certificate manager knows about a group's client TLS: the
+// private authorities and the managed client certificates (checked against the configuration
+// being built). clientTLS builds everything else.
 type TLSProvider interface {
-	ClientTLS(g *configs.TargetGroup) (*tls.Config, error)
+	// AuthorityCert is the CA certificate of a private authority.
+	AuthorityCert(name string) (*x509.Certificate, error)
+	// ClientCertificate is the handshake callback that presents a managed certificate (its
+	// current version at each handshake).
+	ClientCertificate(name string) (func(*tls.CertificateRequestInfo) (*tls.Certificate, error), error)
 }
 
 // Option configures a Registry.

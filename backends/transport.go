@@ -1,7 +1,6 @@
 package backends
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -12,49 +11,43 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
-// clientTLS returns the group's client TLS configuration and a fingerprint that changes when it
-// does (part of the transport and target keys).
-func clientTLS(cfg *configs.Config, g *configs.TargetGroup, tlsp TLSProvider) (*tls.Config, string, error) {
-	if tlsp != nil {
-		c, err := tlsp.ClientTLS(g)
-		if err != nil {
-			return nil, "", fmt.Errorf("client tls: %w", err)
-		}
-		if c != nil {
-			// The provider returns the same pointer while nothing changed.
-			return c, fmt.Sprintf("provider:%p", c), nil
-		}
-	}
-	return FileClientTLS(cfg, g)
-}
-
-// FileClientTLS builds client TLS from the group's tls table without a certificate manager:
-// ca_file (else the system roots), server_name, pin_public_keys and insecure_skip_verify. An
-// authority or client_certificate needs the certificate manager (a TLSProvider).
+// clientTLS is the one builder of a group's client TLS, used by its HTTP transport, by L4
+// re-encryption and by TLS health checks alike. It returns the configuration and a fingerprint
+// of everything it was built from (part of the transport and target keys, so an unchanged group
+// keeps its pooled connections and its targets' health across reloads).
 //
-// Pins are "sha256/BASE64" of a certificate's SubjectPublicKeyInfo. With pins alone (no ca_file),
-// the chain is not verified and the leaf's key must match a pin (ELB Classic back-end
-// authentication). With ca_file and pins, the chain must verify and some certificate of the
-// verified chain must match a pin.
-func FileClientTLS(cfg *configs.Config, g *configs.TargetGroup) (*tls.Config, string, error) {
+// Trust comes from tls.authority (the certificate manager's private CA), tls.ca_file, or the
+// system roots. Pins are SHA-256 digests of a SubjectPublicKeyInfo. With pins and neither
+// authority nor ca_file, the chain is not verified and the leaf's key must match a pin (ELB
+// Classic back-end authentication: a self-signed target is fine). With a CA and pins, the chain
+// must verify and some certificate of the verified chain must match a pin.
+func clientTLS(cfg *configs.Config, g *configs.TargetGroup, tlsp TLSProvider) (*tls.Config, string, error) {
 	c := &tls.Config{MinVersion: tls.VersionTLS12}
 	bt := g.TLS
 	if bt == nil {
 		return c, "system", nil
 	}
-	if bt.Authority != "" || bt.ClientCertificate != "" {
+	if (bt.Authority != "" || bt.ClientCertificate != "") && tlsp == nil {
 		return nil, "", errors.New("tls: authority and client_certificate need the certificate manager")
 	}
 	fp := sha256.New()
-	fmt.Fprintf(fp, "%s|%v|%q|", bt.ServerName, bt.InsecureSkipVerify, bt.PinPublicKeys)
+	fmt.Fprintf(fp, "%s|%v|%q|%s|", bt.ServerName, bt.InsecureSkipVerify, bt.PinPublicKeys, bt.ClientCertificate)
 	c.ServerName = bt.ServerName
-	if bt.CAFile != "" {
+	switch {
+	case bt.Authority != "":
+		ca, err := tlsp.AuthorityCert(bt.Authority)
+		if err != nil {
+			return nil, "", fmt.Errorf("tls.authority: %w", err)
+		}
+		c.RootCAs = x509.NewCertPool()
+		c.RootCAs.AddCert(ca)
+		fp.Write(ca.Raw)
+	case bt.CAFile != "":
 		path := cfg.Resolve(bt.CAFile)
 		pem, err := os.ReadFile(path)
 		if err != nil {
@@ -67,11 +60,7 @@ func FileClientTLS(cfg *configs.Config, g *configs.TargetGroup) (*tls.Config, st
 		c.RootCAs = pool
 		fp.Write(pem)
 	}
-	if len(bt.PinPublicKeys) > 0 {
-		pins, err := parsePins(bt.PinPublicKeys)
-		if err != nil {
-			return nil, "", err
-		}
+	if pins := bt.Pins(); len(pins) > 0 {
 		leafOnly := c.RootCAs == nil
 		if leafOnly {
 			// Standard verification is replaced by the pin check below.
@@ -81,23 +70,14 @@ func FileClientTLS(cfg *configs.Config, g *configs.TargetGroup) (*tls.Config, st
 	} else if bt.InsecureSkipVerify {
 		c.InsecureSkipVerify = true //nolint:gosec // explicit operator opt-out (lab use)
 	}
-	return c, "file:" + hex.EncodeToString(fp.Sum(nil)), nil
-}
-
-func parsePins(in []string) ([][]byte, error) {
-	out := make([][]byte, 0, len(in))
-	for i, p := range in {
-		b64, ok := strings.CutPrefix(p, "sha256/")
-		if !ok {
-			return nil, fmt.Errorf("tls.pin_public_keys[%d] %q: want \"sha256/BASE64\"", i, p)
+	if name := bt.ClientCertificate; name != "" {
+		get, err := tlsp.ClientCertificate(name)
+		if err != nil {
+			return nil, "", fmt.Errorf("tls.client_certificate: %w", err)
 		}
-		b, err := base64.StdEncoding.DecodeString(b64)
-		if err != nil || len(b) != sha256.Size {
-			return nil, fmt.Errorf("tls.pin_public_keys[%d] %q: want base64 of a 32-byte SHA-256", i, p)
-		}
-		out = append(out, b)
+		c.GetClientCertificate = get
 	}
-	return out, nil
+	return c, hex.EncodeToString(fp.Sum(nil)), nil
 }
 
 // PinOf returns the "sha256/BASE64" pin of a certificate's public key.
@@ -108,11 +88,11 @@ func PinOf(cert *x509.Certificate) string {
 
 var errPinMismatch = errors.New("tls: back-end public key matches no pin_public_keys entry")
 
-func checkPins(pins [][]byte, cs tls.ConnectionState, leafOnly bool) error {
+func checkPins(pins [][32]byte, cs tls.ConnectionState, leafOnly bool) error {
 	match := func(c *x509.Certificate) bool {
 		sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
 		for _, p := range pins {
-			if bytes.Equal(p, sum[:]) {
+			if p == sum {
 				return true
 			}
 		}

@@ -252,10 +252,15 @@ func (p *Pending) ServerTLS(l *configs.Listener) (*tls.Config, error) {
 	return p.m.serverTLS(p.cfg, p.snap, l)
 }
 
-// ClientTLS is Manager.ClientTLS checked against the pending certificates (a
-// backends.TLSProvider).
-func (p *Pending) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
-	return p.m.clientTLS(p.cfg, p.snap, g)
+// AuthorityCert is Manager.AuthorityCert checked against the pending configuration (with
+// ClientCertificate, a backends.TLSProvider).
+func (p *Pending) AuthorityCert(name string) (*x509.Certificate, error) {
+	return authorityCert(p.snap, name)
+}
+
+// ClientCertificate is Manager.ClientCertificate checked against the pending configuration.
+func (p *Pending) ClientCertificate(name string) (func(*tls.CertificateRequestInfo) (*tls.Certificate, error), error) {
+	return p.m.clientCertificate(p.snap, name)
 }
 
 // Commit makes the pending certificates the served ones and retires what only the old

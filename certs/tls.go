@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
@@ -211,85 +210,38 @@ func trustPool(cfg *configs.Config, snap *snapshot, authority, caFile string) (*
 	return nil, nil
 }
 
-// ClientTLS is the TLS configuration for dialing a target group's targets (re-encryption and
-// health checks): trust from tls.authority or ca_file (system roots otherwise), ServerName,
-// public-key pinning and a managed client certificate. It satisfies backends.TLSProvider.
-func (m *Manager) ClientTLS(g *configs.TargetGroup) (*tls.Config, error) {
-	return m.clientTLS(m.cfg.Load(), m.snap.Load(), g)
+// AuthorityCert is the CA certificate of a private authority, for target groups that trust it
+// (backends builds their client TLS; it satisfies backends.TLSProvider with ClientCertificate).
+func (m *Manager) AuthorityCert(name string) (*x509.Certificate, error) {
+	return authorityCert(m.snap.Load(), name)
 }
 
-// clientTLS builds ClientTLS, checked against snap; the client certificate is read from the
-// served certificates at each handshake.
-func (m *Manager) clientTLS(cfg *configs.Config, snap *snapshot, g *configs.TargetGroup) (*tls.Config, error) {
-	tc := &tls.Config{MinVersion: tls.VersionTLS12}
-	bt := g.TLS
-	if bt == nil {
-		return tc, nil
-	}
-	tc.ServerName = bt.ServerName
-	pool, err := trustPool(cfg, snap, bt.Authority, bt.CAFile)
-	if err != nil {
-		return nil, fmt.Errorf("certs: target group %s tls: %w", g.Name, err)
-	}
-	tc.RootCAs = pool
-	tc.InsecureSkipVerify = bt.InsecureSkipVerify
-	if len(bt.PinPublicKeys) > 0 {
-		pins := make([][32]byte, 0, len(bt.PinPublicKeys))
-		for _, p := range bt.PinPublicKeys {
-			pin, err := ParsePin(p)
-			if err != nil {
-				return nil, fmt.Errorf("certs: target group %s: %w", g.Name, err)
-			}
-			pins = append(pins, pin)
-		}
-		// VerifyConnection runs after chain verification (and also with InsecureSkipVerify).
-		tc.VerifyConnection = func(cs tls.ConnectionState) error {
-			for _, c := range cs.PeerCertificates {
-				sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
-				for _, p := range pins {
-					if hmac.Equal(sum[:], p[:]) {
-						return nil
-					}
-				}
-			}
-			return fmt.Errorf("certs: target group %s: no pinned public key in the server's chain", g.Name)
-		}
-	}
-	if name := bt.ClientCertificate; name != "" {
-		if snap.certs[name] == nil {
-			return nil, fmt.Errorf("certs: target group %s: unknown client_certificate %q", g.Name, name)
-		}
-		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			if e := m.snap.Load().certs[name]; e != nil {
-				if c := e.cur.Load(); c != nil {
-					return c, nil
-				}
-			}
-			return &tls.Certificate{}, nil // no certificate rather than a failed handshake
-		}
-	}
-	return tc, nil
+// ClientCertificate is the handshake callback presenting the managed certificate name to a
+// target that asks for one; it reads the served certificate at each handshake, so renewals apply.
+func (m *Manager) ClientCertificate(name string) (func(*tls.CertificateRequestInfo) (*tls.Certificate, error), error) {
+	return m.clientCertificate(m.snap.Load(), name)
 }
 
-// ParsePin parses "sha256/BASE64" (the SHA-256 of a SubjectPublicKeyInfo).
-func ParsePin(s string) ([32]byte, error) {
-	var out [32]byte
-	b64, ok := strings.CutPrefix(s, "sha256/")
-	if !ok {
-		return out, fmt.Errorf("pin %q: want sha256/BASE64", s)
+func authorityCert(snap *snapshot, name string) (*x509.Certificate, error) {
+	a := snap.auths[name]
+	if a == nil {
+		return nil, fmt.Errorf("certs: unknown authority %q", name)
 	}
-	b, err := base64.StdEncoding.DecodeString(b64)
-	if err != nil || len(b) != 32 {
-		return out, fmt.Errorf("pin %q: want 32 base64 bytes", s)
-	}
-	copy(out[:], b)
-	return out, nil
+	return a.Cert, nil
 }
 
-// PinOf returns the "sha256/BASE64" pin of a certificate's public key.
-func PinOf(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
-	return "sha256/" + base64.StdEncoding.EncodeToString(sum[:])
+func (m *Manager) clientCertificate(snap *snapshot, name string) (func(*tls.CertificateRequestInfo) (*tls.Certificate, error), error) {
+	if snap.certs[name] == nil {
+		return nil, fmt.Errorf("certs: unknown client certificate %q", name)
+	}
+	return func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		if e := m.snap.Load().certs[name]; e != nil {
+			if c := e.cur.Load(); c != nil {
+				return c, nil
+			}
+		}
+		return &tls.Certificate{}, nil // no certificate rather than a failed handshake
+	}, nil
 }
 
 // ticketKeys holds the rotating ticket secrets (newest first) and one ticket-encryption

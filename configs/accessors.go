@@ -30,6 +30,9 @@ func (g *TargetGroup) ResponseTimeoutDuration() time.Duration     { return g.res
 // a byte (http/https groups); then the response is aborted, never presented as complete.
 func (g *TargetGroup) TargetReadTimeoutDuration() time.Duration { return g.targetReadTimeout }
 
+// Pins are the decoded pin_public_keys: SHA-256 digests of SubjectPublicKeyInfo.
+func (t *BackendTLS) Pins() [][32]byte { return t.pins }
+
 // DurationValue is the stickiness cookie lifetime.
 func (s *Stickiness) DurationValue() time.Duration { return s.duration }
 

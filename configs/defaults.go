@@ -3,6 +3,7 @@ package configs
 import (
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Default values. They are applied by applyDefaults only; README.md lists them.
@@ -253,6 +254,14 @@ func forwardersFromProxies(l *Listener) bool {
 	return l.TrustedForwarders == nil && !l.AcceptProxyProtocol
 }
 
+// defaultHCTimeout is the timeout of a health check that sets none: DefaultHCTimeout, or half
+// the interval when that is shorter, so that an operator who sets only a short interval gets a
+// timeout that fits it. (Validation applies it once the interval is parsed.)
+func defaultHCTimeout(interval time.Duration) time.Duration {
+	d, _ := time.ParseDuration(DefaultHCTimeout)
+	return min(d, interval/2)
+}
+
 func groupDefaults(g *TargetGroup) {
 	def(&g.Algorithm, DefaultAlgorithm)
 	def(&g.DeregistrationDelay, DefaultDeregistrationDelay)
@@ -277,7 +286,6 @@ func groupDefaults(g *TargetGroup) {
 	h := g.HealthCheck
 	def(&h.Protocol, g.Protocol)
 	def(&h.Interval, DefaultHCInterval)
-	def(&h.Timeout, DefaultHCTimeout)
 	if h.HealthyThreshold == 0 {
 		h.HealthyThreshold = DefaultHCHealthy
 	}

@@ -160,6 +160,8 @@ type BackendTLS struct {
 	PinPublicKeys      []string `toml:"pin_public_keys"` // "sha256/BASE64" of the SubjectPublicKeyInfo
 	ClientCertificate  string   `toml:"client_certificate"`
 	InsecureSkipVerify bool     `toml:"insecure_skip_verify"` // explicit opt-out, for lab use only
+
+	pins [][32]byte // PinPublicKeys decoded
 }
 
 // HealthCheck is an active health check.

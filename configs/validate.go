@@ -577,6 +577,9 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 		h.matcher, _ = ParseMatcher(h.Matcher)
 	}
 	h.interval = v.duration(s, f+"interval", h.Interval, true)
+	if h.Timeout == "" && h.interval > 0 {
+		h.Timeout = defaultHCTimeout(h.interval).String()
+	}
 	h.timeout = v.duration(s, f+"timeout", h.Timeout, true)
 	if h.interval > 0 && h.timeout > 0 && h.timeout >= h.interval {
 		s.errf(f+"timeout", "health_check.timeout %q must be shorter than interval %q", h.Timeout, h.Interval)
@@ -687,12 +690,15 @@ func (v *validator) backendTLS(s scope, field string, t *BackendTLS) {
 			s.errf(field+".client_certificate", "%s.client_certificate %q is not defined%s: add a [[certificates]] entry with that name", field, t.ClientCertificate, suggest(t.ClientCertificate, v.certs))
 		}
 	}
+	t.pins = nil
 	for i, p := range t.PinPublicKeys {
 		b64, ok := strings.CutPrefix(p, "sha256/")
 		raw, err := base64.StdEncoding.DecodeString(b64)
 		if !ok || err != nil || len(raw) != 32 {
 			s.errf(idx(field+".pin_public_keys", i), "%s.pin_public_keys[%d] %q is not \"sha256/BASE64\" of a SubjectPublicKeyInfo SHA-256 digest", field, i, p)
+			continue
 		}
+		t.pins = append(t.pins, [32]byte(raw))
 	}
 	if t.InsecureSkipVerify && (t.Authority != "" || t.CAFile != "" || len(t.PinPublicKeys) > 0) {
 		s.errf(field+".insecure_skip_verify", "%s.insecure_skip_verify contradicts authority, ca_file and pin_public_keys: remove one or the other", field)

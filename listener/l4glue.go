@@ -2,12 +2,13 @@ package listener
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/configs"
@@ -66,31 +67,57 @@ func (a l4Group) Dial(ctx context.Context, t *backends.Target, m *l4.ConnMeta) (
 // client byte was sent (DESIGN: "A dial failure before any byte was sent tries the next target").
 const dialAttempts = 2
 
+// weightedDialer is a forward to several weighted target groups (NLB weighted target groups):
+// each connection picks a group by weight, then a target within it.
+type weightedDialer struct {
+	action  *router.Action
+	dialers []l4.Dialer // parallel to action.Groups
+}
+
+func (w *weightedDialer) DialFor(ctx context.Context, m *l4.ConnMeta) (net.Conn, func(), error) {
+	return w.dialers[w.action.PickGroup(rand.Uint64())].DialFor(ctx, m)
+}
+
 // buildL4 builds the next generation of a layer-4 listener; prev is the running one at the
 // same address, if any.
 func (rt *Runtime) buildL4(lc *configs.Listener, set *backends.Set, tlsSrc serverTLSSource, prev *door.Generation) (*door.Generation, error) {
-	dialerFor := func(name string) (l4.Dialer, error) {
-		g := set.Group(name)
-		if g == nil {
-			return nil, fmt.Errorf("target group %q is not defined", name)
-		}
-		return l4.Balance[*backends.Target](l4Group{g}, dialAttempts), nil
-	}
-	if len(lc.Forward) == 0 {
-		return nil, errors.New("no forward target group")
-	}
-	def, err := dialerFor(lc.Forward[0].Group)
+	table, err := router.Compile(lc)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("rules: %w", err)
+	}
+	var connect time.Duration // the longest connect_timeout of the groups it may dial
+	dialerFor := func(r *router.Rule) (l4.Dialer, error) {
+		a := r.Action
+		if a.Kind != router.ActionForward || len(a.Groups) == 0 {
+			return nil, fmt.Errorf("rule %d: network rules can only forward", r.Priority)
+		}
+		ds := make([]l4.Dialer, len(a.Groups))
+		for i, name := range a.Groups {
+			g := set.Group(name)
+			if g == nil {
+				return nil, fmt.Errorf("target group %q is not defined", name)
+			}
+			connect = max(connect, g.Config().ConnectTimeoutDuration())
+			ds[i] = l4.Balance[*backends.Target](l4Group{g}, dialAttempts)
+		}
+		if len(ds) == 1 {
+			return ds[0], nil
+		}
+		return &weightedDialer{action: a, dialers: ds}, nil
+	}
+	rules := table.Rules()
+	dialers := make([]l4.Dialer, len(rules))
+	for _, r := range rules {
+		if dialers[r.ID], err = dialerFor(r); err != nil {
+			return nil, err
+		}
 	}
 	c := l4.Config{
 		Mode:             l4.ModeTCP,
-		Dialer:           def,
+		Dialer:           dialers[0],
 		IdleTimeout:      lc.IdleTimeoutDuration(),
 		HandshakeTimeout: lc.HeaderTimeoutDuration(),
-	}
-	if g := set.Group(lc.Forward[0].Group); g != nil {
-		c.ConnectTimeout = dialAttempts * g.Config().ConnectTimeoutDuration()
+		ConnectTimeout:   dialAttempts * connect,
 	}
 	switch {
 	case lc.TLSTerminated():
@@ -101,23 +128,9 @@ func (rt *Runtime) buildL4(lc *configs.Listener, set *backends.Set, tlsSrc serve
 		if c.ALPN, err = l4.ParseALPNPolicy(lc.ALPNPolicy); err != nil {
 			return nil, err
 		}
-	case len(lc.Rules) > 0:
+	case len(rules) > 1:
 		// TLS pass-through routed on the ClientHello's server name.
 		c.Mode = l4.ModeSNI
-		table, err := router.Compile(lc)
-		if err != nil {
-			return nil, fmt.Errorf("rules: %w", err)
-		}
-		rules := table.Rules()
-		dialers := make([]l4.Dialer, len(rules))
-		for _, r := range rules {
-			if len(r.Action.Groups) == 0 {
-				return nil, fmt.Errorf("rule %d: network rules can only forward", r.Priority)
-			}
-			if dialers[r.ID], err = dialerFor(r.Action.Groups[0]); err != nil {
-				return nil, err
-			}
-		}
 		c.Route = func(sni string) l4.Dialer { return dialers[table.MatchSNI(sni).ID] }
 	}
 	st, err := l4.NewState(c)

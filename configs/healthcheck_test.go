@@ -1,0 +1,49 @@
+package configs
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestHealthCheckTimeoutDefault: an unset timeout is the smaller of the default and half the
+// interval, so setting only a short interval works; an explicit timeout that is not shorter
+// than the interval stays an error.
+func TestHealthCheckTimeoutDefault(t *testing.T) {
+	for _, tc := range []struct {
+		name, hc string
+		want     time.Duration
+		err      string
+	}{
+		{name: "nothing set", hc: `{ path = "/" }`, want: 2 * time.Second},
+		{name: "long interval", hc: `{ interval = "30s" }`, want: 2 * time.Second},
+		{name: "interval 1s only", hc: `{ interval = "1s" }`, want: 500 * time.Millisecond},
+		{name: "interval 3s only", hc: `{ interval = "3s" }`, want: 1500 * time.Millisecond},
+		{name: "explicit timeout", hc: `{ interval = "1s", timeout = "900ms" }`, want: 900 * time.Millisecond},
+		{name: "explicit timeout equal", hc: `{ interval = "1s", timeout = "1s" }`, err: `health_check.timeout "1s" must be shorter than interval "1s"`},
+		{name: "explicit timeout longer", hc: `{ interval = "1s", timeout = "2s" }`, err: "must be shorter than interval"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := fmt.Sprintf(`
+[[target_groups]]
+name = "web"
+protocol = "http"
+health_check = %s
+`, tc.hc)
+			c, err := Load("test.toml", []byte(text))
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err = %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := c.Group("web").HealthCheck.TimeoutDuration(); got != tc.want {
+				t.Fatalf("timeout %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
