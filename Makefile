@@ -54,7 +54,8 @@ demo: build
 	echo "  curl -s --cacert configs/state/authorities/demo-ca.pem https://localhost:8443/  # TLS from the built-in CA"; \
 	echo "  curl -s http://127.0.0.1:9900/admin/targets          # health"; \
 	echo "  hey -z 10s -c 50 http://127.0.0.1:8080/              # load"; \
-	echo "  kill -HUP \$$(pgrep -f 'bin/fulcrum -config')        # live reload"; echo; \
+	echo "  kill -HUP \$$(pgrep -f 'bin/fulcrum -config')        # live reload"; \
+	echo "Access log (JSON lines): tail -f configs/state/access.log"; echo; \
 	./bin/fulcrum -config configs/quickstart.toml
 
 # Load-test recipe: sample back ends, Fulcrum pinned to CPU 1 (GOMAXPROCS=1), wrk or hey on CPU 0,

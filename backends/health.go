@@ -193,6 +193,9 @@ func (t *Target) record(err error, okRun, failRun *int) {
 	if err == nil {
 		*okRun++
 		*failRun = 0
+		if *okRun >= hc.healthy {
+			t.decided.Store(true)
+		}
 		if !t.activeUp.Load() && *okRun >= hc.healthy {
 			t.upSince.Store(t.reg.now())
 			t.activeUp.Store(true)
@@ -204,6 +207,9 @@ func (t *Target) record(err error, okRun, failRun *int) {
 	*failRun++
 	*okRun = 0
 	t.setReason(err.Error())
+	if *failRun >= hc.unhealthy {
+		t.decided.Store(true)
+	}
 	if t.activeUp.Load() && *failRun >= hc.unhealthy {
 		t.activeUp.Store(false)
 		t.reg.bump()

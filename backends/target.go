@@ -28,7 +28,11 @@ type Target struct {
 	inflight atomic.Int64
 	_        [56]byte // keep the per-request counter off the read-mostly line below
 
-	activeUp     atomic.Bool
+	activeUp atomic.Bool
+	// decided: active checks have reached a verdict (healthy_threshold successes or
+	// unhealthy_threshold failures in a row). Until then the target is routed to (see the
+	// package doc) but reported "initial", as ALB does, not "healthy".
+	decided      atomic.Bool
 	upSince      atomic.Int64 // now() when it last became healthy; slow start ramps from here
 	ejectedUntil atomic.Int64 // now() before which passive health keeps it out
 	consec       atomic.Int32 // consecutive passive failures
@@ -139,7 +143,9 @@ type TargetStatus struct {
 	Protocol string   // the group protocol
 	Groups   []string // groups of live generations naming it
 	Healthy  bool     // routable now (active check up and not ejected)
-	Ejected  bool     // passive health has it out for a cool-down
+	// Initial: active checks have not reached a verdict yet (always false with checks disabled).
+	Initial bool
+	Ejected bool // passive health has it out for a cool-down
 	// Reason is the last failed check ("" if none failed yet).
 	Reason              string
 	InFlight            int64
@@ -168,6 +174,7 @@ func (t *Target) statusLocked() TargetStatus {
 		Failures:            t.failures.Load(),
 		ConsecutiveFailures: int(t.consec.Load()),
 		HealthCheck:         t.spec.hc.String(),
+		Initial:             t.spec.hc.enabled && !t.decided.Load(),
 	}
 	if p := t.reason.Load(); p != nil {
 		st.Reason = *p

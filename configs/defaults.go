@@ -8,9 +8,12 @@ import (
 
 // Default values. They are applied by applyDefaults only; README.md lists them.
 const (
-	DefaultStateDir            = "state"
-	DefaultShutdownTimeout     = "30s"
-	DefaultLogLevel            = "info"
+	DefaultStateDir        = "state"
+	DefaultShutdownTimeout = "30s"
+	DefaultLogLevel        = "info"
+	// DefaultLogFormat "auto" is text when the process log (stderr) is a terminal, for a person
+	// reading it, and JSON lines otherwise (journald, files, collectors).
+	DefaultLogFormat           = "auto"
 	DefaultKeyType             = "ecdsa-p256"
 	DefaultAuthorityValidity   = "87600h" // 10 years
 	DefaultCertificateLifetime = "2160h"  // 90 days
@@ -58,6 +61,7 @@ func applyDefaults(c *Config) {
 	def(&s.StateDir, DefaultStateDir)
 	def(&s.ShutdownTimeout, DefaultShutdownTimeout)
 	def(&s.LogLevel, DefaultLogLevel)
+	def(&s.LogFormat, DefaultLogFormat)
 
 	k := &c.Keystore
 	def(&k.Type, "software")

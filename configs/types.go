@@ -37,6 +37,7 @@ type Server struct {
 	ShutdownTimeout  string `toml:"shutdown_timeout"`
 	AccessLog        string `toml:"access_log"` // "", "stdout", "stderr" or a file path
 	LogLevel         string `toml:"log_level"`  // debug | info | warn | error
+	LogFormat        string `toml:"log_format"` // process log: auto | text | json
 
 	shutdownTimeout time.Duration
 }

@@ -233,6 +233,7 @@ func (v *validator) server(s scope) {
 		s.errf("access_log", "access_log %q is not a file path: use \"\" (off), \"stdout\", \"stderr\" or a file path", al)
 	}
 	v.enum(s, "log_level", sv.LogLevel, logLevels...)
+	v.enum(s, "log_format", sv.LogFormat, "auto", "text", "json")
 }
 
 func (v *validator) keystore(s scope) {

@@ -159,7 +159,7 @@ func adminHandler(d *daemon) http.Handler {
 type targetView struct {
 	Address             string `json:"address"`
 	ID                  string `json:"id"`
-	State               string `json:"state"` // healthy | unhealthy | ejected | draining
+	State               string `json:"state"` // initial | healthy | unhealthy | ejected | draining
 	Healthy             bool   `json:"healthy"`
 	Ejected             bool   `json:"ejected"`
 	Draining            bool   `json:"draining"`
@@ -195,6 +195,9 @@ func newTargetView(s backends.TargetStatus) targetView {
 		v.State = "draining"
 	case s.Ejected:
 		v.State = "ejected"
+	case s.Initial:
+		// No verdict from the health checks yet: routed to, but not claimed healthy.
+		v.State = "initial"
 	case s.Healthy:
 		v.State = "healthy"
 	default:
@@ -447,6 +450,7 @@ func diffConfigs(old, cur *configs.Config) *configDiff {
 	field("server.admin_allow_public", os.AdminAllowPublic != cs.AdminAllowPublic, true)
 	field("server.access_log", os.AccessLog != cs.AccessLog, true)
 	field("server.log_level", os.LogLevel != cs.LogLevel, true)
+	field("server.log_format", os.LogFormat != cs.LogFormat, true)
 	field("server.state_dir", os.StateDir != cs.StateDir, false)
 	field("server.shutdown_timeout", os.ShutdownTimeout != cs.ShutdownTimeout, false)
 	ob, _ := json.Marshal(old.Keystore)

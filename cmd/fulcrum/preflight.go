@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -142,12 +141,6 @@ func (pf *preflighter) files() {
 		pf.secret("keystore", "", "keystore.pin", ks.Pin)
 		if ks.Module != "" {
 			pf.readable("keystore", "", "keystore.module", ks.Module)
-		}
-	}
-	if al := cfg.Server.AccessLog; al != "" && al != "stdout" && al != "stderr" {
-		dir := filepath.Dir(cfg.Resolve(al))
-		if st, err := os.Stat(dir); err != nil || !st.IsDir() {
-			pf.add("server", "", "server.access_log", al, "access_log %s: its directory %s does not exist", al, dir)
 		}
 	}
 }

@@ -16,6 +16,8 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/certs"
+	"golang.org/x/sys/unix"
+
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener"
 )
@@ -44,7 +46,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		printConfigError(stderr, err)
 		return 1
 	}
-	log := newLogger(stderr, cfg.Server.LogLevel)
+	log := newLogger(stderr, cfg.Server.LogLevel, cfg.Server.LogFormat)
 	notify := newNotifier()
 	sdNotify := func(lines ...string) {
 		if err := notify.send(lines...); err != nil {
@@ -96,7 +98,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func newLogger(w io.Writer, level string) *slog.Logger {
+// newLogger makes the process log: text (key=value) or JSON lines, "auto" choosing text when w
+// is a terminal. Durations are written as seconds (a float), not Go's nanosecond integers.
+func newLogger(w io.Writer, level, format string) *slog.Logger {
 	var l slog.Level
 	switch strings.ToLower(level) {
 	case "debug":
@@ -108,7 +112,29 @@ func newLogger(w io.Writer, level string) *slog.Logger {
 	default:
 		l = slog.LevelInfo
 	}
-	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}))
+	opts := &slog.HandlerOptions{Level: l, ReplaceAttr: secondsAttr}
+	if format == "text" || (format != "json" && isTerminal(w)) {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// secondsAttr writes a time.Duration as seconds under the same key.
+func secondsAttr(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		return slog.Float64(a.Key, a.Value.Duration().Seconds())
+	}
+	return a
+}
+
+// isTerminal says whether w is a character device with a terminal line discipline.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 // daemon is the running process: the runtime, the admin server and the observers.
@@ -205,7 +231,7 @@ func (d *daemon) reload(trigger string) reloadResult {
 	res.Took = time.Since(t0).Round(time.Microsecond).String()
 	d.obs.reloaded(res.OK)
 	if res.OK {
-		d.log.Info("reloaded", "trigger", trigger, "took", res.Took, "changes", res.Changes.summary())
+		d.log.Info("reloaded", "trigger", trigger, "took", time.Since(t0), "changes", res.Changes.summary())
 		if len(res.Changes.RestartRequired) > 0 {
 			d.log.Warn("reloaded, but these settings take effect only after a restart", "settings", res.Changes.RestartRequired)
 		}
