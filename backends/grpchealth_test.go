@@ -29,8 +29,8 @@ func TestGRPCHealthCheck(t *testing.T) {
 	addr := ln.Addr().String()
 
 	hc := func(path, codes string) *configs.HealthCheck {
-		return &configs.HealthCheck{Protocol: "http", Path: path, GRPCCode: codes, Interval: "20ms",
-			Timeout: "500ms", HealthyThreshold: 2, UnhealthyThreshold: 2}
+		return &configs.HealthCheck{Protocol: "http", Path: path, GRPCCode: codes, Interval: "100ms",
+			Timeout: "90ms", HealthyThreshold: 2, UnhealthyThreshold: 2}
 	}
 	r := newReg(t)
 	set := build(t, r, conf(
