@@ -354,7 +354,7 @@ func alpnName(id acme.Identifier) string {
 // follow redirects to https) and stop when it returns true. It costs one atomic load when no
 // challenge is pending; requests it does not answer go on to the routing rules untouched.
 func (m *Manager) HandleHTTPChallenge(w http.ResponseWriter, r *http.Request) bool {
-	if m.chal.pending.Load() == 0 {
+	if m.chal.pending.Load() == 0 && m.fleet == nil {
 		return false
 	}
 	token, ok := strings.CutPrefix(r.URL.Path, HTTPChallengePrefix)
@@ -364,6 +364,10 @@ func (m *Manager) HandleHTTPChallenge(w http.ResponseWriter, r *http.Request) bo
 	m.chal.mu.RLock()
 	ch, ok := m.chal.http[token]
 	m.chal.mu.RUnlock()
+	if !ok && m.fleet != nil {
+		// Another node's order: the CA may ask before this node's watch has delivered it.
+		ch, ok = m.fleetChallenge(r.Context(), token)
+	}
 	if !ok {
 		return false
 	}

@@ -488,6 +488,31 @@ func (m *Manager) fleetSolvers(c *acmez.Client) {
 	c.ChallengeSolvers = map[string]acmez.Solver{acme.ChallengeTypeHTTP01: fleetHTTPSolver{m}}
 }
 
+// fleetChallenge reads a challenge another node stored. Tokens are base64url of at least 128
+// bits (RFC 8555 §8.3), so anything else is refused without asking etcd, and at most a few
+// look-ups run at once: the path is public, and etcd is not for strangers to hammer.
+func (m *Manager) fleetChallenge(ctx context.Context, token string) (acme.Challenge, bool) {
+	if len(token) < 22 || len(token) > 128 || strings.Trim(token, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_") != "" {
+		return acme.Challenge{}, false
+	}
+	select {
+	case challengeLookups <- struct{}{}:
+		defer func() { <-challengeLookups }()
+	default:
+		return acme.Challenge{}, false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	b, err := m.fleet.st.Load(ctx, "acme/challenges/"+token)
+	var ch acme.Challenge
+	if err != nil || json.Unmarshal(b, &ch) != nil || ch.Token != token {
+		return acme.Challenge{}, false
+	}
+	return ch, true
+}
+
+var challengeLookups = make(chan struct{}, 4)
+
 type fleetHTTPSolver struct{ m *Manager }
 
 func (s fleetHTTPSolver) Present(ctx context.Context, ch acme.Challenge) error {

@@ -22,14 +22,20 @@ import (
 
 // countingHandler counts log messages by text (how many certificates a node issued).
 type countingHandler struct {
-	mu sync.Mutex
-	n  map[string]int
+	mu   sync.Mutex
+	n    map[string]int
+	warn []string // warnings and errors, for the test log
 }
 
 func (h *countingHandler) Enabled(context.Context, slog.Level) bool { return true }
 func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
 	h.mu.Lock()
 	h.n[r.Message]++
+	if r.Level >= slog.LevelWarn {
+		line := r.Message
+		r.Attrs(func(a slog.Attr) bool { line += " " + a.String(); return true })
+		h.warn = append(h.warn, line)
+	}
 	h.mu.Unlock()
 	return nil
 }
@@ -318,4 +324,81 @@ func unwrapECDSA(s any) (*ecdsa.PrivateKey, bool) {
 		s = f.Interface()
 	}
 	return nil, false
+}
+
+// TestFleetACME: three nodes and Pebble: the fleet orders once (node a, which answers no
+// challenge itself: Pebble asks node b, which answers from the fleet's shared challenges), all
+// three serve that certificate, and the renewal happens once for the fleet.
+func TestFleetACME(t *testing.T) {
+	c := etcdtest.Start(t, 3)
+	httpLn, httpPort := listenPort(t)
+	_, tlsPort := listenPort(t)
+	p := startPebble(t, httpPort, tlsPort, 15) // 15 s certificates: renewed with 5 s left
+	start := time.Now()
+	key := make([]byte, 32)
+	rand.Read(key)
+	t.Setenv(fleetMasterEnv, base64.StdEncoding.EncodeToString(key))
+	var nodes []*fleetTestNode
+	for _, name := range []string{"a", "b", "c"} {
+		cfg := acmeConfig(t.TempDir(), p, false, "www.fulcrum.test")
+		cfg.Keystore = configs.Keystore{Type: "software", MasterKey: "env:" + fleetMasterEnv}
+		cfg.Fleet = &configs.Fleet{Etcd: c.Endpoints(), Prefix: "/fulcrum-test/" + t.Name(), Node: name, LeaseTTL: "2s"}
+		h := &countingHandler{n: map[string]int{}}
+		m, err := NewManager(context.Background(), cfg, slog.New(h))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(m.Close)
+		t.Cleanup(func() {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			for _, w := range h.warn {
+				t.Logf("node %s: %s", name, w)
+			}
+		})
+		nodes = append(nodes, &fleetTestNode{m: m, log: h})
+	}
+	if _, ok := entryOf(nodes[0].m, "site").acme.client.ChallengeSolvers["tls-alpn-01"]; ok {
+		t.Fatal("a fleet offers TLS-ALPN-01, which only the ordering node could answer")
+	}
+	var hits atomic.Int64
+	challengeServer(t, httpLn, nodes[1].m, &hits)
+	nodes[0].m.StartACME()
+	waitCert(t, nodes[0].m, "site")
+	for _, n := range nodes[1:] {
+		n.m.StartACME()
+		waitCert(t, n.m, "site")
+	}
+	if hits.Load() == 0 {
+		t.Fatal("node b answered no challenge for node a's order")
+	}
+	s1 := serialOf(nodes[0].m, "site")
+	for _, n := range nodes[1:] {
+		if serialOf(n.m, "site") != s1 {
+			t.Fatal("nodes serve different ACME certificates")
+		}
+	}
+	if n := issued(nodes); n != 1 {
+		t.Fatalf("the fleet ordered %d certificates, want 1", n)
+	}
+	leaf := entryOf(nodes[0].m, "site").cur.Load().Leaf
+	t.Logf("ordered after %v; not before %v, renew at %v", time.Since(start), leaf.NotBefore, renewAt(leaf))
+	deadline := time.Now().Add(40 * time.Second)
+	for {
+		same := true
+		for _, n := range nodes {
+			same = same && serialOf(n.m, "site") != s1 && serialOf(n.m, "site") == serialOf(nodes[0].m, "site")
+		}
+		if same {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the fleet did not renew the ACME certificate")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := issued(nodes); n != 2 {
+		t.Fatalf("the fleet ordered %d certificates for one renewal, want 2 in all", n)
+	}
+	t.Logf("renewed after %v", time.Since(start))
 }
