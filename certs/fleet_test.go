@@ -10,12 +10,14 @@ import (
 	"encoding/hex"
 	"log/slog"
 	"reflect"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/certs/fleet/etcdtest"
+	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -401,4 +403,67 @@ func TestFleetACME(t *testing.T) {
 		t.Fatalf("the fleet ordered %d certificates for one renewal, want 2 in all", n)
 	}
 	t.Logf("renewed after %v", time.Since(start))
+}
+
+// TestFleetHSM: with a PKCS#11 keystore the fleet shares the token (one SoftHSM2 token that
+// every node reaches, as a network HSM): the authority and leaf keys are generated in it
+// once, non-extractable; etcd holds the certificates and the keys' names, no key blobs.
+func TestFleetHSM(t *testing.T) {
+	needHSM(t)
+	c := etcdtest.Start(t, 1)
+	key := make([]byte, 32)
+	rand.Read(key)
+	t.Setenv(fleetMasterEnv, base64.StdEncoding.EncodeToString(key))
+	var ms []*Manager
+	for _, name := range []string{"a", "b"} {
+		cfg := fleetConfig(t, c, name, "1h")
+		cfg.Keystore = softhsmtest.Keystore()
+		cfg.Fleet.MasterKey = "env:" + fleetMasterEnv
+		m, err := NewManager(context.Background(), cfg, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(m.Close)
+		ms = append(ms, m)
+	}
+	if serialOf(ms[0], "www") != serialOf(ms[1], "www") || !ms[0].Authority("internal").Cert.Equal(ms[1].Authority("internal").Cert) {
+		t.Fatal("the nodes do not share the certificate and authority")
+	}
+	e := entryOf(ms[1], "www")
+	e.meta.Lock()
+	keyName := e.keyName
+	e.meta.Unlock()
+	softhsmtest.AssertSensitive(t, softhsmtest.Module, softhsmtest.Label, softhsmtest.Pin, keyName)
+	softhsmtest.AssertSensitive(t, softhsmtest.Module, softhsmtest.Label, softhsmtest.Pin, ms[0].Authority("internal").keyName)
+
+	// A reload cannot move a node to another fleet.
+	moved := *ms[0].cfg.Load()
+	fl := *moved.Fleet
+	fl.Prefix = "/elsewhere/"
+	moved.Fleet = &fl
+	if _, err := ms[0].Prepare(&moved); err == nil || !strings.Contains(err.Error(), "[fleet] needs a restart") {
+		t.Fatalf("reload changing [fleet]: %v", err)
+	}
+
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoints(), DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, "/fulcrum-test/"+t.Name()+"/data/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range resp.Kvs {
+		keys = append(keys, string(kv.Key))
+		if bytes.Contains(kv.Key, []byte("/data/keys/")) {
+			t.Errorf("a key blob in etcd with an HSM keystore: %s", kv.Key)
+		}
+	}
+	if len(keys) != 2 { // the authority's certificate and the certificate record
+		t.Fatalf("etcd holds %v", keys)
+	}
 }

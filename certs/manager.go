@@ -236,6 +236,9 @@ func (m *Manager) Prepare(cfg *configs.Config) (*Pending, error) {
 	if !reflect.DeepEqual(old.Keystore, cfg.Keystore) {
 		return nil, errors.New("certs: changing [keystore] needs a restart")
 	}
+	if !reflect.DeepEqual(old.Fleet, cfg.Fleet) {
+		return nil, errors.New("certs: changing [fleet] needs a restart")
+	}
 	if cfg.Resolve(orDefault(cfg.Server.StateDir, "state")) != m.stateDir {
 		return nil, errors.New("certs: changing server.state_dir needs a restart")
 	}
