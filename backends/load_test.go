@@ -44,7 +44,7 @@ address = "127.0.0.1:15433"
 forward = "db"
 `))
 	if err != nil {
-		t.Skipf("configs.Load not ready: %v", err)
+		t.Fatalf("configs.Load: %v", err)
 	}
 	r := newReg(t)
 	s := build(t, r, cfg)

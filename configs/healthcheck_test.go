@@ -47,3 +47,26 @@ health_check = %s
 		})
 	}
 }
+
+// TestPKCS11MaxSessionsOne: one session is the login's alone, so max_sessions = 1 is refused
+// with the reason rather than silently raised.
+func TestPKCS11MaxSessionsOne(t *testing.T) {
+	text := `
+[keystore]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "fulcrum"
+pin = "env:PIN"
+max_sessions = %d
+`
+	if _, err := Load("test.toml", []byte(fmt.Sprintf(text, 1))); err == nil || !strings.Contains(err.Error(), "max_sessions 1 leaves no session to sign with") {
+		t.Fatalf("max_sessions = 1: %v", err)
+	}
+	c, err := Load("test.toml", []byte(fmt.Sprintf(text, 2)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Keystore.MaxSessions != 2 {
+		t.Fatalf("max_sessions = 2 became %d", c.Keystore.MaxSessions)
+	}
+}

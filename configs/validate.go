@@ -267,8 +267,11 @@ func (v *validator) keystore(s scope) {
 		if k.MasterKey != "" {
 			s.errf("master_key", "master_key applies to the software keystore; with pkcs11 the keys stay in the HSM (remove master_key)")
 		}
-		if k.MaxSessions < 1 || k.MaxSessions > 1024 {
-			s.errf("max_sessions", "max_sessions %d is out of range 1-1024", k.MaxSessions)
+		switch {
+		case k.MaxSessions == 1:
+			s.errf("max_sessions", "max_sessions 1 leaves no session to sign with: the PKCS#11 library keeps one session for the login, so the pool needs at least 2")
+		case k.MaxSessions < 2 || k.MaxSessions > 1024:
+			s.errf("max_sessions", "max_sessions %d is out of range 2-1024", k.MaxSessions)
 		}
 	}
 }

@@ -24,9 +24,13 @@ type PKCS11Config struct {
 	Module          string
 	TokenLabel      string
 	Pin             string
-	MaxSessions     int           // session pool size (default 16)
-	PoolWaitTimeout time.Duration // how long a signature waits for a free session (default 2s)
+	MaxSessions     int           // session pool size, login session included (validated: 2-1024)
+	PoolWaitTimeout time.Duration // how long a signature waits for a free session (0: poolWaitTimeout)
 }
+
+// poolWaitTimeout is how long a signature waits for a free session before it fails (not a
+// configuration key).
+const poolWaitTimeout = 2 * time.Second
 
 // p11 is the PKCS#11 keystore. The crypto11 context lives in an atomic pointer so the signing
 // path takes no lock; when the token reports that sessions or the device are gone, a single
@@ -58,14 +62,12 @@ type p11State struct {
 
 // OpenPKCS11 logs into the token and starts the reconnect owner goroutine.
 func OpenPKCS11(ctx context.Context, cfg PKCS11Config, log *slog.Logger) (Keystore, error) {
-	if cfg.MaxSessions == 0 {
-		cfg.MaxSessions = 16
-	}
 	if cfg.MaxSessions < 2 {
-		cfg.MaxSessions = 2 // crypto11 keeps one session for the login
+		// configs refuses fewer: crypto11 keeps one session for the login.
+		return nil, fmt.Errorf("keystore: pkcs11 max_sessions %d: at least 2 (one is the login's)", cfg.MaxSessions)
 	}
 	if cfg.PoolWaitTimeout == 0 {
-		cfg.PoolWaitTimeout = 2 * time.Second
+		cfg.PoolWaitTimeout = poolWaitTimeout
 	}
 	if log == nil {
 		log = slog.Default()

@@ -453,12 +453,8 @@ func isBodyless[T text](m T) bool { return string(m) == "GET" || string(m) == "H
 // framing details (see package doc). Call it exactly once per request: it
 // consumes the recorded head. HTTP/2 and later are not classified
 // (Compliant), as upstream.
-//
-// Every call is counted in DefaultCounters.
 func Classify(r *http.Request) (Tier, Reason) {
-	t, why := classify(r)
-	DefaultCounters.Add(t, why)
-	return t, why
+	return classify(r)
 }
 
 func classify(r *http.Request) (Tier, Reason) {

@@ -11,10 +11,6 @@ type Counters struct {
 	closed  atomic.Uint64
 }
 
-// DefaultCounters is incremented by Classify (one process-wide set, as
-// upstream keeps; per-listener counts can be kept with Counters.Add).
-var DefaultCounters = &Counters{}
-
 // Add counts one classification.
 func (c *Counters) Add(t Tier, r Reason) {
 	if t < numTiers {

@@ -198,15 +198,6 @@ func TLVs(c net.Conn) ([]proxyproto.TLV, error) {
 	return tlvs, nil
 }
 
-// PeerAddr is the address of the socket's peer (the proxy, when a header was used), as
-// opposed to c.RemoteAddr() which is the client the header names.
-func PeerAddr(c net.Conn) net.Addr {
-	if pc := unwrap(c); pc != nil {
-		return pc.Raw().RemoteAddr()
-	}
-	return c.RemoteAddr()
-}
-
 // Socket returns the transport connection under a PROXY-protocol conn c (c itself
 // otherwise), so a copier can hand concrete *net.TCPConn values to io.Copy and get splice(2).
 //
