@@ -102,6 +102,15 @@ func TestFleetStorage(t *testing.T) {
 	if err := sa.Store(ctx, "k", []byte("v3")); err == nil {
 		t.Fatal("store succeeded with etcd down")
 	}
+	// A node restarted while etcd is down finds what it had in its cache.
+	b2, err := Open(ctx, Options{Endpoints: c.Endpoints(), Prefix: "/t/" + t.Name(), Node: "b", LeaseTTL: 2 * time.Second, CacheDir: b.cache, OpTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err := b2.Storage().Load(ctx, "certificates/www.json"); err != nil || string(v) != "chain" {
+		t.Fatalf("restarted node with etcd down: %q %v", v, err)
+	}
+	b2.Close()
 	if _, e := a.Stats.Count(OpStore); e == 0 {
 		t.Error("failed store not counted")
 	}

@@ -12,7 +12,8 @@ import (
 )
 
 // TestFleetStickyAndAdmin: two nodes of one fleet share the sticky-cookie key, so a cookie set
-// by node a routes to the same target through node b; /admin/fleet lists both nodes and the
+// by node a routes to the same target through node b; /admin/fleet lists both nodes; with all
+// of etcd stopped both serve hey's load without a failure and rejoin when it is back; the
 // fleet's storage operations are exported.
 func TestFleetStickyAndAdmin(t *testing.T) {
 	c := etcdtest.Start(t, 1)
@@ -115,6 +116,22 @@ default_action = { forward = "web" }
 	if !leader {
 		t.Fatalf("/admin/fleet: no ticket-rotation leader in %+v", view.Status.Locks)
 	}
+	// All of etcd stops: both nodes keep serving under load without a failed request, and
+	// rejoin the fleet when it is back.
+	c.StopAll()
+	for i, web := range webs {
+		codes := driveLoad(t, "http://"+web+"/", 400, 8)
+		if codes[200] != 400 {
+			t.Fatalf("node %d with etcd down: %v", i, codes)
+		}
+	}
+	c.StartAll(t)
+	waitFor(t, 30*time.Second, "both nodes back in /admin/fleet", func() bool {
+		view.Status.Nodes = nil
+		fetchJSON(t, client, "GET", nodes[1].admin+"/admin/fleet", &view)
+		return len(view.Status.Nodes) == 2
+	})
+
 	// No certificates here, so no storage traffic yet: the series exist, at zero.
 	ss := scrape(t, client, nodes[1].admin)
 	for _, name := range []string{"fulcrum_fleet_storage_operations_total", "fulcrum_fleet_storage_errors_total"} {
