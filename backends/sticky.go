@@ -158,3 +158,67 @@ func setsCookie(h http.Header, name string) bool {
 	}
 	return false
 }
+
+// HeaderValues reads a message's header values without a header map (the listener's HTTP/1
+// engine keeps fields as slices of its read buffer): the i-th value of name, trimmed.
+type HeaderValues interface {
+	HeaderValue(name string, i int) (string, bool)
+}
+
+// StickyTargetCookies is StickyTarget for a request read through HeaderValues.
+func (g *Group) StickyTargetCookies(h HeaderValues) *Target {
+	var name string
+	switch g.sticky {
+	case stickyLBCookie:
+		name = LBCookieName
+	case stickyAppCookie:
+		name = AppCookieName
+	default:
+		return nil
+	}
+	for i := 0; ; i++ {
+		line, ok := h.HeaderValue("Cookie", i)
+		if !ok {
+			return nil
+		}
+		v, ok := findCookie([]string{line}, name)
+		if !ok {
+			continue
+		}
+		t := g.verifyCookie(name, v, time.Now().Unix())
+		if t == nil {
+			return nil
+		}
+		for _, x := range g.current().tgts {
+			if x == t {
+				return t
+			}
+		}
+		return nil
+	}
+}
+
+// StickySetCookie is SetSticky for a response read through HeaderValues: the Set-Cookie value
+// binding the client to t, and whether one is due.
+func (g *Group) StickySetCookie(t *Target, h HeaderValues) (string, bool) {
+	if t == nil || g.sticky == stickyNone {
+		return "", false
+	}
+	hdr := http.Header{}
+	if g.sticky == stickyAppCookie {
+		for i := 0; ; i++ {
+			v, ok := h.HeaderValue("Set-Cookie", i)
+			if !ok {
+				break
+			}
+			hdr.Add("Set-Cookie", v)
+		}
+	}
+	n := len(hdr["Set-Cookie"])
+	g.SetSticky(hdr, t)
+	vs := hdr["Set-Cookie"]
+	if len(vs) == n {
+		return "", false
+	}
+	return vs[len(vs)-1], true
+}

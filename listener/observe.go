@@ -12,7 +12,8 @@ import (
 // Observer receives what metrics and access logs need. It is called on the request path, so an
 // implementation must not block: count with pre-bound metrics, hand log lines to a bounded queue.
 type Observer interface {
-	// Request is called once per finished HTTP request. rec is only valid during the call.
+	// Request is called once per finished HTTP request. rec is only valid during the call, and
+	// its strings may view the connection's buffers: copy what is kept beyond the call.
 	Request(rec *RequestRecord)
 	// Desync is called for every request that is not compliant.
 	Desync(listener string, tier desync.Tier, reason desync.Reason)

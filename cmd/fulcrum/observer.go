@@ -10,8 +10,8 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -263,8 +263,13 @@ func newAccessLog(w io.Writer, path string, dropped prometheus.Counter, queue in
 // write queues the record without blocking; the writer goroutine formats it. The record is
 // copied (its strings are immutable, so the copy is shallow and allocation-free).
 func (a *accessLog) write(rec *listener.RequestRecord) {
+	// The record's strings may view the connection's buffers (valid during the call only): the
+	// queued copy owns its own.
+	q := *rec
+	q.Method, q.URI, q.Proto, q.Host = strings.Clone(q.Method), strings.Clone(q.URI), strings.Clone(q.Proto), strings.Clone(q.Host)
+	q.UserAgent, q.RequestID, q.SNI = strings.Clone(q.UserAgent), strings.Clone(q.RequestID), strings.Clone(q.SNI)
 	select {
-	case a.queue <- *rec:
+	case a.queue <- q:
 	default:
 		a.dropped.Inc()
 		return
@@ -606,10 +611,6 @@ func (a *accessLog) run(ctx context.Context) {
 func (a *accessLog) reopen() error {
 	if a.path == "" {
 		return nil
-	}
-	// Its directory is created as state_dir is: "state/access.log" works on a first start.
-	if err := os.MkdirAll(filepath.Dir(a.path), 0o750); err != nil {
-		return fmt.Errorf("access log directory for %s: %w", a.path, err)
 	}
 	f, err := os.OpenFile(a.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {

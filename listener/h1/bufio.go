@@ -5,6 +5,7 @@ import (
 	"io"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // Buffers are pooled by size class and held only while bytes are in flight: a connection waiting
@@ -46,6 +47,21 @@ type Reader struct {
 	bp   *[]byte
 	r, w int
 	err  error
+
+	// frozen bytes at the start of the buffer are never moved nor overwritten: the head of the
+	// request being served, which its parsed slices (and the strings viewing them) point into.
+	frozen int
+	old    *[]byte // a buffer outgrown while frozen: still viewed, pooled again at Unfreeze
+
+	// Per-read timeout (client_body_timeout, target_read_timeout): set before each read.
+	dl      interface{ SetReadDeadline(time.Time) error }
+	timeout time.Duration
+}
+
+// SetTimeout makes every following read wait at most d (0: no per-read deadline, leave the
+// connection's deadline as it is).
+func (b *Reader) SetTimeout(dl interface{ SetReadDeadline(time.Time) error }, d time.Duration) {
+	b.dl, b.timeout = dl, d
 }
 
 // NewReader returns a reader over rd holding no buffer yet.
@@ -53,6 +69,7 @@ func NewReader(rd io.Reader) *Reader { return &Reader{rd: rd} }
 
 // Reset points b at rd, dropping anything buffered.
 func (b *Reader) Reset(rd io.Reader) {
+	b.Unfreeze()
 	if b.bp != nil {
 		putBuf(b.bp)
 	}
@@ -70,9 +87,22 @@ func (b *Reader) Buffered() []byte {
 // Discard drops n buffered bytes.
 func (b *Reader) Discard(n int) { b.r += n }
 
+// Freeze keeps every byte before the read position where it is until Unfreeze: call it after
+// discarding a parsed head whose slices are still in use.
+func (b *Reader) Freeze() { b.frozen = b.r }
+
+// Unfreeze lets the buffer move again (the head is no longer used).
+func (b *Reader) Unfreeze() {
+	b.frozen = 0
+	if b.old != nil {
+		putBuf(b.old)
+		b.old = nil
+	}
+}
+
 // Release returns the buffer to its pool when nothing is buffered.
 func (b *Reader) Release() {
-	if b.bp != nil && b.r == b.w {
+	if b.bp != nil && b.r == b.w && b.frozen == 0 && b.old == nil {
 		putBuf(b.bp)
 		b.bp, b.r, b.w = nil, 0, 0
 	}
@@ -80,7 +110,7 @@ func (b *Reader) Release() {
 
 // Fill reads once more from the connection, keeping what is buffered; the buffer grows (up to
 // max) when it is full. It returns io.EOF or the read error once nothing more can come.
-func (b *Reader) Fill(max int) error {
+func (b *Reader) Fill(limit int) error {
 	if b.err != nil {
 		return b.err
 	}
@@ -88,23 +118,40 @@ func (b *Reader) Fill(max int) error {
 		b.bp, b.r, b.w = getBuf(4<<10), 0, 0
 	}
 	buf := *b.bp
-	if b.r > 0 && b.w == len(buf) || b.r == b.w {
-		n := copy(buf, buf[b.r:b.w])
-		b.r, b.w = 0, n
+	if b.r > b.frozen && b.w == len(buf) || b.r == b.w {
+		n := copy(buf[b.frozen:], buf[b.r:b.w])
+		b.r, b.w = b.frozen, b.frozen+n
 	}
 	if b.w == len(buf) {
-		if len(buf) >= max {
+		if len(buf) >= limit && b.frozen == 0 {
 			return errFull
 		}
-		nb := getBuf(min(len(buf)*4, max))
+		nb := getBuf(max(min(len(buf)*4, limit), 4<<10))
 		n := copy(*nb, buf[b.r:b.w])
-		putBuf(b.bp)
+		if b.frozen > 0 {
+			// The head stays viewed where it is: keep its buffer out of the pool meanwhile.
+			if b.old != nil {
+				putBuf(b.bp) // cannot happen twice for a head: the new buffer has room
+			} else {
+				b.old = b.bp
+			}
+			b.frozen = 0
+		} else {
+			putBuf(b.bp)
+		}
 		b.bp, b.r, b.w = nb, 0, n
 		buf = *nb
+	}
+	if b.timeout > 0 {
+		b.dl.SetReadDeadline(time.Now().Add(b.timeout))
 	}
 	n, err := b.rd.Read(buf[b.w:])
 	b.w += n
 	if err != nil {
+		var te interface{ Timeout() bool }
+		if errors.As(err, &te) && te.Timeout() {
+			return err // a deadline is not the end: the caller may wait again
+		}
 		b.err = err
 		if n > 0 {
 			return nil
@@ -125,6 +172,34 @@ type Writer struct {
 	bp  *[]byte
 	n   int
 	err error
+
+	// Per-write timeout (send_timeout): set before each write.
+	dl      interface{ SetWriteDeadline(time.Time) error }
+	timeout time.Duration
+	written int64 // bytes written through
+}
+
+// SetTimeout makes every following write wait at most d (0: leave the deadline as it is).
+func (w *Writer) SetTimeout(dl interface{ SetWriteDeadline(time.Time) error }, d time.Duration) {
+	w.dl, w.timeout = dl, d
+}
+
+// Written is how many bytes reached the connection since Reset or ResetCount.
+func (w *Writer) Written() int64 { return w.written }
+
+// ResetCount zeroes Written.
+func (w *Writer) ResetCount() { w.written = 0 }
+
+func (w *Writer) write(p []byte) (int, error) {
+	if w.timeout > 0 {
+		w.dl.SetWriteDeadline(time.Now().Add(w.timeout))
+	}
+	n, err := w.wr.Write(p)
+	w.written += int64(n)
+	if err != nil {
+		w.err = err
+	}
+	return n, err
 }
 
 // NewWriter returns a writer over wr holding no buffer yet.
@@ -137,6 +212,9 @@ func (w *Writer) Reset(wr io.Writer) {
 	}
 	*w = Writer{wr: wr}
 }
+
+// Conn is what the writer writes to.
+func (w *Writer) Conn() io.Writer { return w.wr }
 
 // Buf returns the buffer to append to; call Commit with the result.
 func (w *Writer) Buf() []byte {
@@ -153,7 +231,7 @@ func (w *Writer) Commit(b []byte) {
 		// Outgrown: write it now rather than keep an unpooled buffer.
 		w.n = 0
 		if w.err == nil {
-			_, w.err = w.wr.Write(b)
+			w.write(b)
 		}
 		return
 	}
@@ -183,11 +261,7 @@ func (w *Writer) Write(p []byte) (int, error) {
 	if err := w.Flush(); err != nil {
 		return 0, err
 	}
-	n, err := w.wr.Write(p)
-	if err != nil {
-		w.err = err
-	}
-	return n, err
+	return w.write(p)
 }
 
 // Flush writes what is buffered.
@@ -198,11 +272,8 @@ func (w *Writer) Flush() error {
 	if w.n == 0 {
 		return nil
 	}
-	_, err := w.wr.Write((*w.bp)[:w.n])
+	_, err := w.write((*w.bp)[:w.n])
 	w.n = 0
-	if err != nil {
-		w.err = err
-	}
 	return err
 }
 
@@ -422,4 +493,19 @@ func cutColon(b []byte) (name, value []byte, ok bool) {
 		}
 	}
 	return b, nil, false
+}
+
+// FirstChunkReady checks the first chunk-size line of a chunked body at the start of b: complete
+// says whether the line is all there (else read more), ok whether it is well formed.
+func FirstChunkReady(b []byte) (ok, complete bool) {
+	for i, c := range b {
+		if c == '\n' {
+			_, ok := chunkSize(b[:i+1])
+			return ok, true
+		}
+		if i >= maxChunkLine {
+			return false, true
+		}
+	}
+	return false, len(b) > maxChunkLine
 }

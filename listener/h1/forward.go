@@ -188,7 +188,9 @@ func (o *Outgoing) AppendTail(dst []byte, priorXFF [][]byte, framing Framing, n 
 		switch o.XFF {
 		case XFFRemove:
 		case XFFPreserve:
-			if o.Trusted && len(priorXFF) > 0 {
+			// ALB preserve: the chain unchanged, believed only from a trusted client; from
+			// anyone else it would be a forgery, so the target gets the client alone.
+			if o.Trusted {
 				for _, v := range priorXFF {
 					dst = AppendField(dst, "X-Forwarded-For", v)
 				}

@@ -270,9 +270,17 @@ func (r *Request) frame() {
 				nTE++
 			}
 		}
-		if nTE > 1 || r.Minor == 0 {
-			// RFC 9112 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing.
+		if nTE > 1 {
 			r.Unframeable = BadTransferEncoding
+			return
+		}
+		if r.Minor == 0 {
+			// RFC 9112 6.1: Transfer-Encoding on HTTP/1.0 is faulty framing (the classifier says
+			// ambiguous: the connection closes after it). Framed as HTTP/1.0 defines, by
+			// Content-Length alone, as net/http does; the field is never forwarded.
+			if cl && n > 0 {
+				r.Framing, r.ContentLength = Sized, int64(n)
+			}
 			return
 		}
 		r.Framing = Chunked

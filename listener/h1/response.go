@@ -234,3 +234,16 @@ func (r *Response) Value(name string) []byte {
 	}
 	return nil
 }
+
+// HeaderValue serves header lookups by name (router.Headers, backends.HeaderValues).
+func (r *Response) HeaderValue(name string, i int) (string, bool) {
+	for k := range r.Fields {
+		if equalFold(r.Fields[k].Name, name) {
+			if i == 0 {
+				return Str(TrimOWS(r.Fields[k].Value)), true
+			}
+			i--
+		}
+	}
+	return "", false
+}
