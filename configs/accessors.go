@@ -203,3 +203,6 @@ func ClassicGroupName(listener string) string { return "@classic/" + listener }
 
 // PropagationTimeoutDuration is PropagationTimeout, parsed (defaults applied by Validate).
 func (d *ACMEDNS) PropagationTimeoutDuration() time.Duration { return d.propagation }
+
+// DataKeyCacheMaxAgeDuration is DataKeyCacheMaxAge, parsed (0 when data-key caching is off).
+func (k *Keystore) DataKeyCacheMaxAgeDuration() time.Duration { return k.dataKeyCacheMaxAge }

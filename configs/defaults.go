@@ -18,6 +18,10 @@ const (
 	DefaultAuthorityValidity   = "87600h" // 10 years
 	DefaultCertificateLifetime = "2160h"  // 90 days
 	DefaultPKCS11Sessions      = 8
+	DefaultAdminAuth           = "required"
+	DefaultAuditLogName        = "audit.log" // under state_dir
+	DefaultDataKeyCacheMaxAge  = "5m"        // applies once data_key_cache_max_uses > 0
+	DefaultDataKeyCacheMaxUses = 0           // data-key caching is off
 	DefaultAlgorithm           = "round_robin"
 	DefaultDeregistrationDelay = "30s"
 	DefaultConnectTimeout      = "5s"
@@ -62,12 +66,17 @@ func applyDefaults(c *Config) {
 	def(&s.ShutdownTimeout, DefaultShutdownTimeout)
 	def(&s.LogLevel, DefaultLogLevel)
 	def(&s.LogFormat, DefaultLogFormat)
+	def(&s.AdminAuth, DefaultAdminAuth)
+	def(&s.AuditLog, strings.TrimSuffix(s.StateDir, "/")+"/"+DefaultAuditLogName)
 
 	k := &c.Keystore
 	def(&k.Type, "software")
 	switch k.Type {
 	case "software":
 		def(&k.MasterKey, "file:"+strings.TrimSuffix(s.StateDir, "/")+"/master.key")
+		if k.DataKeyCacheMaxUses > 0 {
+			def(&k.DataKeyCacheMaxAge, DefaultDataKeyCacheMaxAge)
+		}
 	case "pkcs11":
 		if k.MaxSessions == 0 {
 			k.MaxSessions = DefaultPKCS11Sessions

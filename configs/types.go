@@ -39,7 +39,41 @@ type Server struct {
 	LogLevel         string `toml:"log_level"`  // debug | info | warn | error
 	LogFormat        string `toml:"log_format"` // process log: auto | text | json
 
+	// AdminAuth is "required" (callers authenticate with AdminTokens or a client certificate
+	// from AdminClientCA; unauthenticated callers get only /healthz and /readyz) or "none"
+	// (no authentication, every caller is key_admin; loopback addresses only).
+	AdminAuth string `toml:"admin_auth"`
+	// AdminTLSCertificate names a [[certificates]] entry: the admin endpoint then speaks HTTPS.
+	AdminTLSCertificate string `toml:"admin_tls_certificate"`
+	// AdminClientCA is a PEM file of the authority whose client certificates the admin endpoint
+	// accepts (mTLS); needs AdminTLSCertificate.
+	AdminClientCA string        `toml:"admin_client_ca"`
+	AdminTokens   []AdminToken  `toml:"admin_tokens"`
+	AdminClients  []AdminClient `toml:"admin_clients"`
+	// AuditLog is the JSON-lines file of admin writes and key events.
+	AuditLog string `toml:"audit_log"`
+
 	shutdownTimeout time.Duration
+}
+
+// The admin roles, from least to most privileged. Each includes the ones before it.
+const (
+	RoleViewer   = "viewer"    // read status, metrics, certificates, keys
+	RoleOperator = "operator"  // reload, renew
+	RoleKeyAdmin = "key_admin" // import keys, schedule and cancel deletion, rotate the master key
+)
+
+// AdminToken is a bearer token an admin caller presents. Only its SHA-256 is kept in memory.
+type AdminToken struct {
+	Name   string `toml:"name"`   // the caller's identity in the audit log
+	Secret string `toml:"secret"` // "env:NAME" or "file:PATH" holding the token
+	Role   string `toml:"role"`
+}
+
+// AdminClient maps a client certificate (issued by admin_client_ca) to a role.
+type AdminClient struct {
+	CommonName string `toml:"common_name"` // subject CN of the client certificate
+	Role       string `toml:"role"`
 }
 
 // Keystore says where private keys are generated and used.
@@ -50,6 +84,13 @@ type Keystore struct {
 	TokenLabel  string `toml:"token_label"`  // pkcs11: token chosen by label, never by slot
 	Pin         string `toml:"pin"`          // pkcs11: "env:NAME" or "file:PATH"
 	MaxSessions int    `toml:"max_sessions"` // pkcs11: session pool size
+
+	// Software keystore data-key caching: one data key seals (and, once unwrapped, opens) several
+	// keys, for at most DataKeyCacheMaxAge and DataKeyCacheMaxUses. Off when MaxUses is 0.
+	DataKeyCacheMaxAge  string `toml:"data_key_cache_max_age"`
+	DataKeyCacheMaxUses int    `toml:"data_key_cache_max_uses"`
+
+	dataKeyCacheMaxAge time.Duration
 }
 
 // Authority is a private certificate authority whose key lives in the keystore.

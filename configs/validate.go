@@ -144,6 +144,7 @@ func (v *validator) run() {
 	for i := range c.Certificates {
 		v.certificate(scope{v: v, path: idx("certificates", i), name: c.Certificates[i].Name}, &c.Certificates[i])
 	}
+	v.adminRefs()
 
 	listenerOK := make(map[string]bool, len(c.Listeners))
 	names := make(map[string]bool, len(c.Listeners))
@@ -234,6 +235,84 @@ func (v *validator) server(s scope) {
 	}
 	v.enum(s, "log_level", sv.LogLevel, logLevels...)
 	v.enum(s, "log_format", sv.LogFormat, "auto", "text", "json")
+	v.adminAuth(s)
+}
+
+// AdminRoles are the roles an admin caller may have, least privileged first.
+var AdminRoles = []string{RoleViewer, RoleOperator, RoleKeyAdmin}
+
+// adminAuth checks who may call the admin endpoint. References to certificates are checked
+// in adminRefs, once the certificate names are known.
+func (v *validator) adminAuth(s scope) {
+	sv := &v.c.Server
+	if v.enum(s, "admin_auth", sv.AdminAuth, "required", "none") && sv.AdminAuth == "none" && sv.Admin != "" {
+		host, _, err := net.SplitHostPort(sv.Admin)
+		loop := err == nil && host == "localhost"
+		if a, perr := netip.ParseAddr(host); err == nil && perr == nil && a.IsLoopback() {
+			loop = true
+		}
+		if !loop {
+			s.errf("admin_auth", "admin_auth = \"none\" is allowed only on a loopback admin address, and admin is %q: configure admin_tokens or admin_client_ca instead", sv.Admin)
+		}
+	}
+	if sv.AdminAuth == "none" && (len(sv.AdminTokens) > 0 || len(sv.AdminClients) > 0 || sv.AdminClientCA != "") {
+		s.errf("admin_auth", "admin_auth = \"none\" ignores every credential, yet admin_tokens, admin_clients or admin_client_ca are set: remove admin_auth = \"none\" (authentication is then required) or the credentials")
+	}
+	if sv.AdminClientCA != "" && sv.AdminTLSCertificate == "" {
+		s.errf("admin_client_ca", "admin_client_ca needs admin_tls_certificate: client certificates are only asked for over HTTPS")
+	}
+	if len(sv.AdminClients) > 0 && sv.AdminClientCA == "" {
+		s.errf("admin_clients", "admin_clients needs admin_client_ca (the authority that issues the client certificates)")
+	}
+	if strings.TrimSpace(sv.AuditLog) == "" || strings.HasSuffix(sv.AuditLog, "/") || strings.ContainsAny(sv.AuditLog, "\x00\n\r") {
+		s.errf("audit_log", "audit_log %q is not a file path", sv.AuditLog)
+	}
+	names := map[string]bool{}
+	for i := range sv.AdminTokens {
+		t := &sv.AdminTokens[i]
+		ts := s.sub(idx("admin_tokens", i))
+		ts.name = t.Name
+		if v.name(ts, t.Name) {
+			if names[t.Name] {
+				ts.errf("name", "duplicate admin token name %q: the name is the caller's identity in the audit log", t.Name)
+			}
+			names[t.Name] = true
+		}
+		if t.Secret == "" {
+			ts.errf("secret", "secret is required (\"env:NAME\" or \"file:PATH\" holding the token)")
+		} else {
+			v.secret(ts, "secret", t.Secret)
+		}
+		v.enum(ts, "role", t.Role, AdminRoles...)
+	}
+	cns := map[string]bool{}
+	for i := range sv.AdminClients {
+		c := &sv.AdminClients[i]
+		cs := s.sub(idx("admin_clients", i))
+		cs.name = c.CommonName
+		if strings.TrimSpace(c.CommonName) == "" {
+			cs.errf("common_name", "common_name is required (the subject CN of the client certificate)")
+		} else if cns[c.CommonName] {
+			cs.errf("common_name", "duplicate admin client %q", c.CommonName)
+		}
+		cns[c.CommonName] = true
+		v.enum(cs, "role", c.Role, AdminRoles...)
+	}
+}
+
+// adminRefs checks that admin_tls_certificate names a server certificate.
+func (v *validator) adminRefs() {
+	sv := &v.c.Server
+	if sv.AdminTLSCertificate == "" {
+		return
+	}
+	s := scope{v: v, path: "server"}
+	if _, ok := v.certs[sv.AdminTLSCertificate]; !ok {
+		s.errf("admin_tls_certificate", "admin_tls_certificate %q is not a [[certificates]] name", sv.AdminTLSCertificate)
+	}
+	if sv.Admin == "" {
+		s.errf("admin_tls_certificate", "admin_tls_certificate is set but admin is not (the admin endpoint is off)")
+	}
 }
 
 func (v *validator) keystore(s scope) {
@@ -251,6 +330,15 @@ func (v *validator) keystore(s scope) {
 		}
 		if k.MaxSessions != 0 {
 			s.errf("max_sessions", "max_sessions applies to a pkcs11 keystore, but type is \"software\"")
+		}
+		if k.DataKeyCacheMaxUses < 0 || k.DataKeyCacheMaxUses > 1<<20 {
+			s.errf("data_key_cache_max_uses", "data_key_cache_max_uses %d is out of range 0 (off)-1048576", k.DataKeyCacheMaxUses)
+		}
+		if k.DataKeyCacheMaxAge != "" {
+			if k.DataKeyCacheMaxUses == 0 {
+				s.errf("data_key_cache_max_age", "data_key_cache_max_age has no effect while data_key_cache_max_uses is 0 (caching off): set data_key_cache_max_uses too")
+			}
+			k.dataKeyCacheMaxAge = v.duration(s, "data_key_cache_max_age", k.DataKeyCacheMaxAge, true)
 		}
 	case "pkcs11":
 		if k.Module == "" {
@@ -272,6 +360,9 @@ func (v *validator) keystore(s scope) {
 			s.errf("max_sessions", "max_sessions 1 leaves no session to sign with: the PKCS#11 library keeps one session for the login, so the pool needs at least 2")
 		case k.MaxSessions < 2 || k.MaxSessions > 1024:
 			s.errf("max_sessions", "max_sessions %d is out of range 2-1024", k.MaxSessions)
+		}
+		if k.DataKeyCacheMaxUses != 0 || k.DataKeyCacheMaxAge != "" {
+			s.errf("data_key_cache_max_uses", "data-key caching applies to the software keystore; an HSM keeps its keys itself (remove data_key_cache_*)")
 		}
 	}
 }
