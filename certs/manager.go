@@ -810,6 +810,62 @@ func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
 	return nil
 }
 
+// ImportKeystoreKey stores an externally issued certificate for a key that is already in the
+// keystore (one imported wrapped, with fulcrum keys import): the key is only referenced. A key
+// pending deletion cannot back a new certificate. Unlike Import, replacing the certificate
+// later never deletes the key: it is the operator's.
+func (m *Manager) ImportKeystoreKey(name string, certPEM []byte, keyName string) error {
+	var chain [][]byte
+	for rest := certPEM; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		if b.Type == "CERTIFICATE" {
+			chain = append(chain, b.Bytes)
+		}
+	}
+	if len(chain) == 0 {
+		return fmt.Errorf("certs: import %s: no PEM certificate", name)
+	}
+	leaf, err := x509.ParseCertificate(chain[0])
+	if err != nil {
+		return fmt.Errorf("certs: import %s: %w", name, err)
+	}
+	signer, err := m.ks.Signer(m.ctx, keyName)
+	if err != nil {
+		return fmt.Errorf("certs: import %s: key %s: %w", name, keyName, err)
+	}
+	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
+		return fmt.Errorf("certs: import %s: the certificate is not for key %s", name, keyName)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	gen := 1
+	if st, _, err := m.readStored(m.ctx, name); err == nil {
+		gen = st.Generation + 1
+	}
+	var chainPEM []byte
+	for _, der := range chain {
+		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	st := &storedCert{Name: name, Kind: "imported", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
+		Domains: leaf.DNSNames, Issuer: leaf.Issuer.String(), Chain: string(chainPEM)}
+	if err := m.writeStored(st); err != nil {
+		return err
+	}
+	if e := m.snap.Load().certs[name]; e != nil && e.kind == "stored" {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		if err := m.install(e, &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}); err != nil {
+			return err
+		}
+		e.setKey(gen, keyName, st.KeyLocation)
+	}
+	return nil
+}
+
 // Export returns the served chain as PEM. Keys are never exported.
 func (m *Manager) Export(name string) ([]byte, error) {
 	e := m.snap.Load().certs[name]
@@ -973,4 +1029,22 @@ func orDefault(s, def string) string {
 		return def
 	}
 	return s
+}
+
+// KeyUsers maps each keystore key that a served certificate or an authority uses to who uses
+// it ("certificate NAME", "authority NAME"): such keys cannot be scheduled for deletion.
+func (m *Manager) KeyUsers() map[string]string {
+	s := m.snap.Load()
+	out := make(map[string]string, len(s.certs)+len(s.auths))
+	for _, a := range s.auths {
+		out[a.keyName] = "authority " + a.Name
+	}
+	for _, e := range s.certs {
+		e.meta.Lock()
+		if e.keyName != "" {
+			out[e.keyName] = "certificate " + e.name
+		}
+		e.meta.Unlock()
+	}
+	return out
 }

@@ -71,6 +71,10 @@ type Stats struct {
 	SignErrors atomic.Uint64 // failed signatures
 	SignNanos  atomic.Uint64 // total time spent in successful signatures
 	Rebuilds   atomic.Uint64 // PKCS#11 context rebuilds (reconnects)
+
+	// Software keystore data-key cache (zero while caching is off).
+	DataKeyCacheHits   atomic.Uint64
+	DataKeyCacheMisses atomic.Uint64
 }
 
 // Options are what Open needs besides the [keystore] section.
@@ -78,6 +82,8 @@ type Options struct {
 	StateDir string                   // software keys are sealed under StateDir/keys
 	Resolve  func(path string) string // makes configuration paths absolute; nil = identity
 	Log      *slog.Logger
+	// Now is the clock of deletion schedules and import tokens (nil: time.Now). Tests move it.
+	Now func() time.Time
 	// Blobs, when set, is where the software keystore keeps its sealed keys instead of
 	// StateDir/keys (fleet mode: etcd, so every node of the fleet finds every key). The
 	// blobs are sealed exactly as on disk; keys are named "keys/NAME.sealed".
@@ -110,22 +116,45 @@ func Open(ctx context.Context, cfg configs.Keystore, opt Options) (Keystore, err
 		if err != nil {
 			return nil, fmt.Errorf("keystore: master key: %w", err)
 		}
-		sw, err := newSoftware(filepath.Join(opt.StateDir, "keys"), master)
-		if err == nil {
-			sw.blobs = opt.Blobs
+		masterPath := ""
+		if strings.HasPrefix(mk, "file:") {
+			masterPath = opt.Resolve(strings.TrimPrefix(mk, "file:"))
 		}
-		return sw, err
+		cache := dekCacheConfig{maxUses: cfg.DataKeyCacheMaxUses, maxAge: cfg.DataKeyCacheMaxAgeDuration()}
+		if cache.maxUses > 0 && cache.maxAge <= 0 {
+			cache.maxAge = 5 * time.Minute // configs.DefaultDataKeyCacheMaxAge, for a Keystore built in Go
+		}
+		s, err := newSoftware(filepath.Join(opt.StateDir, "keys"), master, masterPath, cache, opt.Now)
+		if err != nil {
+			return nil, err
+		}
+		s.blobs = opt.Blobs
+		m, err := newManaged(s, opt.StateDir, opt.Now)
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		return m, nil
 	case "pkcs11":
 		pin, err := ReadSecret(cfg.Pin, opt.Resolve)
 		if err != nil {
 			return nil, fmt.Errorf("keystore: pkcs11 pin: %w", err)
 		}
-		return OpenPKCS11(ctx, PKCS11Config{
+		k, err := OpenPKCS11(ctx, PKCS11Config{
 			Module:      opt.Resolve(cfg.Module),
 			TokenLabel:  cfg.TokenLabel,
 			Pin:         pin,
 			MaxSessions: cfg.MaxSessions,
 		}, opt.Log)
+		if err != nil {
+			return nil, err
+		}
+		m, err := newManaged(k.(*p11), opt.StateDir, opt.Now)
+		if err != nil {
+			k.Close()
+			return nil, err
+		}
+		return m, nil
 	default:
 		return nil, fmt.Errorf("keystore: unknown type %q", cfg.Type)
 	}

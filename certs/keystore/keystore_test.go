@@ -70,7 +70,7 @@ func TestSoftwareSealed(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(dir, "master.key")); err != nil || fi.Mode().Perm() != 0o600 || fi.Size() != 32 {
 		t.Fatalf("master key: %v %v", fi, err)
 	}
-	priv := s.(countingSigner).Signer.(*ecdsa.PrivateKey)
+	priv := s.(*gatedSigner).Signer.(countingSigner).Signer.(*ecdsa.PrivateKey)
 	raw, _ := priv.Bytes()
 	assertNoKeyOnDisk(t, dir, raw)
 
@@ -94,12 +94,9 @@ func TestSoftwareSealed(t *testing.T) {
 	}
 	// A wrong master key fails.
 	t.Setenv("TEST_MK", base64.StdEncoding.EncodeToString(make([]byte, 32)))
-	ks3, err := Open(ctx, configs.Keystore{MasterKey: "env:TEST_MK"}, Options{StateDir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ks3.Signer(ctx, "cert-www-1"); err == nil {
-		t.Fatal("opened with the wrong master key")
+	// It is refused at open, before any key is tried.
+	if _, err := Open(ctx, configs.Keystore{MasterKey: "env:TEST_MK"}, Options{StateDir: dir}); err == nil || !strings.Contains(err.Error(), "not the one the keys") {
+		t.Fatalf("opened with the wrong master key: %v", err)
 	}
 	if _, err := ks2.Signer(ctx, "missing"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("missing key: %v", err)

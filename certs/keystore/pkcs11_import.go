@@ -53,6 +53,21 @@ func (k *p11) Import(ctx context.Context, name string, key crypto.Signer) (crypt
 // never calls C_Logout or C_Finalize, which would end crypto11's sessions too; Destroy only
 // drops our reference to the library.
 func (k *p11) createObjects(pub, priv []*pkcs11.Attribute) error {
+	return k.withSession(func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) error {
+		ph, err := p.CreateObject(sh, pub)
+		if err != nil {
+			return fmt.Errorf("create public key: %w", err)
+		}
+		if _, err := p.CreateObject(sh, priv); err != nil {
+			_ = p.DestroyObject(sh, ph)
+			return fmt.Errorf("create private key: %w", err)
+		}
+		return nil
+	})
+}
+
+// withSession runs f on a read-write session of our own, logged in (see createObjects).
+func (k *p11) withSession(f func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) error) error {
 	p := pkcs11.New(k.cfg.Module)
 	if p == nil {
 		return fmt.Errorf("load %s", k.cfg.Module)
@@ -73,15 +88,7 @@ func (k *p11) createObjects(pub, priv []*pkcs11.Attribute) error {
 	if err := p.Login(sh, pkcs11.CKU_USER, k.cfg.Pin); err != nil && !isCKR(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		return fmt.Errorf("login: %w", err)
 	}
-	ph, err := p.CreateObject(sh, pub)
-	if err != nil {
-		return fmt.Errorf("create public key: %w", err)
-	}
-	if _, err := p.CreateObject(sh, priv); err != nil {
-		_ = p.DestroyObject(sh, ph)
-		return fmt.Errorf("create private key: %w", err)
-	}
-	return nil
+	return f(p, sh)
 }
 
 func slotByLabel(p *pkcs11.Ctx, label string) (uint, error) {

@@ -5,17 +5,22 @@ import (
 	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"time"
 )
 
 // The software keystore keeps every key sealed at rest with envelope encryption: the PKCS#8
@@ -24,12 +29,18 @@ import (
 // the data key is wrapped with AES-256-GCM under the master key. Nothing on disk is a private
 // key in the clear; unsealed keys live only in memory.
 type software struct {
-	dir    string
-	master cipher.AEAD
-	stats  Stats
+	dir        string
+	masterPath string // "file:" master keys: where rotation writes the new key ("" for env:)
+	cache      dekCacheConfig
+	now        func() time.Time
+	stats      Stats
 
-	mu   sync.Mutex // guards keys and file writes (control plane only)
-	keys map[string]crypto.Signer
+	mu       sync.Mutex // guards keys, master, the caches and file writes (control plane only)
+	master   cipher.AEAD
+	masterID []byte
+	keys     map[string]crypto.Signer
+	encDEK   *cachedDEK            // the data key new seals reuse (cache on)
+	decDEK   map[string]*cachedDEK // unwrapped data keys by their wrapped form (cache on)
 
 	blobs Blobs // nil: sealed files under dir
 }
@@ -57,24 +68,93 @@ func (s *software) removeBlob(name string) error {
 }
 
 // sealedKey is the on-disk form of one key (JSON, base64 fields).
+//
+// Version 1 binds the wrapped data key to the key's name. Version 2 (written since data-key
+// caching) wraps the data key without the name, so one data key can seal several keys; the
+// name stays bound to the sealed key itself (aadKey), so a file still cannot be renamed into
+// another key. MasterID says which master key wrapped the data key.
 type sealedKey struct {
 	Version  int    `json:"v"`
 	Name     string `json:"name"`
+	MasterID []byte `json:"master_id,omitempty"`
 	DEKNonce []byte `json:"dek_nonce"`
 	DEK      []byte `json:"dek"` // data key wrapped under the master key
 	Nonce    []byte `json:"nonce"`
 	Sealed   []byte `json:"sealed"` // PKCS#8 sealed under the data key
 }
 
-func newSoftware(dir string, masterKey []byte) (*software, error) {
+// dekCacheConfig bounds data-key reuse (the AWS Encryption SDK's caching idea): a data key
+// seals at most maxUses keys and is reused for at most maxAge. maxUses 0 turns caching off.
+type dekCacheConfig struct {
+	maxUses int
+	maxAge  time.Duration
+}
+
+type cachedDEK struct {
+	dek      []byte
+	wrapped  []byte
+	nonce    []byte
+	created  time.Time
+	uses     int
+	masterID []byte
+}
+
+const decCacheEntries = 64
+
+func newSoftware(dir string, masterKey []byte, masterPath string, cache dekCacheConfig, now func() time.Time) (*software, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("keystore: create %s: %w", dir, err)
 	}
-	aead, err := newGCM(masterKey)
-	if err != nil {
+	if now == nil {
+		now = time.Now
+	}
+	s := &software{dir: dir, masterPath: masterPath, cache: cache, now: now, keys: map[string]crypto.Signer{}, decDEK: map[string]*cachedDEK{}}
+	if err := s.setMaster(masterKey); err != nil {
 		return nil, err
 	}
-	return &software{dir: dir, master: aead, keys: map[string]crypto.Signer{}}, nil
+	if err := s.resumeRotation(); err != nil {
+		return nil, err
+	}
+	if err := s.checkMaster(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// masterIDOf is a public fingerprint of a master key (HMAC-SHA-256 of a fixed label), so a
+// sealed file and the master-key check can say which key they belong to without revealing it.
+func masterIDOf(k []byte) []byte {
+	h := hmac.New(sha256.New, k)
+	h.Write([]byte("fulcrum master key id v1"))
+	return h.Sum(nil)[:16]
+}
+
+func (s *software) setMaster(k []byte) error {
+	aead, err := newGCM(k)
+	if err != nil {
+		return err
+	}
+	s.master, s.masterID = aead, masterIDOf(k)
+	return nil
+}
+
+func (s *software) checkPath() string { return filepath.Join(s.dir, "master.id") }
+
+// checkMaster refuses a master key other than the one the keys are sealed under: after a
+// rotation the old key is refused at start with a clear error, not key by key later. The
+// first start records the key's fingerprint.
+func (s *software) checkMaster() error {
+	b, err := os.ReadFile(s.checkPath())
+	if errors.Is(err, fs.ErrNotExist) {
+		return WriteFileAtomic(s.checkPath(), []byte(hex.EncodeToString(s.masterID)+"\n"), 0o600)
+	}
+	if err != nil {
+		return fmt.Errorf("keystore: %w", err)
+	}
+	if strings.TrimSpace(string(b)) != hex.EncodeToString(s.masterID) {
+		return fmt.Errorf("keystore: the master key (id %x) is not the one the keys in %s are sealed under (id %s): an old master key after a rotation, or the wrong file", s.masterID, s.dir, strings.TrimSpace(string(b)))
+	}
+	return nil
 }
 
 func newGCM(key []byte) (cipher.AEAD, error) {
@@ -145,6 +225,7 @@ func (s *software) Describe() string { return "software" }
 func (s *software) Stats() *Stats    { return &s.stats }
 func (s *software) Close() error {
 	s.mu.Lock()
+	s.flushCachesLocked()
 	s.keys = map[string]crypto.Signer{}
 	s.mu.Unlock()
 	return nil
@@ -191,8 +272,19 @@ func (s *software) seal(name string, k crypto.Signer) ([]byte, error) {
 		return nil, err
 	}
 	defer clear(der)
-	dek := make([]byte, 32)
-	if _, err := rand.Read(dek); err != nil {
+	// The cached data key may be replaced (and cleared) by another seal once s.mu is released:
+	// work on a copy.
+	s.mu.Lock()
+	d, err := s.dataKeyLocked()
+	var dek []byte
+	if err == nil {
+		dek = slices.Clone(d.dek)
+		if s.cache.maxUses == 0 {
+			clear(d.dek)
+		}
+	}
+	s.mu.Unlock()
+	if err != nil {
 		return nil, err
 	}
 	defer clear(dek)
@@ -200,16 +292,91 @@ func (s *software) seal(name string, k crypto.Signer) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	sk := sealedKey{Version: 1, Name: name, Nonce: make([]byte, aead.NonceSize()), DEKNonce: make([]byte, s.master.NonceSize())}
+	sk := sealedKey{Version: 2, Name: name, MasterID: d.masterID, DEKNonce: d.nonce, DEK: d.wrapped, Nonce: make([]byte, aead.NonceSize())}
 	if _, err := rand.Read(sk.Nonce); err != nil {
 		return nil, err
 	}
-	if _, err := rand.Read(sk.DEKNonce); err != nil {
+	sk.Sealed = aead.Seal(nil, sk.Nonce, der, aadKey(name))
+	return json.Marshal(&sk)
+}
+
+// dataKeyLocked returns the data key to seal with: the cached one while it is young and
+// little used enough, else a fresh one wrapped under the master key (s.mu held).
+func (s *software) dataKeyLocked() (*cachedDEK, error) {
+	now := s.now()
+	if c := s.encDEK; c != nil && s.cache.maxUses > 0 && c.uses < s.cache.maxUses && now.Sub(c.created) < s.cache.maxAge {
+		c.uses++
+		s.stats.DataKeyCacheHits.Add(1)
+		return c, nil
+	}
+	if s.cache.maxUses > 0 {
+		s.stats.DataKeyCacheMisses.Add(1)
+	}
+	c := &cachedDEK{dek: make([]byte, 32), nonce: make([]byte, s.master.NonceSize()), created: now, uses: 1, masterID: s.masterID}
+	if _, err := rand.Read(c.dek); err != nil {
 		return nil, err
 	}
-	sk.Sealed = aead.Seal(nil, sk.Nonce, der, aadKey(name))
-	sk.DEK = s.master.Seal(nil, sk.DEKNonce, dek, aadDEK(name))
-	return json.Marshal(&sk)
+	if _, err := rand.Read(c.nonce); err != nil {
+		return nil, err
+	}
+	c.wrapped = s.master.Seal(nil, c.nonce, c.dek, aadDEK2)
+	if s.cache.maxUses > 0 {
+		if s.encDEK != nil {
+			clear(s.encDEK.dek)
+		}
+		s.encDEK = c
+	}
+	return c, nil
+}
+
+// aadDEK2 binds a version-2 wrapped data key to its purpose (not to a key name: it is shared).
+var aadDEK2 = []byte("fulcrum/dek/v2")
+
+// openDEK unwraps a sealed key's data key, from the cache when it holds it (s.mu held).
+func (s *software) openDEKLocked(sk *sealedKey) ([]byte, error) {
+	if len(sk.DEKNonce) != s.master.NonceSize() {
+		return nil, errors.New("bad data-key nonce")
+	}
+	aad := aadDEK2
+	if sk.Version == 1 {
+		aad = aadDEK(sk.Name)
+	}
+	ck := string(sk.DEKNonce) + string(sk.DEK)
+	if s.cache.maxUses > 0 && sk.Version == 2 {
+		if c := s.decDEK[ck]; c != nil && c.uses < s.cache.maxUses && s.now().Sub(c.created) < s.cache.maxAge {
+			c.uses++
+			s.stats.DataKeyCacheHits.Add(1)
+			return slices.Clone(c.dek), nil
+		}
+		s.stats.DataKeyCacheMisses.Add(1)
+	}
+	dek, err := s.master.Open(nil, sk.DEKNonce, sk.DEK, aad)
+	if err != nil {
+		return nil, fmt.Errorf("unwrap data key (wrong master key?): %w", err)
+	}
+	if s.cache.maxUses > 0 && sk.Version == 2 {
+		if len(s.decDEK) >= decCacheEntries {
+			for k, c := range s.decDEK { // evict one; the cache is small and bounded
+				clear(c.dek)
+				delete(s.decDEK, k)
+				break
+			}
+		}
+		s.decDEK[ck] = &cachedDEK{dek: slices.Clone(dek), created: s.now(), uses: 1}
+	}
+	return dek, nil
+}
+
+// flushCachesLocked forgets every cached data key (rotation, close).
+func (s *software) flushCachesLocked() {
+	if s.encDEK != nil {
+		clear(s.encDEK.dek)
+		s.encDEK = nil
+	}
+	for k, c := range s.decDEK {
+		clear(c.dek)
+		delete(s.decDEK, k)
+	}
 }
 
 func aadKey(name string) []byte { return []byte("fulcrum/key/v1/" + name) }
@@ -245,15 +412,12 @@ func (s *software) unseal(name string, blob []byte) (crypto.Signer, error) {
 	if err := json.Unmarshal(blob, &sk); err != nil {
 		return nil, err
 	}
-	if sk.Version != 1 || sk.Name != name {
+	if (sk.Version != 1 && sk.Version != 2) || sk.Name != name {
 		return nil, fmt.Errorf("sealed key is version %d for %q", sk.Version, sk.Name)
 	}
-	if len(sk.DEKNonce) != s.master.NonceSize() {
-		return nil, errors.New("bad data-key nonce")
-	}
-	dek, err := s.master.Open(nil, sk.DEKNonce, sk.DEK, aadDEK(name))
+	dek, err := s.openDEKLocked(&sk)
 	if err != nil {
-		return nil, fmt.Errorf("unwrap data key (wrong master key?): %w", err)
+		return nil, err
 	}
 	defer clear(dek)
 	aead, err := newGCM(dek)
@@ -317,4 +481,18 @@ func WriteFileAtomic(path string, b []byte, perm os.FileMode) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+func readDirNames(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("keystore: list %s: %w", dir, err)
+	}
+	out := make([]string, 0, len(ents))
+	for _, e := range ents {
+		if e.Type().IsRegular() {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
 }
