@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,8 +50,11 @@ func startAdmin(addr string, allowPublic bool, d *daemon) (*adminServer, error) 
 			return nil, err
 		}
 	}
+	if d.tlsAdmin != nil {
+		ln = tls.NewListener(ln, d.tlsAdmin)
+	}
 	a := &adminServer{ln: ln, srv: &http.Server{
-		Handler:           adminHandler(d),
+		Handler:           d.guardAdmin(adminHandler(d)),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		IdleTimeout:       60 * time.Second,
@@ -92,8 +96,10 @@ func (a *adminServer) Close() {
 	a.wg.Wait()
 }
 
-func adminHandler(d *daemon) http.Handler {
+// adminHandler is the admin API's routes; guardAdmin puts authentication and roles in front.
+func adminHandler(d *daemon) *http.ServeMux {
 	mux := http.NewServeMux()
+	registerKeyRoutes(mux, d)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte("ok\n"))
@@ -301,6 +307,10 @@ func redacted(c *configs.Config) *configs.Config {
 	cp := *c
 	cp.Keystore.Pin = hideRef(cp.Keystore.Pin)
 	cp.Keystore.MasterKey = hideRef(cp.Keystore.MasterKey)
+	cp.Server.AdminTokens = slices.Clone(c.Server.AdminTokens)
+	for i := range cp.Server.AdminTokens {
+		cp.Server.AdminTokens[i].Secret = hideRef(cp.Server.AdminTokens[i].Secret)
+	}
 	cp.Listeners = slices.Clone(c.Listeners)
 	for i := range cp.Listeners {
 		l := &cp.Listeners[i]

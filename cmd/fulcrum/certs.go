@@ -6,11 +6,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -29,6 +27,8 @@ Subcommands (each answers --help):
   show NAME                     one certificate in detail
   renew NAME                    renew now (through the running fulcrum's admin API when it is up)
   import NAME -cert F -key F    import a certificate; its key goes into the keystore
+  import NAME -cert F -keystore-key KEY   a certificate for a key already in the keystore
+                                (imported wrapped with fulcrum keys import)
   export NAME                   the certificate chain, PEM
   authorities                   the private authorities: subject, expiry, fingerprint
   export-authority NAME         an authority's CA certificate, PEM, for clients to trust
@@ -63,10 +63,13 @@ var certsSubs = map[string]certsSub{
 			"process renews and serves the new certificate at once; otherwise it is renewed in state_dir\n" +
 			"and served after the next start or reload.\n",
 		examples: []string{"fulcrum certs renew www fulcrum.toml"}},
-	"import": {synopsis: "fulcrum certs import NAME -cert FILE -key FILE [-config] FILE", needsName: true,
+	"import": {synopsis: "fulcrum certs import NAME -cert FILE (-key FILE | -keystore-key KEY) [-config] FILE", needsName: true,
 		help: "Imports an externally issued certificate: the key is generated into (HSM) or sealed in\n" +
-			"(software) the keystore, so the key file is no longer needed afterwards.\n",
-		examples: []string{"fulcrum certs import legacy -cert legacy.pem -key legacy.key fulcrum.toml"}},
+			"(software) the keystore, so the key file is no longer needed afterwards. With -keystore-key\n" +
+			"the certificate uses a key already in the keystore (see fulcrum keys import), which a key\n" +
+			"pending deletion cannot be.\n",
+		examples: []string{"fulcrum certs import legacy -cert legacy.pem -key legacy.key fulcrum.toml",
+			"fulcrum certs import legacy -cert legacy.pem -keystore-key legacy-key fulcrum.toml"}},
 	"export": {synopsis: "fulcrum certs export NAME [-config] FILE", needsName: true,
 		help:     "Prints the certificate chain as PEM (never the key).\n",
 		examples: []string{"fulcrum certs export www fulcrum.toml > www.pem"}},
@@ -97,7 +100,7 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 			rest = append(append(rest, args[:i]...), args[i+1:]...)
 			break
 		}
-		if sub == "" && !strings.Contains(a, "=") && (a == "-config" || a == "--config" || a == "-o" || a == "--o" || a == "-cert" || a == "--cert" || a == "-key" || a == "--key") {
+		if sub == "" && !strings.Contains(a, "=") && (a == "-config" || a == "--config" || a == "-o" || a == "--o" || a == "-cert" || a == "--cert" || a == "-key" || a == "--key" || a == "-keystore-key" || a == "--keystore-key") {
 			i++ // its value
 		}
 	}
@@ -112,10 +115,11 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 	}
 	fs := newFlags("certs "+sub, spec.synopsis, spec.help, spec.examples...)
 	cf := addConfig(fs)
-	var certFile, keyFile, output string
+	var certFile, keyFile, ksKey, output string
 	if sub == "import" {
 		fs.StringVar(&certFile, "cert", "", "PEM certificate chain to import")
 		fs.StringVar(&keyFile, "key", "", "PEM private key to import into the keystore")
+		fs.StringVar(&ksKey, "keystore-key", "", "use this key already in the keystore (fulcrum keys import) instead of -key")
 	}
 	if spec.output {
 		def := "table"
@@ -144,8 +148,8 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "fulcrum certs %s: -o %q: want table or json\n", sub, output)
 		return 2
 	}
-	if sub == "import" && (certFile == "" || keyFile == "") {
-		fmt.Fprintln(stderr, "fulcrum certs import: -cert and -key are required")
+	if sub == "import" && (certFile == "" || (keyFile == "") == (ksKey == "")) {
+		fmt.Fprintln(stderr, "fulcrum certs import: -cert and one of -key or -keystore-key are required")
 		return 2
 	}
 	path, ok := cf.resolve(fs, pos, stderr)
@@ -158,7 +162,7 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if sub == "renew" && cfg.Server.Admin != "" {
-		if done, err := renewViaAdmin(cfg.Server.Admin, name); done {
+		if done, err := renewViaAdmin(cfg, name); done {
 			if err != nil {
 				fmt.Fprintf(stderr, "fulcrum certs renew %s: %v\n", name, err)
 				return 1
@@ -219,6 +223,14 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			fmt.Fprintf(stderr, "fulcrum certs import: %v\n", err)
 			return 1
+		}
+		if ksKey != "" {
+			if err := m.ImportKeystoreKey(name, certPEM, ksKey); err != nil {
+				fmt.Fprintf(stderr, "fulcrum certs import %s: %v\n", name, err)
+				return 1
+			}
+			fmt.Fprintf(stdout, "%s: imported for key %s in %s (reload a running fulcrum to serve it)\n", name, ksKey, m.Keystore().Describe())
+			return 0
 		}
 		keyPEM, err := os.ReadFile(keyFile)
 		if err != nil {
@@ -330,17 +342,12 @@ func orDash(s string) string {
 	return s
 }
 
-// renewViaAdmin asks a running fulcrum to renew; done is false when nothing listens there.
-func renewViaAdmin(admin, name string) (done bool, err error) {
-	c := &http.Client{Timeout: 2 * time.Minute}
-	resp, err := c.Post("http://"+admin+"/admin/certificates/"+name+"/renew", "", nil)
+// renewViaAdmin asks a running fulcrum to renew, with the admin credentials of
+// $FULCRUM_ADMIN_TOKEN; done is false when nothing listens there.
+func renewViaAdmin(cfg *configs.Config, name string) (done bool, err error) {
+	c, err := newAdminClient(cfg, adminFlags{})
 	if err != nil {
-		return false, nil
+		return true, err
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if resp.StatusCode != http.StatusOK {
-		return true, errors.New(string(body))
-	}
-	return true, nil
+	return c.do("POST", "/admin/certificates/"+name+"/renew", nil, nil)
 }

@@ -18,6 +18,7 @@ type runtimeCollector struct {
 	handshakes, l4Errors                          *prometheus.Desc
 	certExpiry, certExpiring, certRenewFailures   *prometheus.Desc
 	signs, signErrors, signSeconds, rebuilds      *prometheus.Desc
+	dekHits, dekMisses                            *prometheus.Desc
 }
 
 func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
@@ -43,13 +44,15 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 		signErrors:        d("fulcrum_keystore_sign_errors_total", "Failed keystore signatures (HSM outage, lost session).", "keystore"),
 		signSeconds:       d("fulcrum_keystore_sign_seconds_total", "Time spent signing in the keystore.", "keystore"),
 		rebuilds:          d("fulcrum_keystore_rebuilds_total", "PKCS#11 context rebuilds after a lost session or token.", "keystore"),
+		dekHits:           d("fulcrum_keystore_data_key_cache_hits_total", "Software keystore: seals and unseals that reused a cached data key (data_key_cache_max_uses).", "keystore"),
+		dekMisses:         d("fulcrum_keystore_data_key_cache_misses_total", "Software keystore with data-key caching: seals and unseals that needed a new or unwrapped data key.", "keystore"),
 	}
 }
 
 func (c *runtimeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.targetHealthy, c.targetInFlight, c.targetFailures, c.active, c.accepted, c.rejected,
 		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certExpiring, c.certRenewFailures,
-		c.signs, c.signErrors, c.signSeconds, c.rebuilds} {
+		c.signs, c.signErrors, c.signSeconds, c.rebuilds, c.dekHits, c.dekMisses} {
 		ch <- d
 	}
 }
@@ -111,6 +114,8 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.signErrors, float64(st.SignErrors.Load()), name)
 	counter(c.signSeconds, float64(st.SignNanos.Load())/1e9, name)
 	counter(c.rebuilds, float64(st.Rebuilds.Load()), name)
+	counter(c.dekHits, float64(st.DataKeyCacheHits.Load()), name)
+	counter(c.dekMisses, float64(st.DataKeyCacheMisses.Load()), name)
 }
 
 func b2f(b bool) float64 {

@@ -66,6 +66,7 @@ func hostOf(s *httptest.Server) string { return strings.TrimPrefix(s.URL, "http:
 func configHead(dir, admin, accessLog string) string {
 	return fmt.Sprintf(`[server]
 admin = %q
+admin_auth = "none"
 state_dir = %q
 shutdown_timeout = "5s"
 access_log = %q

@@ -4,6 +4,7 @@
 //	fulcrum [run] [-config] FILE        start; SIGHUP reloads, SIGTERM/SIGINT drain then exit
 //	fulcrum validate [-config] FILE     exit 0 if it can start; else print every problem, exit 1
 //	fulcrum certs SUBCOMMAND ...        list, show, renew, import, export certificates and authorities
+//	fulcrum keys SUBCOMMAND ...         list keys, schedule or cancel deletion, import wrapped keys
 //	fulcrum version | --version
 //
 // Every command and subcommand answers --help with its flags and examples.
@@ -34,6 +35,7 @@ Usage:
   fulcrum [run] [-config] FILE       start; SIGHUP reloads, SIGTERM/SIGINT drain then exit
   fulcrum validate [-config] FILE    check that FILE would start; exit 1 and list every problem
   fulcrum certs SUBCOMMAND ...       certificates and authorities (fulcrum certs --help)
+  fulcrum keys SUBCOMMAND ...        keystore keys through the admin endpoint (fulcrum keys --help)
   fulcrum version                    version, module version and commit (also --version)
   fulcrum help [COMMAND]             this text, or a command's (also COMMAND --help)
 
@@ -69,6 +71,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdValidate(args, stdout, stderr)
 	case "certs":
 		return cmdCerts(args, stdout, stderr)
+	case "keys":
+		return cmdKeys(args, stdout, stderr)
 	case "version":
 		fs := newFlags("version", "fulcrum version", "Prints the release, the Go module version and the VCS commit the binary was built from.\n", "fulcrum --version")
 		if _, code, ok := parse(fs, args, stdout, stderr, 0); !ok {
@@ -77,7 +81,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, versionLine())
 		return 0
 	default:
-		fmt.Fprintf(stderr, "fulcrum: unknown command %q (commands: run, validate, certs, version; see fulcrum --help)\n", cmd)
+		fmt.Fprintf(stderr, "fulcrum: unknown command %q (commands: run, validate, certs, keys, version; see fulcrum --help)\n", cmd)
 		return 2
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
@@ -149,6 +150,10 @@ type daemon struct {
 	// a daemon without cmdRun).
 	notify func(lines ...string)
 
+	auth     *adminAuth
+	audit    *auditLog
+	tlsAdmin *tls.Config // nil: the admin endpoint speaks plain HTTP
+
 	reloadMu   sync.Mutex
 	lastReload atomic.Pointer[reloadResult] // for GET /admin/reload/last
 }
@@ -183,6 +188,14 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 	}
 	d := &daemon{path: path, log: log, rt: rt, obs: obs}
 	obs.attach(rt)
+	if err := d.startAdminAuth(cfg); err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		rt.Shutdown(sctx)
+		obs.Close()
+		d.audit.Close()
+		return nil, err
+	}
 	if cfg.Server.Admin != "" {
 		if d.admin, err = startAdmin(cfg.Server.Admin, cfg.Server.AdminAllowPublic, d); err != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -191,10 +204,43 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 			reg.Close()
 			cm.Close()
 			obs.Close()
+			d.audit.Close()
 			return nil, err
 		}
 	}
 	return d, nil
+}
+
+// startAdminAuth opens the audit log (key events are audited even without an admin endpoint),
+// reads the admin credentials and, with admin_tls_certificate, builds the endpoint's TLS.
+func (d *daemon) startAdminAuth(cfg *configs.Config) error {
+	var err error
+	if d.audit, err = openAudit(cfg.Resolve(cfg.Server.AuditLog)); err != nil {
+		return err
+	}
+	if m := d.managed(); m != nil {
+		m.SetAudit(d.audit.keyEvent)
+	}
+	if d.auth, err = newAdminAuth(cfg); err != nil {
+		return err
+	}
+	if cfg.Server.Admin == "" {
+		return nil
+	}
+	if name := cfg.Server.AdminTLSCertificate; name != "" {
+		tc, err := d.rt.Certs().ServerTLS(&configs.Listener{Name: "admin", Certificates: []string{name}})
+		if err != nil {
+			return fmt.Errorf("admin_tls_certificate: %w", err)
+		}
+		d.tlsAdmin = d.auth.tlsConfig(tc)
+	}
+	switch {
+	case d.auth.none:
+		d.log.Warn("admin endpoint without authentication (admin_auth = \"none\"): every local process may reload and administer keys", "admin", cfg.Server.Admin)
+	case d.auth.open():
+		d.log.Warn("admin endpoint has no credentials: only /healthz and /readyz answer. Configure [[server.admin_tokens]] (or admin_client_ca with [[server.admin_clients]]), or set admin_auth = \"none\" to keep an unauthenticated loopback endpoint", "admin", cfg.Server.Admin)
+	}
+	return nil
 }
 
 // reload loads the file again and applies it; a bad file changes nothing. Reloads are
@@ -286,6 +332,7 @@ func (d *daemon) shutdown(ctx context.Context) error {
 		d.admin.Close()
 	}
 	d.obs.Close()
+	d.audit.Close()
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
