@@ -21,7 +21,6 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
-
 // adminFlags are the credentials the CLI presents to the admin endpoint.
 type adminFlags struct {
 	token, cert, key, ca string
