@@ -310,7 +310,22 @@ func TestPolicies(t *testing.T) {
 // softwareKeyBytes digs the in-memory private scalar out of the keystore's signer wrapper.
 func softwareKeyBytes(t testing.TB, tc *tls.Certificate) []byte {
 	t.Helper()
-	v := reflect.ValueOf(tc.PrivateKey).FieldByName("Signer").Interface()
+	// Unwrap nested signer wrappers (the lifecycle gate, then the counting signer).
+	v := any(tc.PrivateKey)
+	for range 4 {
+		rv := reflect.ValueOf(v)
+		if rv.Kind() == reflect.Pointer && rv.Elem().Kind() == reflect.Struct {
+			rv = rv.Elem()
+		}
+		if rv.Kind() != reflect.Struct {
+			break
+		}
+		f := rv.FieldByName("Signer")
+		if !f.IsValid() {
+			break
+		}
+		v = f.Interface()
+	}
 	k, ok := v.(*ecdsa.PrivateKey)
 	if !ok {
 		t.Fatalf("key %T", v)

@@ -172,6 +172,7 @@ func TestValidateStartFailures(t *testing.T) {
 			text := minimalConfig(dir, c.admin, "127.0.0.1:18090") + c.extra
 			if strings.Contains(c.admin, "0.0.0.0") {
 				text = strings.Replace(text, "[server]\n", "[server]\nadmin_allow_public = true\n", 1)
+				text = strings.Replace(text, "admin_auth = \"none\"\n", "", 1) // loopback only
 			}
 			path := filepath.Join(dir, "f.toml")
 			writeConfig(t, path, text)
