@@ -100,6 +100,14 @@ func (l *lazyBlobs) Delete(ctx context.Context, key string) error {
 	return errFleetNotOpen
 }
 
+// List lets fulcrum keys list the keys in fleet mode.
+func (l *lazyBlobs) List(ctx context.Context, dir string, recursive bool) ([]string, error) {
+	if s := l.st.Load(); s != nil {
+		return s.List(ctx, dir, recursive)
+	}
+	return nil, errFleetNotOpen
+}
+
 // fleetBlobs is the software keystore's blob store: nil (files) without a fleet or with an
 // HSM, whose keys never leave it.
 func fleetBlobs(cfg *configs.Config) keystore.Blobs {
