@@ -316,6 +316,9 @@ func unwrapECDSA(s any) (*ecdsa.PrivateKey, bool) {
 			return k, true
 		}
 		v := reflect.ValueOf(s)
+		if v.Kind() == reflect.Pointer && v.Elem().Kind() == reflect.Struct {
+			v = v.Elem() // the keystore's lifecycle gate is a pointer
+		}
 		if v.Kind() != reflect.Struct {
 			return nil, false
 		}
