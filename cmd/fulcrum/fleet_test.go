@@ -26,6 +26,7 @@ func TestFleetStickyAndAdmin(t *testing.T) {
 		web := freeAddr(t)
 		text := fmt.Sprintf(`[server]
 admin = %q
+admin_auth = "none"
 state_dir = %q
 shutdown_timeout = "5s"
 
