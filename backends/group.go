@@ -397,8 +397,11 @@ func (g *Group) Pick(client netip.Addr, exclude *Target) *Target {
 		return s.hashPick(client, exclude)
 	}
 	switch g.alg {
-	case algLeastOutstanding, algLeastConnections:
-		return s.leastPick(g.ctr.Add(1), exclude)
+	case algLeastOutstanding:
+		return s.leastPick(g.ctr.Add(1), exclude, false)
+	case algLeastConnections:
+		// A layer-4 stream is one target connection: its in-flight count is its connections.
+		return s.leastPick(g.ctr.Add(1), exclude, g.proto == "http" || g.proto == "https")
 	case algWeightedRandom:
 		return s.randomPick(exclude)
 	case algSourceIPHash:
@@ -414,9 +417,11 @@ func (g *Group) Pick(client netip.Addr, exclude *Target) *Target {
 	}
 }
 
-// leastPick takes the target with the fewest in-flight requests per unit of weight; ties go to
-// the first found from a rotating start, so equal loads spread evenly.
-func (s *snapshot) leastPick(start uint64, exclude *Target) *Target {
+// leastPick takes the target with the least load per unit of weight — in-flight requests
+// (least_outstanding_requests), or with byConns open connections (least_connections, HAProxy's
+// and NLB's leastconn); ties go to the first found from a rotating start, so equal loads
+// spread evenly.
+func (s *snapshot) leastPick(start uint64, exclude *Target, byConns bool) *Target {
 	n := uint64(len(s.tgts))
 	var best *Target
 	var bestLoad, bestW uint64
@@ -426,7 +431,11 @@ func (s *snapshot) leastPick(start uint64, exclude *Target) *Target {
 		if t == exclude {
 			continue
 		}
-		load := uint64(max(t.inflight.Load(), 0)) + 1
+		n := t.inflight.Load()
+		if byConns {
+			n = t.conns.Load()
+		}
+		load := uint64(max(n, 0)) + 1
 		w := s.weights[i]
 		// load/w < bestLoad/bestW, without division.
 		if best == nil || load*bestW < bestLoad*w {

@@ -67,11 +67,21 @@ func TestWeightedRandom(t *testing.T) {
 	}
 }
 
+// TestLeastOutstanding: least_outstanding_requests balances on in-flight requests,
+// least_connections on open connections (of an http group; a layer-4 stream is both).
 func TestLeastOutstanding(t *testing.T) {
 	for _, alg := range []string{"least_outstanding_requests", "least_connections"} {
 		t.Run(alg, func(t *testing.T) {
 			r := newReg(t)
 			g := build(t, r, conf(noHC("g", alg, 1, 1, 1))).Group("g")
+			// The counter alg balances on moves with Acquire/Release here; the other one is
+			// loaded the opposite way and must not matter.
+			load := func(t *Target, n int64) {
+				if alg == "least_connections" {
+					t.conns.Add(n)
+					t.inflight.Add(-n)
+				}
+			}
 			// Idle: ties rotate, so picks spread evenly.
 			got := countPicks(g, 300, nil)
 			for i := range 3 {
@@ -83,7 +93,9 @@ func TestLeastOutstanding(t *testing.T) {
 			ts := g.Targets()
 			for range 3 {
 				ts[0].Acquire()
+				load(ts[0], 1)
 				ts[1].Acquire()
+				load(ts[1], 1)
 			}
 			for i := range 3 {
 				p := g.Pick(netip.Addr{}, nil)
@@ -91,10 +103,13 @@ func TestLeastOutstanding(t *testing.T) {
 					t.Fatalf("pick %d went to %s with loads %d/%d/%d", i, p.Addr(), ts[0].InFlight(), ts[1].InFlight(), ts[2].InFlight())
 				}
 				p.Acquire()
+				load(p, 1)
 			}
 			// Exclude honoured even when it is the least loaded.
 			ts[2].Release()
+			load(ts[2], -1)
 			ts[2].Release()
+			load(ts[2], -1)
 			if p := g.Pick(netip.Addr{}, ts[2]); p == ts[2] {
 				t.Error("picked the excluded target")
 			}

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"sort"
 	"sync"
@@ -106,6 +107,48 @@ type Registry struct {
 	tgts  map[string]*Target  // by targetKey
 	trans map[string]*poolRef // by group name + transport fingerprint
 	dead  bool
+
+	openConns sync.Map // address -> *atomic.Int64, open HTTP connections (least_connections)
+}
+
+// connCounter is the open-connection counter of an address (created on first use, kept for
+// the registry's life: one small counter per address ever configured).
+func (r *Registry) connCounter(address string) *atomic.Int64 {
+	if c, ok := r.openConns.Load(address); ok {
+		return c.(*atomic.Int64)
+	}
+	c, _ := r.openConns.LoadOrStore(address, new(atomic.Int64))
+	return c.(*atomic.Int64)
+}
+
+// countingDial wraps an HTTP transport's dial so each connection counts as open against its
+// address until it is closed.
+func (r *Registry) countingDial(dial func(ctx context.Context, network, addr string) (net.Conn, error)) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		tc, ok := c.(*net.TCPConn)
+		if err != nil || !ok {
+			return c, err
+		}
+		ctr := r.connCounter(addr)
+		ctr.Add(1)
+		return &countedConn{TCPConn: tc, ctr: ctr}, nil
+	}
+}
+
+// countedConn is a target connection that leaves its address's open count when closed. It
+// embeds the *net.TCPConn so that SyscallConn (the idle-connection peek) and ReadFrom still work.
+type countedConn struct {
+	*net.TCPConn
+	ctr    *atomic.Int64
+	closed atomic.Bool
+}
+
+func (c *countedConn) Close() error {
+	if c.closed.CompareAndSwap(false, true) {
+		c.ctr.Add(-1)
+	}
+	return c.TCPConn.Close()
 }
 
 // NewRegistry returns an empty registry. log may be nil.

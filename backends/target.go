@@ -28,6 +28,11 @@ type Target struct {
 	inflight atomic.Int64
 	_        [56]byte // keep the per-request counter off the read-mostly line below
 
+	// conns counts the open HTTP connections to the address (pooled, idle or busy), shared by
+	// every target of that address: what least_connections balances on. A layer-4 stream is
+	// one connection, so layer-4 groups balance on inflight for both algorithms.
+	conns *atomic.Int64
+
 	activeUp atomic.Bool
 	// decided: active checks have reached a verdict (healthy_threshold successes or
 	// unhealthy_threshold failures in a row). Until then the target is routed to (see the
@@ -50,7 +55,7 @@ type Target struct {
 
 func newTarget(r *Registry, key string, spec targetSpec) *Target {
 	sum := sha256.Sum256([]byte(spec.protocol + "|" + spec.address))
-	t := &Target{reg: r, key: key, id: hex.EncodeToString(sum[:8]), spec: spec}
+	t := &Target{reg: r, key: key, id: hex.EncodeToString(sum[:8]), spec: spec, conns: r.connCounter(spec.address)}
 	t.activeUp.Store(true) // healthy until proven otherwise (see package doc)
 	t.upSince.Store(r.now())
 	return t
@@ -81,6 +86,9 @@ func (t *Target) TryAcquire(limit int64) bool {
 	}
 	return true
 }
+
+// Conns is the number of open HTTP connections to the target's address.
+func (t *Target) Conns() int64 { return t.conns.Load() }
 
 // InFlight is the number of requests or connections in progress.
 func (t *Target) InFlight() int64 { return t.inflight.Load() }

@@ -138,7 +138,7 @@ func (g *Group) stdTransport() *http.Transport {
 	d := &net.Dialer{Timeout: g.connect, KeepAlive: 30 * time.Second}
 	t := &http.Transport{
 		Proxy:                 nil, // never route back-end traffic through an environment proxy
-		DialContext:           d.DialContext,
+		DialContext:           g.reg.countingDial(d.DialContext),
 		MaxIdleConns:          0, // no global cap; the per-host cap below bounds each target
 		MaxIdleConnsPerHost:   intOr(g.cfg.MaxIdleConns, defaultMaxIdleConns),
 		IdleConnTimeout:       90 * time.Second,
