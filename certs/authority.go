@@ -45,6 +45,9 @@ type Authority struct {
 	validity time.Duration
 }
 
+// ErrAuthorityKeyLost: a stored, unexpired authority whose key is missing from the keystore.
+var ErrAuthorityKeyLost = errors.New("authority key lost")
+
 // loadOrCreateAuthority reuses the stored CA certificate when its key is still in the keystore,
 // otherwise generates a key in the keystore and self-signs a new CA certificate.
 func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stateIO, prefix string, a configs.Authority) (*Authority, bool, error) {
@@ -56,9 +59,19 @@ func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stat
 	path := "authorities/" + a.Name + ".pem"
 	if b, err := state.readState(ctx, path); err == nil {
 		if c, err := parseCertPEM(b); err == nil && time.Now().Before(c.NotAfter) && c.Subject.CommonName == commonName(a) {
-			if s, err := ks.Signer(ctx, keyName); err == nil && publicKeysEqual(s.Public(), c.PublicKey) {
+			s, err := ks.Signer(ctx, keyName)
+			if err == nil && publicKeysEqual(s.Public(), c.PublicKey) {
 				return &Authority{Name: a.Name, Cert: c, CertPEM: b, signer: s, keyName: keyName, validity: validity}, false, nil
 			}
+			// The authority exists and clients trust it, but its key is gone (or another key has
+			// its name). A new authority would silently break every client that trusts this one:
+			// refuse, and say how to choose deliberately.
+			why := "not the key of the certificate"
+			if err != nil {
+				why = err.Error()
+			}
+			return nil, false, fmt.Errorf("%w: authority %s: its certificate (serial %x, valid until %s) is in %s but its key %s in %s is unusable (%s); refusing to create a new authority that clients trusting this one would reject: restore the key or token, or remove %s to start a new authority deliberately",
+				ErrAuthorityKeyLost, a.Name, c.SerialNumber, c.NotAfter.UTC().Format(time.RFC3339), path, keyName, ks.Describe(), why, path)
 		}
 	}
 	s, err := ks.Generate(ctx, keyName, keystore.KeyType(a.KeyType))
