@@ -73,6 +73,10 @@ type conn struct {
 	running  atomic.Int32 // handlers running, reset or not
 	workerWG sync.WaitGroup
 
+	// per-connection facts a bridge reads for every stream, computed once (see ConnInfo)
+	infoOnce sync.Once
+	info     ConnInfo
+
 	// budgets
 	resets, completed int
 	ctlCount          int

@@ -1,7 +1,6 @@
 package h2
 
 import (
-	"crypto/tls"
 	"io"
 	"net/http"
 	"net/url"
@@ -77,12 +76,9 @@ func newRequest(s *Stream) (*http.Request, error) {
 		Header:     hdr,
 		Host:       host,
 		RequestURI: s.Path,
-		RemoteAddr: s.NetConn().RemoteAddr().String(),
 	}
-	if tc, ok := s.NetConn().(*tls.Conn); ok {
-		cs := tc.ConnectionState()
-		req.TLS = &cs
-	}
+	ci := s.ConnInfo()
+	req.RemoteAddr, req.TLS = ci.RemoteAddr, ci.TLS // shared by the connection's streams, read-only
 	if vv := hdr["Trailer"]; len(vv) > 0 {
 		req.Trailer = http.Header{}
 		for _, v := range vv {

@@ -2,6 +2,7 @@ package h2
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -68,6 +69,26 @@ func (s *Stream) ID() uint32 { return s.id }
 
 // NetConn is the client connection the stream arrived on (a *tls.Conn over TLS).
 func (s *Stream) NetConn() net.Conn { return s.c.nc }
+
+// ConnInfo is what every stream of a connection shares: computed once per connection, read-only.
+type ConnInfo struct {
+	RemoteAddr string
+	TLS        *tls.ConnectionState // nil without TLS
+}
+
+// ConnInfo returns the stream's connection facts; the TLS state is copied once per connection,
+// not per request.
+func (s *Stream) ConnInfo() *ConnInfo {
+	c := s.c
+	c.infoOnce.Do(func() {
+		c.info.RemoteAddr = c.nc.RemoteAddr().String()
+		if tc, ok := c.nc.(*tls.Conn); ok {
+			cs := tc.ConnectionState()
+			c.info.TLS = &cs
+		}
+	})
+	return &c.info
+}
 
 // Context is cancelled when the stream is reset or its connection closes. It is created on
 // first use.
