@@ -26,6 +26,9 @@ func h2Config(c *configs.Listener) h2.Config {
 	if d := c.SendTimeoutDuration(); d > 0 {
 		cfg.SendTimeout = d
 	}
+	if d := c.ClientBodyTimeoutDuration(); d > 0 {
+		cfg.BodyTimeout = d
+	}
 	return cfg
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"runtime"
 	"strings"
 	"sync"
@@ -326,5 +327,40 @@ func TestWindowNeverOpened(t *testing.T) {
 	}
 	if n := ts.srv.Stats().StalledStreams; n != 1 {
 		t.Errorf("stalled streams %d", n)
+	}
+}
+
+// A client that announces a body and never sends it: after BodyTimeout the handler's read fails
+// and the stream is reset, so neither a worker nor a target connection is held.
+func TestBodyNeverSent(t *testing.T) {
+	readErr := make(chan error, 1)
+	ts := startServer(t, Config{BodyTimeout: 300 * time.Millisecond}, HandlerFunc(func(s *Stream) {
+		_, err := io.ReadAll(s)
+		readErr <- err
+	}))
+	rc := dialRaw(t, ts.addr)
+	rc.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: rc.headers("POST", "/upload"), EndHeaders: true})
+	rc.fr.WriteData(1, false, []byte("first bytes, then nothing"))
+	var code http2.ErrCode = 99
+	rc.readUntil(10*time.Second, func(f http2.Frame) bool {
+		if r, ok := f.(*http2.RSTStreamFrame); ok && r.StreamID == 1 {
+			code = r.ErrCode
+			return true
+		}
+		return false
+	})
+	if code != http2.ErrCodeCancel {
+		t.Fatalf("stream 1: RST_STREAM %v, want CANCEL", code)
+	}
+	select {
+	case err := <-readErr:
+		if !errors.Is(err, errSlowBody) {
+			t.Fatalf("handler's read returned %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("handler still blocked in Read")
+	}
+	if n := ts.srv.Stats().SlowBodies; n != 1 {
+		t.Errorf("slow bodies %d", n)
 	}
 }

@@ -48,6 +48,7 @@ type Config struct {
 	PrefaceTimeout       time.Duration // for the client preface and first SETTINGS (10 s)
 	IdleTimeout          time.Duration // a connection with no stream is closed after this (60 s)
 	SendTimeout          time.Duration // a write or window stall longer than this cuts (60 s)
+	BodyTimeout          time.Duration // a request body pausing longer than this resets the stream (60 s)
 	ResetBudget          int           // client RST_STREAMs tolerated per connection beyond completed/4 (200)
 	ControlBudget        int           // PING/SETTINGS/empty DATA/PRIORITY frames per second (1000)
 }
@@ -62,6 +63,7 @@ const (
 	DefaultPrefaceTimeout       = 10 * time.Second
 	DefaultIdleTimeout          = 60 * time.Second
 	DefaultSendTimeout          = 60 * time.Second
+	DefaultBodyTimeout          = 60 * time.Second
 	DefaultResetBudget          = 200
 	DefaultControlBudget        = 1000
 )
@@ -88,6 +90,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.SendTimeout <= 0 {
 		c.SendTimeout = DefaultSendTimeout
+	}
+	if c.BodyTimeout <= 0 {
+		c.BodyTimeout = DefaultBodyTimeout
 	}
 	if c.ResetBudget <= 0 {
 		c.ResetBudget = DefaultResetBudget
@@ -119,6 +124,7 @@ type Stats struct {
 	ProtocolGoAways     atomic.Uint64 // connections closed for another protocol error
 	RefusedStreams      atomic.Uint64 // streams refused over MaxConcurrentStreams
 	StalledStreams      atomic.Uint64 // streams reset after SendTimeout without window
+	SlowBodies          atomic.Uint64 // streams reset after BodyTimeout without body bytes
 	HeaderListTooLarges atomic.Uint64 // 431 answers
 }
 
@@ -126,6 +132,7 @@ type Stats struct {
 type StatsSnapshot struct {
 	Conns, Streams, ClientResets, CalmGoAways, ProtocolGoAways uint64
 	RefusedStreams, StalledStreams, HeaderListTooLarges        uint64
+	SlowBodies                                                 uint64
 }
 
 // NewServer returns a server for h with cfg's limits.
@@ -143,7 +150,7 @@ func (srv *Server) Stats() StatsSnapshot {
 		Conns: s.Conns.Load(), Streams: s.Streams.Load(), ClientResets: s.ClientResets.Load(),
 		CalmGoAways: s.CalmGoAways.Load(), ProtocolGoAways: s.ProtocolGoAways.Load(),
 		RefusedStreams: s.RefusedStreams.Load(), StalledStreams: s.StalledStreams.Load(),
-		HeaderListTooLarges: s.HeaderListTooLarges.Load(),
+		HeaderListTooLarges: s.HeaderListTooLarges.Load(), SlowBodies: s.SlowBodies.Load(),
 	}
 }
 

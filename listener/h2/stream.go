@@ -28,6 +28,7 @@ var (
 	errStreamReset = errors.New("h2: stream reset")
 	errConnClosed  = errors.New("h2: connection closed")
 	errStalled     = errors.New("h2: client did not open its flow-control window in time")
+	errSlowBody    = errors.New("h2: request body paused longer than the body timeout")
 	errEnded       = errors.New("h2: response already ended")
 	errNoHead      = errors.New("h2: response head not written")
 )
@@ -179,10 +180,17 @@ func (s *Stream) parseRequest(f *http2.MetaHeadersFrame) error {
 }
 
 // Read reads the request body. It returns io.EOF after the client's END_STREAM, and an error
-// when the stream was reset or the connection closed. Consumed bytes are returned to the
-// client's windows.
+// when the stream was reset or the connection closed, or when the client sent nothing for
+// BodyTimeout (then the stream is reset with CANCEL, as client_body_timeout cuts an HTTP/1
+// upload). Consumed bytes are returned to the client's windows.
 func (s *Stream) Read(p []byte) (int, error) {
 	c := s.c
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	c.mu.Lock()
 	for {
 		if len(s.rbuf) > 0 {
@@ -208,8 +216,23 @@ func (s *Stream) Read(p []byte) (int, error) {
 			return 0, err
 		}
 		c.mu.Unlock()
-		<-s.wake
-		c.mu.Lock()
+		if timer == nil {
+			timer = time.NewTimer(c.cfg.BodyTimeout)
+		}
+		select {
+		case <-s.wake:
+			c.mu.Lock()
+		case <-timer.C:
+			c.srv.stats.SlowBodies.Add(1)
+			c.mu.Lock()
+			if s.state != stateClosed && !c.closing {
+				c.wf.WriteRSTStream(s.id, http2.ErrCodeCancel)
+				c.closeStreamLocked(s, errSlowBody)
+				c.signal()
+			}
+			c.mu.Unlock()
+			return 0, errSlowBody
+		}
 	}
 }
 
