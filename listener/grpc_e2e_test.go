@@ -1,16 +1,21 @@
 package listener
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -195,5 +200,56 @@ default_action = { forward = "grpc-tls" }
 				t.Fatalf("stream end: %v, want EOF", err)
 			}
 		})
+	}
+}
+
+// TestH2ConnectIs501: CONNECT over HTTP/2 gets a clear 501, never a tunnel or a forwarded request.
+func TestH2ConnectIs501(t *testing.T) {
+	dir := t.TempDir()
+	var hits atomic.Int64
+	be := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Add(1) }))
+	t.Cleanup(be.Close)
+	addr := freeAddr(t)
+	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
+[[target_groups]]
+name = "web"
+protocol = "http"
+targets = [%q]
+health_check = { disabled = true }
+[[listeners]]
+name = "app"
+style = "application"
+protocol = "https"
+address = %q
+certificates = ["www"]
+default_action = { forward = "web" }
+`, hostOf(be), addr))
+	startRuntime(t, cfg, nil)
+	pool, _ := l7CAPool(t, dir, "internal")
+	c, fr := l7H2Conn(t, addr, pool)
+	defer c.Close()
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	enc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	enc.WriteField(hpack.HeaderField{Name: ":authority", Value: "example.test:443"})
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h, ok := f.(*http2.MetaHeadersFrame); ok && h.StreamID == 1 {
+			if s := h.PseudoValue("status"); s != "501" {
+				t.Fatalf("CONNECT answered %s, want 501", s)
+			}
+			break
+		}
+	}
+	if n := hits.Load(); n != 0 {
+		t.Fatalf("target saw %d requests", n)
 	}
 }

@@ -33,7 +33,19 @@ func h2Config(c *configs.Listener) h2.Config {
 }
 
 func newH2Gen(c *configs.Listener, h http.Handler) *h2Gen {
-	return &h2Gen{srv: h2.NewServer(h2Config(c), h2.HTTPHandler(h))}
+	return &h2Gen{srv: h2.NewServer(h2Config(c), h2.HTTPHandler(noConnect(h)))}
+}
+
+// noConnect answers CONNECT with 501: the request core tunnels nothing over HTTP/2, and extended
+// CONNECT (RFC 8441) is not offered (the engine never sends SETTINGS_ENABLE_CONNECT_PROTOCOL).
+func noConnect(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodConnect {
+			http.Error(w, "CONNECT is not supported over HTTP/2", http.StatusNotImplemented)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // serveH2 serves one connection that negotiated "h2" on the calling goroutine.
