@@ -297,10 +297,19 @@ func (m *Manager) fleetLock(ctx context.Context, name string) (func(), error) {
 	}, nil
 }
 
+// startupWait bounds how long a start (or a reload adding a certificate) waits for a fleet
+// lock: long enough for a node that died holding it to lose its lease, short enough that an
+// unreachable etcd with nothing cached is reported instead of hanging the start.
+func (m *Manager) startupWait(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, max(30*time.Second, 3*m.fleet.f.LeaseTTL()))
+}
+
 // loadOrCreateAuthority is loadOrCreateAuthority on the manager's state; in a fleet, creating
 // an authority happens under a lock so the fleet has one key and one chain.
 func (m *Manager) loadOrCreateAuthority(ctx context.Context, a configs.Authority) (*Authority, bool, error) {
 	if m.fleet != nil && !m.authorityStored(ctx, a) {
+		ctx, cancel := m.startupWait(ctx)
+		defer cancel()
 		unlock, err := m.fleetLock(ctx, "authority-"+a.Name)
 		if err != nil {
 			return nil, false, fmt.Errorf("authority %s: %w", a.Name, err)
@@ -327,6 +336,8 @@ func (m *Manager) authorityStored(ctx context.Context, a configs.Authority) bool
 // fleetIssueFirst issues e's first certificate unless another node did: under the fleet lock
 // the stored record is read again.
 func (m *Manager) fleetIssueFirst(ctx context.Context, e *entry) error {
+	ctx, cancel := m.startupWait(ctx)
+	defer cancel()
 	unlock, err := m.fleetLock(ctx, "cert-"+e.name)
 	if err != nil {
 		return err

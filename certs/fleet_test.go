@@ -6,9 +6,15 @@ import (
 	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/hex"
 	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -16,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/certs/fleet"
 	"github.com/fulcrum-lb/fulcrum/certs/fleet/etcdtest"
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
@@ -468,5 +475,71 @@ func TestFleetHSM(t *testing.T) {
 	}
 	if len(keys) != 2 { // the authority's certificate and the certificate record
 		t.Fatalf("etcd holds %v", keys)
+	}
+}
+
+// TestFleetEtcdTLS: etcd serving clients over TLS with client-certificate authentication; a
+// node with ca_file, cert_file and key_file joins, a client without a certificate gets nothing.
+func TestFleetEtcdTLS(t *testing.T) {
+	etcdtest.Need(t)
+	dir := t.TempDir()
+	caKey, _ := ecdsaKey()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "etcd test CA"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	leaf := func(name string, serial int64, ips []net.IP, eku ...x509.ExtKeyUsage) (string, string) {
+		k, _ := ecdsaKey()
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name}, NotBefore: time.Now().Add(-time.Hour),
+			NotAfter: time.Now().Add(time.Hour), IPAddresses: ips, ExtKeyUsage: eku, KeyUsage: x509.KeyUsageDigitalSignature}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, k.Public(), caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return write(name+".pem", pemCert(der)), write(name+".key", pemKey(t, k))
+	}
+	caFile := write("ca.pem", pemCert(caDER))
+	srvCert, srvKey := leaf("etcd", 2, []net.IP{net.IPv4(127, 0, 0, 1)}, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
+	cliCert, cliKey := leaf("node-a", 3, nil, x509.ExtKeyUsageClientAuth)
+	c := etcdtest.StartTLS(t, 1, &etcdtest.TLSFiles{CA: caFile, Cert: srvCert, Key: srvKey})
+
+	key := make([]byte, 32)
+	rand.Read(key)
+	t.Setenv(fleetMasterEnv, base64.StdEncoding.EncodeToString(key))
+	cfg := fleetConfig(t, c, "a", "1h")
+	cfg.Fleet.CAFile, cfg.Fleet.CertFile, cfg.Fleet.KeyFile = caFile, cliCert, cliKey
+	m, err := NewManager(context.Background(), cfg, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if st := m.FleetStatus(context.Background()); st.Error != "" {
+		t.Fatalf("status over TLS: %s", st.Error)
+	}
+	if _, err := m.readState(context.Background(), certKey("www")); err != nil {
+		t.Fatalf("the certificate record is not in etcd: %v", err)
+	}
+
+	// Without a client certificate etcd answers nothing.
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	f, err := fleet.Open(context.Background(), fleet.Options{Endpoints: c.Endpoints(), TLS: &tls.Config{RootCAs: pool}, Prefix: cfg.Fleet.Prefix,
+		Node: "intruder", LeaseTTL: 2 * time.Second, OpTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Storage().Load(context.Background(), certKey("www")); err == nil {
+		t.Fatal("etcd answered a client without a certificate")
 	}
 }

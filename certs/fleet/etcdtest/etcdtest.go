@@ -5,6 +5,8 @@ package etcdtest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/http"
@@ -63,6 +65,7 @@ type Member struct {
 // Cluster is n members that know each other.
 type Cluster struct {
 	t       testing.TB
+	tls     *TLSFiles
 	bin     string
 	Members []*Member
 	initial string
@@ -85,12 +88,19 @@ func (c *Cluster) launcher(stop <-chan struct{}) {
 	}
 }
 
+// TLSFiles make the members serve clients over TLS and require client certificates signed by
+// CA (PEM files).
+type TLSFiles struct{ CA, Cert, Key string }
+
 // Start starts an n-member cluster and waits until it has a leader. The members are stopped
 // when the test ends; their logs are printed if it failed.
-func Start(t testing.TB, n int) *Cluster {
+func Start(t testing.TB, n int) *Cluster { return StartTLS(t, n, nil) }
+
+// StartTLS is Start with TLS (and client-certificate authentication) for clients.
+func StartTLS(t testing.TB, n int, tf *TLSFiles) *Cluster {
 	t.Helper()
 	bin := Need(t)
-	c := &Cluster{t: t, bin: bin, launch: make(chan func())}
+	c := &Cluster{t: t, bin: bin, launch: make(chan func()), tls: tf}
 	stopLauncher := make(chan struct{})
 	go c.launcher(stopLauncher)
 	base := t.TempDir()
@@ -98,6 +108,9 @@ func Start(t testing.TB, n int) *Cluster {
 	for i := range n {
 		m := &Member{Name: fmt.Sprintf("m%d", i), dir: filepath.Join(base, fmt.Sprintf("m%d", i)), log: &bytes.Buffer{}, cluster: c}
 		m.ClientURL = "http://" + freeAddr(t)
+		if tf != nil {
+			m.ClientURL = "https://" + strings.TrimPrefix(m.ClientURL, "http://")
+		}
 		m.peerURL = "http://" + freeAddr(t)
 		initial = append(initial, m.Name+"="+m.peerURL)
 		c.Members = append(c.Members, m)
@@ -136,7 +149,7 @@ func tail(s string, n int) string {
 func (c *Cluster) Endpoints() []string {
 	var out []string
 	for _, m := range c.Members {
-		out = append(out, strings.TrimPrefix(m.ClientURL, "http://"))
+		out = append(out, strings.TrimPrefix(strings.TrimPrefix(m.ClientURL, "http://"), "https://"))
 	}
 	return out
 }
@@ -168,7 +181,20 @@ func (m *Member) healthy() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, m.ClientURL+"/health", nil)
-	resp, err := http.DefaultClient.Do(req)
+	client := http.DefaultClient
+	if tf := m.cluster.tls; tf != nil {
+		pair, err := tls.LoadX509KeyPair(tf.Cert, tf.Key) // the server's pair is a client too
+		if err != nil {
+			return false
+		}
+		pool := x509.NewCertPool()
+		if b, err := os.ReadFile(tf.CA); err == nil {
+			pool.AppendCertsFromPEM(b)
+		}
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}}}}
+		defer client.CloseIdleConnections()
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return false
 	}
@@ -188,7 +214,11 @@ func (m *Member) start() error {
 	if m.everJoined {
 		state = "existing"
 	}
-	cmd := exec.Command(m.cluster.bin,
+	var tlsArgs []string
+	if tf := m.cluster.tls; tf != nil {
+		tlsArgs = []string{"--cert-file", tf.Cert, "--key-file", tf.Key, "--trusted-ca-file", tf.CA, "--client-cert-auth"}
+	}
+	cmd := exec.Command(m.cluster.bin, append([]string{
 		"--name", m.Name,
 		"--data-dir", m.dir,
 		"--listen-client-urls", m.ClientURL,
@@ -203,7 +233,7 @@ func (m *Member) start() error {
 		"--heartbeat-interval", "100",
 		"--election-timeout", "1000",
 		"--log-level", "warn",
-	)
+	}, tlsArgs...)...)
 	cmd.Stdout = lockedWriter{m}
 	cmd.Stderr = lockedWriter{m}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
