@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -20,7 +21,12 @@ func h2specBin(t *testing.T) string {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(t.TempDir(), "h2spec")
-	cmd := exec.Command("go", "build", "-C", dir, "-o", bin, "github.com/summerwind/h2spec/cmd/h2spec")
+	// The go command of the toolchain running the test, whatever PATH says.
+	gocmd := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(gocmd); err != nil {
+		gocmd = "go"
+	}
+	cmd := exec.Command(gocmd, "build", "-C", dir, "-o", bin, "github.com/summerwind/h2spec/cmd/h2spec")
 	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build h2spec from %s: %v\n%s", dir, err, out)
