@@ -221,7 +221,7 @@ func (m *Manager) startFleetSecrets(ctx context.Context) {
 		return
 	}
 	var err error
-	n.tickets, err = n.f.Ring(ctx, "session-tickets", n.sealer, TicketRotation, 2, m.tickets.set)
+	n.tickets, err = n.f.Ring(ctx, "session-tickets", n.sealer, TicketRotation, ticketKeysKept, m.tickets.set)
 	if err != nil {
 		m.log.Warn("fleet session-ticket keys not available yet", "err", err)
 	}
