@@ -8,12 +8,14 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -311,13 +313,26 @@ func (c *Cluster) StartAll(t testing.TB) {
 	c.WaitHealthy(t, 60*time.Second)
 }
 
-// freeAddr is a loopback port the kernel just handed out (etcd binds it right after).
+// freeAddr is a free loopback port below the kernel's ephemeral range (32768-60999), so that no
+// other test process's bind(":0") or outgoing connection can take it between this check and etcd
+// binding it; [15000, 20000) is apart from the range the listener tests' ports come from.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 1000 {
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(15000+rand.IntN(5000)))
+		if _, seen := handedOut.LoadOrStore(addr, true); seen {
+			continue
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return addr
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatal("no free loopback port for etcd after 1000 tries")
+	return ""
 }
+
+// handedOut remembers the ports given to members, so a restarted cluster never reuses one.
+var handedOut sync.Map
