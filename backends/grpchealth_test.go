@@ -2,6 +2,7 @@ package backends
 
 import (
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -29,8 +30,8 @@ func TestGRPCHealthCheck(t *testing.T) {
 	addr := ln.Addr().String()
 
 	hc := func(path, codes string) *configs.HealthCheck {
-		return &configs.HealthCheck{Protocol: "http", Path: path, GRPCCode: codes, Interval: "100ms",
-			Timeout: "90ms", HealthyThreshold: 2, UnhealthyThreshold: 2}
+		return &configs.HealthCheck{Protocol: "http", Path: path, GRPCCode: codes, Interval: "300ms",
+			Timeout: "250ms", HealthyThreshold: 2, UnhealthyThreshold: 2}
 	}
 	r := newReg(t)
 	set := build(t, r, conf(
@@ -45,15 +46,18 @@ func TestGRPCHealthCheck(t *testing.T) {
 	bad := set.Group("unimpl-bad").Targets()[0]
 	ok := set.Group("unimpl-ok").Targets()[0]
 
-	waitFor(t, "Unimplemented outside grpc_code marks the target unhealthy", 5*time.Second, func() bool { return !bad.Healthy() })
+	waitFor(t, "Unimplemented outside grpc_code marks the target unhealthy", 15*time.Second, func() bool { return !bad.Healthy() })
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	waitFor(t, "NOT_SERVING marks the target unhealthy", 5*time.Second, func() bool { return !svc.Healthy() })
+	waitFor(t, "NOT_SERVING marks the target unhealthy", 15*time.Second, func() bool { return !svc.Healthy() })
 	if st := svc.Status(); st.Reason == "" {
 		t.Errorf("no reason for the failure: %+v", st)
 	}
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	waitFor(t, "SERVING marks the target healthy again", 5*time.Second, svc.Healthy)
-	if !ok.Healthy() {
-		t.Errorf("grpc_code 12 target unhealthy: %+v", ok.Status())
+	waitFor(t, "SERVING marks the target healthy again", 15*time.Second, svc.Healthy)
+	// On a loaded machine a check may time out now and then; what must never happen is a
+	// status mismatch for the code grpc_code lists.
+	waitFor(t, "Unimplemented inside grpc_code keeps the target healthy", 15*time.Second, ok.Healthy)
+	if st := ok.Status(); strings.Contains(st.Reason, "does not match") {
+		t.Errorf("grpc_code 12 target failed on its status: %+v", st)
 	}
 }
