@@ -121,3 +121,15 @@ func (a *adminAuth) tlsConfig(tc *tls.Config) *tls.Config {
 	tc.NextProtos = []string{"http/1.1"}
 	return tc
 }
+
+// adminFiles: token secrets and the client authority must be readable at start (preflight).
+func (pf *preflighter) adminFiles() {
+	sv := pf.cfg.Server
+	for i, t := range sv.AdminTokens {
+		path := fmt.Sprintf("server.admin_tokens[%d]", i)
+		pf.secret(path, t.Name, path+".secret", t.Secret)
+	}
+	if sv.AdminClientCA != "" {
+		pf.caFile("server", "", "server.admin_client_ca", sv.AdminClientCA)
+	}
+}

@@ -236,6 +236,9 @@ func TestAdminRoles(t *testing.T) {
 		}
 	}
 
+	if res := d.reload("SIGHUP"); !res.OK {
+		t.Fatalf("SIGHUP reload: %v", res.Errors)
+	}
 	d.stop()
 	recs := readAudit(t, filepath.Join(dir, "audit.log"))
 	count := func(identity, action, result string) int {
@@ -265,6 +268,9 @@ func TestAdminRoles(t *testing.T) {
 	if n := count("fulcrum", "generate", "ok"); n < 2 { // the authority's and the certificate's keys
 		t.Errorf("key generation at start: %d audit lines", n)
 	}
+	if n := count("signal:SIGHUP", "reload", "ok"); n != 1 {
+		t.Errorf("SIGHUP reload: %d audit lines", n)
+	}
 	// Health probes and reads are not written; writes and refusals are.
 	if n := count("token:grafana", "GET /admin/keys", "ok"); n != 0 {
 		t.Errorf("reads are audited: %d lines", n)
@@ -289,5 +295,22 @@ state_dir = %q
 	}
 	if s, _ := fetch(t, c, "GET", d.admin+"/metrics", nil); s != 401 {
 		t.Fatalf("/metrics: %d", s)
+	}
+}
+
+// validate finds a token file or client authority the start would miss.
+func TestValidateAdminFiles(t *testing.T) {
+	dir := t.TempDir()
+	text := strings.Replace(minimalConfig(dir, "127.0.0.1:18095", "127.0.0.1:18096"), "admin_auth = \"none\"\n", "", 1) + `
+[[server.admin_tokens]]
+name = "deploy"
+secret = "file:missing.token"
+role = "operator"
+`
+	path := filepath.Join(dir, "f.toml")
+	writeConfig(t, path, text)
+	code, _, errs := cliRun("validate", path)
+	if code != 1 || !strings.Contains(errs, "server.admin_tokens[0]") || !strings.Contains(errs, "missing.token") {
+		t.Fatalf("exit %d: %s", code, errs)
 	}
 }

@@ -166,7 +166,7 @@ Examples:
 // cmdKeys administers the keystore's keys through the running process, which holds the keys,
 // enforces the schedule and writes the audit log.
 func cmdKeys(args []string, stdout, stderr io.Writer) int {
-	valued := map[string]bool{"config": true, "admin-token": true, "admin-cert": true, "admin-key": true, "admin-ca": true,
+	valued := map[string]bool{"config": true, "o": true, "admin-token": true, "admin-cert": true, "admin-key": true, "admin-ca": true,
 		"days": true, "type": true, "out": true, "wrapped": true, "token": true}
 	// The subcommand is the first argument that is not a flag or a flag's value.
 	sub, rest := "", []string(nil)
@@ -204,13 +204,15 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 	var (
 		af               adminFlags
 		days             int
-		kt, out          string
+		kt, out, output  string
 		wrappedF, tokenF string
 	)
 	fs := newFlags("keys "+sub, synopsis, "See fulcrum keys --help.\n")
 	cf := addConfig(fs)
 	af.register(fs)
 	switch sub {
+	case "list":
+		fs.StringVar(&output, "o", "table", "output format: table or json (the admin API's objects)")
 	case "schedule-deletion":
 		fs.IntVar(&days, "days", keystore.DefaultDeletionDays, "waiting period in days (7 to 30)")
 	case "import-params":
@@ -235,6 +237,10 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 		name, pos = pos[0], pos[1:]
+	}
+	if output != "" && output != "table" && output != "json" {
+		fmt.Fprintf(stderr, "fulcrum keys list: -o %q: want table or json\n", output)
+		return 2
 	}
 	if sub == "import" && (wrappedF == "" || tokenF == "") {
 		fmt.Fprintln(stderr, "fulcrum keys import: -wrapped and -token are required")
@@ -263,6 +269,9 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 		var list []keystore.KeyInfo
 		if _, err := c.do("GET", "/admin/keys", nil, &list); err != nil {
 			return fail(err)
+		}
+		if output == "json" {
+			return writeJSONTo(stdout, list)
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "NAME\tSTATE\tDELETION\tORIGIN\tTYPE\tUSED BY\tSIGNS\tERRORS")

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -209,6 +210,14 @@ func TestKeysEndToEnd(t *testing.T) {
 	var o, e bytes.Buffer
 	if code := run([]string{"certs", "import", "legacy-ec", "-cert", filepath.Join(dir, "legacy-ec-key.crt"), "-keystore-key", "spare-key", "-config", path}, &o, &e); code == 0 || !strings.Contains(e.String(), "pending deletion") {
 		t.Fatalf("a pending key backed a certificate: %s", e.String())
+	}
+	var js []struct {
+		Name   string `json:"name"`
+		State  string `json:"state"`
+		UsedBy string `json:"used_by"`
+	}
+	if err := json.Unmarshal([]byte(mustKeys("viewer", "list", "-o", "json")), &js); err != nil || len(js) < 3 {
+		t.Fatalf("keys list -o json: %v %+v", err, js)
 	}
 	list := mustKeys("viewer", "list")
 	if !keyLine(list, "spare-key", "pending_deletion") || !keyLine(list, "legacy-ec-key", "certificate legacy-ec") {

@@ -25,6 +25,7 @@ func preflight(cfg *configs.Config) []*configs.Problem {
 	}
 	pf.addresses()
 	pf.files()
+	pf.adminFiles()
 	return pf.probs
 }
 

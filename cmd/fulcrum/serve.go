@@ -251,6 +251,15 @@ func (d *daemon) reload(trigger string) reloadResult {
 	t0 := time.Now()
 	res := reloadResult{Trigger: trigger, At: t0.UTC(), File: d.path}
 	defer func() { d.lastReload.Store(&res) }()
+	if trigger == "SIGHUP" { // admin API reloads are audited with their caller by the guard
+		defer func() {
+			l := auditLine{Identity: "signal:SIGHUP", Role: "system", Action: "reload", Object: d.path, Result: "ok"}
+			if !res.OK {
+				l.Result, l.Error = "error", strings.Join(res.Errors, "; ")
+			}
+			d.audit.write(l)
+		}()
+	}
 	if d.notify != nil {
 		d.notify("RELOADING=1", "MONOTONIC_USEC="+monotonicUsec(), "STATUS=reloading ("+trigger+")")
 		defer func() {
