@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: test deps vet build demo bench fuzz clean install
+.PHONY: test deps vet build demo bench fuzz clean soak install
 
 # Every test: installs what the tests need when it is missing, then vet + race tests
 # (the fuzz seed corpora run as ordinary tests), then the memory bounds once more without the
@@ -13,7 +13,7 @@ test: deps vet
 	$(GO) test -count=1 -run 'Memory' ./listener/l4
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
-TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus
+TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh
 deps:
 	@missing=""; \
 	for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,6 +22,10 @@ deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# The long scans of the conformance suite: testssl.sh on every TLS policy (minutes each).
+soak: deps
+	FULCRUM_SOAK=1 $(GO) test -count=1 -timeout 40m -run 'TestTestssl|TestSlowClients' -v ./listener/conformance
 
 vet:
 	$(GO) vet ./...
