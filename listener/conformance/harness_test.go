@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,12 +46,21 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	fulcrumBin = filepath.Join(dir, "fulcrum")
-	cmd := exec.Command("go", "build", "-o", fulcrumBin, "../../cmd/fulcrum")
+	cmd := exec.Command(goCmd(), "build", "-o", fulcrumBin, "../../cmd/fulcrum")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "build fulcrum: %v\n%s", err, out)
 		return 1
 	}
 	return m.Run()
+}
+
+// goCmd is the go command of the toolchain running the test, whatever PATH says.
+func goCmd() string {
+	p := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(p); err != nil {
+		return "go"
+	}
+	return p
 }
 
 // freeAddr reserves a loopback port.
@@ -104,6 +114,7 @@ func (l *lockedBuf) String() string {
 // head is the [server] and [keystore] part of every configuration; %s are filled by start.
 const head = `[server]
 admin = %q
+admin_auth = "none"
 state_dir = %q
 shutdown_timeout = "3s"
 access_log = %q

@@ -90,7 +90,7 @@ func TestH2Spec(t *testing.T) {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(t.TempDir(), "h2spec")
-	build := exec.Command("go", "build", "-C", dir, "-o", bin, "github.com/summerwind/h2spec/cmd/h2spec")
+	build := exec.Command(goCmd(), "build", "-C", dir, "-o", bin, "github.com/summerwind/h2spec/cmd/h2spec")
 	build.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build h2spec: %v\n%s", err, out)
