@@ -4,10 +4,8 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/binary"
-	"fmt"
 	"math"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -27,20 +25,19 @@ const (
 	algSourceIPHash
 )
 
-func parseAlgorithm(s string) (algorithm, error) {
+// algorithmOf maps a validated algorithm name (configs.Algorithms) to its policy.
+func algorithmOf(s string) algorithm {
 	switch s {
-	case "", "round_robin":
-		return algRoundRobin, nil
 	case "least_outstanding_requests":
-		return algLeastOutstanding, nil
+		return algLeastOutstanding
 	case "least_connections":
-		return algLeastConnections, nil
+		return algLeastConnections
 	case "weighted_random":
-		return algWeightedRandom, nil
+		return algWeightedRandom
 	case "source_ip_hash":
-		return algSourceIPHash, nil
+		return algSourceIPHash
 	}
-	return 0, fmt.Errorf("algorithm %q: want round_robin, least_outstanding_requests, least_connections, weighted_random or source_ip_hash", s)
+	return algRoundRobin
 }
 
 type stickyKind uint8
@@ -123,53 +120,23 @@ func (g *Group) Targets() []*Target {
 func (g *Group) Target(id string) *Target { return g.byID[id] }
 
 func (r *Registry) buildGroup(cfg *configs.Config, gc *configs.TargetGroup, tlsp TLSProvider) (g *Group, err error) {
-	g = &Group{reg: r, name: gc.Name, cfg: gc, proto: gc.Protocol, proxyProto: gc.ProxyProtocol}
-	switch gc.Protocol {
-	case "http", "https", "tcp", "tls":
-	default:
-		return nil, fmt.Errorf("protocol %q: want http, https, tcp or tls", gc.Protocol)
-	}
-	if g.alg, err = parseAlgorithm(gc.Algorithm); err != nil {
-		return nil, err
-	}
-	switch gc.ProxyProtocol {
-	case "", "v1", "v2":
-	default:
-		return nil, fmt.Errorf("proxy_protocol %q: want v1 or v2", gc.ProxyProtocol)
-	}
-	g.slow = durOr(gc.SlowStartDuration(), gc.SlowStart, 0)
-	g.dereg = durOr(gc.DeregistrationDelayDuration(), gc.DeregistrationDelay, defaultDeregistrationDelay)
-	g.connect = durOr(gc.ConnectTimeoutDuration(), gc.ConnectTimeout, defaultConnectTimeout)
-	g.response = durOr(gc.ResponseTimeoutDuration(), gc.ResponseTimeout, defaultResponseTimeout)
-	if g.connect <= 0 {
-		g.connect = defaultConnectTimeout
-	}
-	if g.response <= 0 {
-		g.response = defaultResponseTimeout
-	}
+	// gc is validated configuration (configs.Load): every value is known and every default
+	// applied; building only maps it onto the runtime.
+	g = &Group{reg: r, name: gc.Name, cfg: gc, proto: gc.Protocol, proxyProto: gc.ProxyProtocol,
+		alg: algorithmOf(gc.Algorithm), slow: gc.SlowStartDuration(), dereg: gc.DeregistrationDelayDuration(),
+		connect: gc.ConnectTimeoutDuration(), response: gc.ResponseTimeoutDuration()}
 	if st := gc.Stickiness; st != nil {
-		g.stickyDuration = durOr(st.DurationValue(), st.Duration, defaultStickyDuration)
-		if g.stickyDuration <= 0 {
-			g.stickyDuration = defaultStickyDuration
-		}
+		g.stickyDuration = st.DurationValue()
 		switch st.Type {
 		case "lb_cookie":
 			g.sticky = stickyLBCookie
 		case "app_cookie":
-			if st.Cookie == "" {
-				return nil, fmt.Errorf("stickiness: app_cookie needs cookie")
-			}
 			g.sticky, g.appCookie = stickyAppCookie, st.Cookie
 		case "source_ip":
 			g.sticky = stickySourceIP
-		default:
-			return nil, fmt.Errorf("stickiness.type %q: want lb_cookie, app_cookie or source_ip", st.Type)
 		}
 	}
-	hc, err := resolveHC(gc)
-	if err != nil {
-		return nil, err
-	}
+	hc := resolveHC(gc)
 	tlsFP := ""
 	if gc.Protocol == "https" || gc.Protocol == "tls" {
 		if g.tlsConf, tlsFP, err = clientTLS(cfg, gc, tlsp); err != nil {
@@ -183,18 +150,7 @@ func (r *Registry) buildGroup(cfg *configs.Config, gc *configs.TargetGroup, tlsp
 		hcFP += "|" + tlsFP
 	}
 	for _, tc := range gc.Targets {
-		if _, _, err := net.SplitHostPort(tc.Address); err != nil {
-			g.release(0)
-			return nil, fmt.Errorf("target %q: %w", tc.Address, err)
-		}
 		w := tc.Weight
-		if w < 0 {
-			g.release(0)
-			return nil, fmt.Errorf("target %q: negative weight", tc.Address)
-		}
-		// A config that never went through Validate has weight 0 for "not written"; Validate
-		// sets 1, and an explicit 0 there means drained. Only an all-zero group is ambiguous;
-		// we treat it as unvalidated and use 1.
 		key := gc.Protocol + "|" + tc.Address + "|" + hcFP
 		t := r.acquireTarget(key, targetSpec{protocol: gc.Protocol, address: tc.Address, hc: hc}, gc.Name)
 		if g.tlsConf != nil {
@@ -203,6 +159,7 @@ func (r *Registry) buildGroup(cfg *configs.Config, gc *configs.TargetGroup, tlsp
 		g.members = append(g.members, member{t: t, weight: w})
 		g.byID[t.id] = t
 	}
+	// Every target drained (weight 0): serve on all of them rather than on none.
 	allZero := true
 	for _, m := range g.members {
 		if m.weight != 0 {

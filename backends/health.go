@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
@@ -23,8 +22,7 @@ type hcSpec struct {
 	port               int
 	interval, timeout  time.Duration
 	healthy, unhealthy int
-	cfg                *configs.HealthCheck  // for Matches (validated configs)
-	ranges             []configs.StatusRange // parsed from the raw matcher (unvalidated configs)
+	cfg                *configs.HealthCheck  // for Matches
 	grpc               []configs.StatusRange // grpc_code: a gRPC check when set
 }
 
@@ -48,86 +46,25 @@ func (h hcSpec) fingerprint() string {
 		return "off"
 	}
 	return fmt.Sprintf("%s|%s|%d|%s|%s|%d|%d|%v|%v", h.protocol, h.path, h.port, h.interval, h.timeout,
-		h.healthy, h.unhealthy, h.ranges, h.grpc)
+		h.healthy, h.unhealthy, h.cfg.MatcherRanges(), h.grpc)
 }
 
-// resolveHC applies defaults to a group's health check. The default protocol is the group's.
-func resolveHC(g *configs.TargetGroup) (hcSpec, error) {
+// resolveHC is a group's validated health check (configs has applied every default, the
+// group's protocol included).
+func resolveHC(g *configs.TargetGroup) hcSpec {
 	hc := g.HealthCheck
-	s := hcSpec{
-		enabled:   true,
-		protocol:  g.Protocol,
-		path:      "/",
-		interval:  defaultHCInterval,
-		timeout:   defaultHCTimeout,
-		healthy:   defaultHealthyThreshold,
-		unhealthy: defaultUnhealthyThreshold,
-		ranges:    []configs.StatusRange{{Lo: 200, Hi: 399}},
+	if hc == nil || hc.Disabled {
+		return hcSpec{}
 	}
-	if hc == nil {
-		return s, nil
+	return hcSpec{
+		enabled: true, protocol: hc.Protocol, path: hc.Path, port: hc.Port,
+		interval: hc.IntervalDuration(), timeout: hc.TimeoutDuration(),
+		healthy: hc.HealthyThreshold, unhealthy: hc.UnhealthyThreshold,
+		cfg: hc, grpc: hc.GRPCRanges(),
 	}
-	if hc.Disabled {
-		return hcSpec{}, nil
-	}
-	if hc.Protocol != "" {
-		s.protocol = hc.Protocol
-	}
-	switch s.protocol {
-	case "http", "https", "tcp", "tls":
-	default:
-		return s, fmt.Errorf("health_check.protocol %q: want http, https, tcp or tls", s.protocol)
-	}
-	if hc.GRPCCode != "" {
-		s.grpc = hc.GRPCRanges()
-		if s.grpc == nil {
-			r, err := configs.ParseGRPCCodes(hc.GRPCCode)
-			if err != nil {
-				return s, fmt.Errorf("health_check.grpc_code: %w", err)
-			}
-			s.grpc = r
-		}
-		s.path = configs.DefaultHCGRPCPath
-	}
-	if hc.Path != "" {
-		s.path = hc.Path
-	}
-	if !strings.HasPrefix(s.path, "/") {
-		return s, fmt.Errorf("health_check.path %q: must start with /", s.path)
-	}
-	s.port = hc.Port
-	s.interval = durOr(hc.IntervalDuration(), hc.Interval, defaultHCInterval)
-	s.timeout = durOr(hc.TimeoutDuration(), hc.Timeout, defaultHCTimeout)
-	if s.interval <= 0 {
-		s.interval = defaultHCInterval
-	}
-	if s.timeout <= 0 {
-		s.timeout = defaultHCTimeout
-	}
-	s.healthy = intOr(hc.HealthyThreshold, defaultHealthyThreshold)
-	s.unhealthy = intOr(hc.UnhealthyThreshold, defaultUnhealthyThreshold)
-	s.cfg = hc
-	if hc.Matcher != "" {
-		r, err := configs.ParseMatcher(hc.Matcher)
-		if err != nil {
-			return s, fmt.Errorf("health_check.matcher: %w", err)
-		}
-		s.ranges = r
-	}
-	return s, nil
 }
 
-func (h *hcSpec) matches(code int) bool {
-	if h.cfg != nil && h.cfg.Matches(code) {
-		return true
-	}
-	for _, r := range h.ranges {
-		if code >= r.Lo && code <= r.Hi {
-			return true
-		}
-	}
-	return false
-}
+func (h *hcSpec) matches(code int) bool { return h.cfg.Matches(code) }
 
 // startChecker launches the target's checker goroutine (caller holds reg.mu).
 func (t *Target) startChecker() {

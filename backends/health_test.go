@@ -188,37 +188,3 @@ func TestReleaseStopsChecker(t *testing.T) {
 	}
 }
 
-func TestMatcher(t *testing.T) {
-	tests := []struct {
-		name    string
-		in      string
-		ok, bad []int
-		err     bool
-	}{
-		{"single", "200", []int{200}, []int{201, 302}, false},
-		{"range", "200-399", []int{200, 302, 399}, []int{400, 199}, false},
-		{"list", "200,204, 300-301", []int{204, 301}, []int{203, 302}, false},
-		{"reversed", "399-200", nil, nil, true},
-		{"garbage", "2xx", nil, nil, true},
-		{"out of range", "99", nil, nil, true},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			rs, err := configs.ParseMatcher(tc.in)
-			if (err != nil) != tc.err {
-				t.Fatalf("err = %v", err)
-			}
-			h := hcSpec{ranges: rs}
-			for _, c := range tc.ok {
-				if !h.matches(c) {
-					t.Errorf("%d should match %q", c, tc.in)
-				}
-			}
-			for _, c := range tc.bad {
-				if h.matches(c) {
-					t.Errorf("%d should not match %q", c, tc.in)
-				}
-			}
-		})
-	}
-}

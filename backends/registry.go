@@ -35,18 +35,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
-// Defaults used when a configuration was not run through configs.Validate (zero values).
 const (
-	defaultConnectTimeout      = 5 * time.Second
-	defaultResponseTimeout     = 60 * time.Second
-	defaultDeregistrationDelay = 30 * time.Second
-	defaultMaxIdleConns        = 1024
-	defaultHCInterval          = 5 * time.Second
-	defaultHCTimeout           = 2 * time.Second
-	defaultHealthyThreshold    = 3
-	defaultUnhealthyThreshold  = 2
-	defaultStickyDuration      = 24 * time.Hour
-
 	// Passive health: this many consecutive failures eject a target for the cool-down, which
 	// doubles on each ejection that follows without a success in between, up to maxEjection.
 	defaultEjectFailures = 5

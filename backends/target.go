@@ -212,23 +212,3 @@ func (t *Target) rampWeight(w int, slow time.Duration, now int64) (eff uint64, r
 	return eff, now + step
 }
 
-// durOr returns the validated duration, else the raw string parsed, else def. A raw "0s" is a
-// deliberate zero.
-func durOr(parsed time.Duration, raw string, def time.Duration) time.Duration {
-	if parsed > 0 {
-		return parsed
-	}
-	if raw != "" {
-		if d, err := time.ParseDuration(raw); err == nil && d >= 0 {
-			return d
-		}
-	}
-	return def
-}
-
-func intOr(v, def int) int {
-	if v > 0 {
-		return v
-	}
-	return def
-}

@@ -116,7 +116,7 @@ func checkPins(pins [][32]byte, cs tls.ConnectionState, leafOnly bool) error {
 
 func (g *Group) transportKey(gc *configs.TargetGroup, tlsFP string) string {
 	return fmt.Sprintf("%s|%s|h2=%v|%s|%s|%d|%s", gc.Name, gc.Protocol, gc.HTTP2, g.connect,
-		g.response, intOr(gc.MaxIdleConns, defaultMaxIdleConns), tlsFP)
+		g.response, gc.MaxIdleConns, tlsFP)
 }
 
 // newTransport builds the group's transport: Fulcrum's own HTTP/1.1 client (h1client.go), or
@@ -140,7 +140,7 @@ func (g *Group) stdTransport() *http.Transport {
 		Proxy:                 nil, // never route back-end traffic through an environment proxy
 		DialContext:           g.reg.countingDial(d.DialContext),
 		MaxIdleConns:          0, // no global cap; the per-host cap below bounds each target
-		MaxIdleConnsPerHost:   intOr(g.cfg.MaxIdleConns, defaultMaxIdleConns),
+		MaxIdleConnsPerHost:   g.cfg.MaxIdleConns,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   g.connect,
 		ResponseHeaderTimeout: g.response,

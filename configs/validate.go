@@ -712,7 +712,7 @@ func ParseGRPCCodes(m string) ([]StatusRange, error) {
 }
 
 // ParseMatcher parses a health-check matcher, "200", "200-399" or "200,204,300-399", into ranges
-// of codes 200-599. Validate uses it; backends too, for configurations built without Validate.
+// of codes 200-599. Validate uses it.
 func ParseMatcher(m string) ([]StatusRange, error) {
 	if strings.TrimSpace(m) == "" {
 		return nil, errors.New("must not be empty")

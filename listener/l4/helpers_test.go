@@ -139,8 +139,15 @@ func (d *addrDialer) lastMeta() ConnMeta {
 	return d.metas[len(d.metas)-1]
 }
 
+// mustState makes a State; zero timeouts get what configs gives a network listener.
 func mustState(t testing.TB, c Config) *State {
 	t.Helper()
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = 350 * time.Second
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = 10 * time.Second
+	}
 	st, err := NewState(c)
 	if err != nil {
 		t.Fatal(err)

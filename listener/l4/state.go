@@ -124,21 +124,18 @@ type Config struct {
 	// clones it and sets NextProtos from ALPN.
 	TLS  *tls.Config
 	ALPN ALPNPolicy
-	// IdleTimeout closes a connection with no bytes in either direction (default 350s).
+	// IdleTimeout closes a connection with no bytes in either direction (idle_timeout).
 	IdleTimeout time.Duration
-	// HandshakeTimeout bounds the TLS handshake or ClientHello peek (default 10s).
+	// HandshakeTimeout bounds the TLS handshake or ClientHello peek (0: DefaultHandshakeTimeout;
+	// not a configuration key for network listeners).
 	HandshakeTimeout time.Duration
-	// ConnectTimeout bounds DialFor, all attempts included (default 10s; the dialer may have
-	// a shorter per-attempt timeout).
+	// ConnectTimeout bounds DialFor, all attempts included (the groups' connect_timeout; the
+	// dialer may have a shorter per-attempt timeout).
 	ConnectTimeout time.Duration
 }
 
-// Defaults for zero Config fields.
-const (
-	DefaultIdleTimeout      = 350 * time.Second
-	DefaultHandshakeTimeout = 10 * time.Second
-	DefaultConnectTimeout   = 10 * time.Second
-)
+// DefaultHandshakeTimeout bounds a network listener's TLS handshake or ClientHello peek.
+const DefaultHandshakeTimeout = 10 * time.Second
 
 // State is one immutable generation of a listener.
 type State struct {
@@ -152,14 +149,11 @@ func NewState(c Config) (*State, error) {
 	if c.Dialer == nil {
 		return nil, errors.New("l4: state needs a Dialer")
 	}
-	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = DefaultIdleTimeout
+	if c.IdleTimeout <= 0 || c.ConnectTimeout <= 0 {
+		return nil, fmt.Errorf("l4: idle timeout %v and connect timeout %v must be set (validated configuration)", c.IdleTimeout, c.ConnectTimeout)
 	}
 	if c.HandshakeTimeout <= 0 {
 		c.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	if c.ConnectTimeout <= 0 {
-		c.ConnectTimeout = DefaultConnectTimeout
 	}
 	s := &State{cfg: c, tick: idleTick(c.IdleTimeout)}
 	switch c.Mode {
