@@ -187,4 +187,3 @@ func TestReleaseStopsChecker(t *testing.T) {
 		t.Errorf("checks continued after release: %d -> %d", n, hits.Load())
 	}
 }
-

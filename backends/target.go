@@ -211,4 +211,3 @@ func (t *Target) rampWeight(w int, slow time.Duration, now int64) (eff uint64, r
 	step := max(int64(slow)/20, int64(10*time.Millisecond)) // ~5% steps
 	return eff, now + step
 }
-
