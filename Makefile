@@ -13,7 +13,7 @@ test: deps vet
 	$(GO) test -count=1 -run 'Memory' ./listener/l4
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
-TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh
+TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh chromium
 deps:
 	@missing=""; \
 	for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -100,6 +100,7 @@ func (a *adminServer) Close() {
 func adminHandler(d *daemon) *http.ServeMux {
 	mux := http.NewServeMux()
 	registerKeyRoutes(mux, d)
+	registerStatusRoutes(mux, d)
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.Write([]byte("ok\n"))
