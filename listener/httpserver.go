@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/listener/desync"
 	"github.com/fulcrum-lb/fulcrum/listener/door"
 )
 
@@ -22,34 +21,29 @@ type discardWriter struct{}
 
 func (discardWriter) Write(p []byte) (int, error) { return len(p), nil }
 
-// httpServer is the HTTP kind of listener (http, https): it serves the connections its
-// door.Listener prepared with net/http's server. Reloads swap the request state (httpState)
-// atomically, and when a server-level setting changes (timeouts, header limit, HTTP/2) a new
-// http.Server takes over while the old one drains. ServeConn hands each connection to whichever
-// server is current, so no connection is ever refused during a reload.
+// httpServer is the HTTP kind of listener (http, https): HTTP/1 connections are served by the
+// engine in h1serve.go, HTTP/2 ones (ALPN "h2") by the h2 engine, each on the connection's own
+// goroutine. Reloads swap the request state (httpState) atomically: every request loads the
+// current one. When the HTTP/2 settings change, a new h2 engine takes new connections while the
+// old one drains.
 type httpServer struct {
 	addr   net.Addr
 	log    *slog.Logger
-	budget time.Duration // how long a retired http.Server may drain
+	budget time.Duration // how long a retired h2 engine may drain
 
-	name   atomic.Pointer[string]
-	state  atomic.Pointer[httpState]
-	server atomic.Pointer[serverGen]
-	h2     atomic.Pointer[h2Gen] // HTTP/2 engine for ALPN "h2" connections; nil when http2 is off
-	// done maps each connection handed to net/http to its door.Listener's done; net/http's
-	// ConnState reports the end of the connection.
-	done sync.Map
+	name  atomic.Pointer[string]
+	state atomic.Pointer[httpState]
+	key   atomic.Pointer[string] // the server-level settings of the current h2 engine
+	h2    atomic.Pointer[h2Gen]  // HTTP/2 engine for ALPN "h2" connections; nil when http2 is off
 
-	ctx    context.Context // canceled by Close: retired servers stop draining
+	// HTTP/1 sessions, for Drain and Close.
+	sessMu   sync.Mutex
+	sessions map[*h1Session]struct{}
+	draining atomic.Bool // set under sessMu; read per request without it
+
+	ctx    context.Context // canceled by Close: retired engines stop draining
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // servers and retired servers' drains
-}
-
-// serverGen is one http.Server and the channel-fed listener it serves.
-type serverGen struct {
-	key string // the server-level settings it was built with
-	srv *http.Server
-	ln  *chanListener
+	wg     sync.WaitGroup // retired engines' drains
 }
 
 func newHTTPServer(addr string, budget time.Duration, log *slog.Logger) *httpServer {
@@ -57,7 +51,7 @@ func newHTTPServer(addr string, budget time.Duration, log *slog.Logger) *httpSer
 	return &httpServer{addr: configAddr(addr), log: log, budget: budget, ctx: ctx, cancel: cancel}
 }
 
-// configAddr is a listener's configured address as a net.Addr, for net/http's Listener.Addr.
+// configAddr is a listener's configured address as a net.Addr.
 type configAddr string
 
 func (configAddr) Network() string  { return "tcp" }
@@ -68,8 +62,10 @@ func (s *httpServer) Commit(g *door.Generation) {
 	st := g.State.(*httpState)
 	s.name.Store(&g.Name)
 	s.state.Store(st)
-	if cur := s.server.Load(); cur == nil || cur.key != serverKey(st) {
-		s.installServer(st)
+	key := serverKey(st)
+	if cur := s.key.Load(); cur == nil || *cur != key {
+		s.key.Store(&key)
+		s.installH2(st)
 	}
 }
 
@@ -79,23 +75,10 @@ func serverKey(st *httpState) string {
 		c.MaxHeaderBytes, c.HTTP2Enabled(), c.Style)
 }
 
-func (s *httpServer) installServer(st *httpState) {
-	c := st.cfg
-	srv := &http.Server{
-		Handler:           http.HandlerFunc(s.serveHTTP),
-		ReadHeaderTimeout: c.HeaderTimeoutDuration(),
-		IdleTimeout:       c.IdleTimeoutDuration(),
-		MaxHeaderBytes:    c.MaxHeaderBytes,
-		ErrorLog:          discardLog,
-		ConnContext:       desync.ConnContext,
-		ConnState:         s.connState,
-		// TLS is terminated by the front door, so ServeTLS is not used; HTTP/2 connections
-		// never reach net/http: our own engine (listener/h2) serves them in ServeConn.
-		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
-	}
+func (s *httpServer) installH2(st *httpState) {
 	var newH2 *h2Gen
-	if c.HTTP2Enabled() {
-		newH2 = newH2Gen(c, http.HandlerFunc(s.serveHTTP))
+	if st.cfg.HTTP2Enabled() {
+		newH2 = newH2Gen(st.cfg, http.HandlerFunc(s.serveHTTP))
 	}
 	if oldH2 := s.h2.Swap(newH2); oldH2 != nil {
 		s.wg.Add(1)
@@ -104,80 +87,64 @@ func (s *httpServer) installServer(st *httpState) {
 			retireH2(s.ctx, oldH2, s.budget)
 		}()
 	}
-	gen := &serverGen{key: serverKey(st), srv: srv, ln: newChanListener(s.addr)}
-	old := s.server.Swap(gen)
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		srv.Serve(gen.ln) // returns when gen.ln is closed
-	}()
-	if old != nil {
-		s.retire(old)
-	}
-}
-
-// retire stops an old server from getting connections and lets its requests finish.
-func (s *httpServer) retire(old *serverGen) {
-	old.ln.Close()
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		ctx, cancel := context.WithTimeout(s.ctx, s.budget)
-		defer cancel()
-		if err := old.srv.Shutdown(ctx); err != nil {
-			old.srv.Close()
-		}
-	}()
 }
 
 func (s *httpServer) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	s.state.Load().ServeHTTP(w, r)
 }
 
-// ServeConn implements door.Server: HTTP/2 connections are served here, on the connection's
-// goroutine, by the h2 engine; HTTP/1 ones go to net/http through the desync sniffer, which
-// needs every raw request head.
+// ServeConn implements door.Server: on the connection's goroutine, HTTP/2 connections are
+// served by the h2 engine, HTTP/1 ones by the HTTP/1 engine.
 func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
+	defer done()
 	if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
 		if gen := s.h2.Load(); gen != nil {
 			serveH2(s.ctx, gen, c) // closes c
 		} else {
 			c.Close()
 		}
-		done()
 		return
 	}
-	c = desync.NewConn(c, g.State.(*httpState).cfg.MaxHeaderBytes)
-	s.done.Store(c, done)
-	// A reload may retire the server we loaded between the load and the hand-off; then the new
-	// one takes the connection, so none is dropped.
-	for s.ctx.Err() == nil {
-		if s.server.Load().ln.deliver(c) {
-			return
+	s.serveH1(c)
+}
+
+// track registers a new HTTP/1 session; false once Drain began.
+func (s *httpServer) track(h *h1Session) bool {
+	s.sessMu.Lock()
+	defer s.sessMu.Unlock()
+	if s.draining.Load() {
+		return false
+	}
+	if s.sessions == nil {
+		s.sessions = map[*h1Session]struct{}{}
+	}
+	s.sessions[h] = struct{}{}
+	return true
+}
+
+func (s *httpServer) untrack(h *h1Session) {
+	s.sessMu.Lock()
+	delete(s.sessions, h)
+	s.sessMu.Unlock()
+}
+
+// closeSessions closes the idle HTTP/1 sessions (all of them when force) and reports how many
+// are left. A busy session finishes its request and then closes (draining is set).
+func (s *httpServer) closeSessions(force bool) int {
+	s.sessMu.Lock()
+	defer s.sessMu.Unlock()
+	s.draining.Store(true)
+	for h := range s.sessions {
+		if h.state.CompareAndSwap(sessIdle, sessClosed) {
+			h.c.SetReadDeadline(time.Now()) // wakes its wait; it sees it was closed
+		} else if force {
+			h.c.Close()
 		}
 	}
-	c.Close()
-	s.finish(c)
+	return len(s.sessions)
 }
 
-// connState reports the end of a connection to its listener. It runs on net/http's goroutines
-// and must not call RemoteAddr (that would read a PROXY header on the accept path).
-func (s *httpServer) connState(c net.Conn, st http.ConnState) {
-	switch st {
-	case http.StateIdle:
-		// A response's writes ran under send_timeout deadlines (statusWriter); the next
-		// request's first write may come from net/http itself (100 Continue, an error answer).
-		c.SetWriteDeadline(time.Time{})
-	case http.StateHijacked, http.StateClosed:
-		s.finish(c)
-	}
-}
-
-func (s *httpServer) finish(c net.Conn) {
-	if done, ok := s.done.LoadAndDelete(c); ok {
-		done.(func())()
-	}
-}
+func (s *httpServer) isDraining() bool { return s.draining.Load() }
 
 // Refused implements door.Server: HTTP listeners log requests, not refused connections.
 func (s *httpServer) Refused(*door.Generation, string, error, net.Conn, time.Time) {}
@@ -193,65 +160,25 @@ func (s *httpServer) Drain(ctx context.Context) error {
 		}
 	}()
 	defer func() { <-h2done }()
-	gen := s.server.Load()
-	if gen == nil {
-		return nil
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for s.closeSessions(false) > 0 {
+		select {
+		case <-ctx.Done():
+			s.closeSessions(true)
+			return ctx.Err()
+		case <-tick.C:
+		}
 	}
-	gen.ln.Close()
-	err := gen.srv.Shutdown(ctx)
-	if err != nil {
-		gen.srv.Close()
-	}
-	return err
+	return nil
 }
 
 // Close implements door.Server.
 func (s *httpServer) Close() {
 	s.cancel()
-	if gen := s.server.Load(); gen != nil {
-		gen.ln.Close()
-		gen.srv.Close()
-	}
+	s.closeSessions(true)
 	if g := s.h2.Load(); g != nil {
 		g.srv.Close()
 	}
 	s.wg.Wait()
 }
-
-// chanListener is a net.Listener fed by ServeConn.
-type chanListener struct {
-	addr   net.Addr
-	ch     chan net.Conn
-	done   chan struct{}
-	closed sync.Once
-}
-
-func newChanListener(addr net.Addr) *chanListener {
-	return &chanListener{addr: addr, ch: make(chan net.Conn), done: make(chan struct{})}
-}
-
-// deliver hands c to the server; false when this listener was closed meanwhile.
-func (cl *chanListener) deliver(c net.Conn) bool {
-	select {
-	case cl.ch <- c:
-		return true
-	case <-cl.done:
-		return false
-	}
-}
-
-func (cl *chanListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-cl.ch:
-		return c, nil
-	case <-cl.done:
-		return nil, net.ErrClosed
-	}
-}
-
-func (cl *chanListener) Close() error {
-	cl.closed.Do(func() { close(cl.done) })
-	return nil
-}
-
-func (cl *chanListener) Addr() net.Addr { return cl.addr }

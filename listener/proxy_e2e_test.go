@@ -12,17 +12,17 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/net/http/httpguts"
-
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
+	"github.com/fulcrum-lb/fulcrum/listener/h1"
 )
 
 // l7Recorder is an Observer that keeps the access-log records, so a test can see what happened
@@ -603,9 +603,8 @@ type l7CorpusCase struct {
 	} `json:"expected"`
 }
 
-// frame returns the raw request with the body net/http will read after its head, and whether
-// net/http rejects the head before any handler runs (then Fulcrum's classifier is not involved).
-func (c *l7CorpusCase) frame() (raw string, goRejects bool) {
+// frame returns the raw request: its head, then the body the engine's parser frames after it.
+func (c *l7CorpusCase) frame() (raw string, req *h1.Request) {
 	var b strings.Builder
 	b.WriteString(c.Method + " " + c.URI + " " + c.Version + "\r\nHost: corpus.test\r\n")
 	for _, h := range c.Headers {
@@ -613,39 +612,46 @@ func (c *l7CorpusCase) frame() (raw string, goRejects bool) {
 	}
 	b.WriteString("\r\n")
 	head := b.String()
-	req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(head)))
-	if err != nil {
-		return head, true
+	req = new(h1.Request)
+	if err := req.Parse([]byte(head), 1<<20); err != nil {
+		return head, nil
 	}
-	// The server's extra checks (http.Server.readRequest).
-	if req.ProtoMajor != 1 || !httpguts.ValidHostHeader(req.Host) || len(req.Header["Host"]) > 0 {
-		return head, true
-	}
-	for k, vs := range req.Header {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return head, true
-		}
-		for _, v := range vs {
-			if !httpguts.ValidHeaderFieldValue(v) {
-				return head, true
-			}
+	switch req.Framing {
+	case h1.Chunked:
+		return head + "0\r\n\r\n", req
+	case h1.Sized:
+		if req.ContentLength <= 8<<20 {
+			return head + strings.Repeat("x", int(req.ContentLength)), req
 		}
 	}
-	if len(req.TransferEncoding) > 0 {
-		return head + "0\r\n\r\n", false
-	}
-	if req.ContentLength > 0 {
-		if req.ContentLength > 1<<20 {
-			return head, true // not worth sending
-		}
-		return head + strings.Repeat("x", int(req.ContentLength)), false
-	}
-	return head, false
+	return head, req
 }
 
-// TestDesyncCorpusThroughProxy sends the severe and ambiguous requests of the desync corpus
-// through a defensive listener: severe ones get 400 and a close and never reach the target;
-// ambiguous ones are forwarded, then the connection is closed.
+// desyncRecorder counts the Desync calls and the access-log records by tier and mode.
+type desyncRecorder struct {
+	mu      sync.Mutex
+	desyncs map[string]int // listener/tier
+	records map[string]int // listener/status
+}
+
+func (o *desyncRecorder) Request(rec *RequestRecord) {
+	o.mu.Lock()
+	o.records[rec.Listener+"/"+strconv.Itoa(rec.Status)]++
+	o.mu.Unlock()
+}
+
+func (o *desyncRecorder) Desync(l string, tier desync.Tier, _ desync.Reason) {
+	o.mu.Lock()
+	o.desyncs[l+"/"+tier.String()]++
+	o.mu.Unlock()
+}
+
+// TestDesyncCorpusThroughProxy sends every case of the desync corpus through a real listener in
+// each mitigation mode. The engine parses and classifies every head itself (none is refused by
+// another parser first), so each case gets its tier's action: monitor forwards all but what
+// cannot be framed (closing after ambiguous and severe ones), defensive refuses severe ones with
+// 400 and a close and forwards ambiguous ones then closes, strictest forwards only compliant
+// ones. Every non-compliant case is counted in the desync metric, and every request is logged.
 func TestDesyncCorpusThroughProxy(t *testing.T) {
 	b, err := os.ReadFile("desync/testdata/corpus.json")
 	if err != nil {
@@ -657,68 +663,103 @@ func TestDesyncCorpusThroughProxy(t *testing.T) {
 	}
 	dir := t.TempDir()
 	web := newL7Backend(t, "web", nil)
-	addr := freeAddr(t)
-	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
+	modes := []desync.Mode{desync.Monitor, desync.Defensive, desync.Strictest}
+	addrs := map[desync.Mode]string{}
+	text := header(dir) + fmt.Sprintf(`
 [[target_groups]]
 name = "web"
 protocol = "http"
 targets = [%q]
 health_check = { disabled = true }
+`, web.Listener.Addr().String())
+	for _, m := range modes {
+		addrs[m] = freeAddr(t)
+		text += fmt.Sprintf(`
 [[listeners]]
-name = "l"
+name = %q
 style = "application"
 protocol = "http"
 address = %q
-desync_mitigation = "defensive"
+desync_mitigation = %q
 default_action = { forward = "web" }
-`, web.Listener.Addr().String(), addr))
-	startRuntime(t, cfg, nil)
+`, m.String(), addrs[m], m.String())
+	}
+	obs := &desyncRecorder{desyncs: map[string]int{}, records: map[string]int{}}
+	startRuntime(t, loadConfig(t, dir, text), obs)
 
-	ours := map[string]int{} // cases that reached Fulcrum's classifier, by tier
-	for i, cc := range corpus {
-		tier := strings.ToLower(cc.Expected.Tier)
-		if tier != "severe" && tier != "ambiguous" {
-			continue
-		}
-		raw, goRejects := cc.frame()
-		before := web.hits.Load()
-		method := cc.Method
-		if goRejects {
-			method = "GET" // net/http's own error answers carry a body, whatever the method
-		}
-		resp, body, closed := l7Raw(t, addr, method, raw)
-		forwarded := web.hits.Load() - before
-		status := 0
-		if resp != nil {
-			status = resp.StatusCode
-		}
-		what := fmt.Sprintf("case %d %q (%s): status %d closed=%v forwarded=%d body %.60q", i, cc.Name, tier, status, closed, forwarded, body)
-		if !closed {
-			t.Errorf("%s: connection kept alive", what)
-			continue
-		}
-		switch {
-		case goRejects:
-			if forwarded != 0 {
-				t.Errorf("%s: a request net/http rejects reached the target", what)
+	wantDesync := map[string]int{}
+	sent := map[desync.Mode]int{}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16) // cases run side by side: a kept-alive answer waits 3 s for a close
+	for _, m := range modes {
+		for i, cc := range corpus {
+			raw, req := cc.frame()
+			if req == nil {
+				t.Fatalf("case %d %q: the head does not parse", i, cc.Name)
 			}
-		case tier == "severe":
-			ours[tier]++
-			if forwarded != 0 || status != 400 {
-				t.Errorf("%s: want 400, not forwarded", what)
+			sent[m]++
+			if req.Tier != desync.Compliant {
+				wantDesync[m.String()+"/"+req.Tier.String()]++
 			}
-		default:
-			ours[tier]++
-			if forwarded != 1 || resp == nil || resp.Header.Get("X-Backend") != "web" {
-				t.Errorf("%s: want forwarded once, then closed", what)
+			v := desync.Decide(m, req.Tier)
+			refused := req.Unframeable != h1.Frameable || v.Block
+			method := cc.Method
+			if refused {
+				method = "GET" // our 400 carries a body, whatever the method
 			}
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				resp, body, closed := l7Raw(t, addrs[m], method, raw)
+				status := 0
+				if resp != nil {
+					status = resp.StatusCode
+				}
+				backend := ""
+				if resp != nil {
+					backend = resp.Header.Get("X-Backend")
+				}
+				what := fmt.Sprintf("%v case %d %q (%v/%v): status %d closed=%v backend %q body %.60q", m, i, cc.Name,
+					req.Tier, req.Reason, status, closed, backend, body)
+				switch {
+				case refused:
+					if backend != "" || status != 400 || !closed {
+						t.Errorf("%s: want 400 and close, not forwarded", what)
+					}
+				case v.CloseAfter:
+					if backend != "web" || !closed {
+						t.Errorf("%s: want forwarded, then closed", what)
+					}
+				default:
+					if backend != "web" {
+						t.Errorf("%s: want forwarded", what)
+					}
+				}
+			}()
 		}
 	}
-	t.Logf("cases decided by Fulcrum (not by net/http's parser): %v", ours)
-	// net/http's parser already refuses most severe cases (bad lengths, control bytes); the few it
-	// accepts are the ones the raw-head classifier exists for.
-	if ours["severe"] < 3 || ours["ambiguous"] < 5 {
-		t.Fatalf("too few corpus cases reached the classifier: %v", ours)
+	wg.Wait()
+	// Every request was logged (records are handed over before the connection closes) and every
+	// non-compliant one counted with its tier.
+	obs.mu.Lock()
+	defer obs.mu.Unlock()
+	for k, n := range wantDesync {
+		if obs.desyncs[k] != n {
+			t.Errorf("desync metric %s = %d, want %d", k, obs.desyncs[k], n)
+		}
+	}
+	for _, m := range modes {
+		logged := 0
+		for k, n := range obs.records {
+			if strings.HasPrefix(k, m.String()+"/") {
+				logged += n
+			}
+		}
+		if logged != sent[m] {
+			t.Errorf("%v: %d requests logged, want %d", m, logged, sent[m])
+		}
 	}
 }
 

@@ -1,0 +1,1057 @@
+package listener
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/fulcrum-lb/fulcrum/backends"
+	"github.com/fulcrum-lb/fulcrum/listener/desync"
+	"github.com/fulcrum-lb/fulcrum/listener/h1"
+	"github.com/fulcrum-lb/fulcrum/router"
+)
+
+// The HTTP/1 engine: one goroutine per client connection reads a head, classifies, routes,
+// picks, writes to the target, reads the response head, rewrites it and writes it with the first
+// body bytes in one write. Between requests a connection holds no buffer: it waits for
+// readability on the socket itself (plain TCP) and takes pooled buffers only when bytes arrive.
+
+// session states, for Shutdown: an idle session may be woken and closed; an active one finishes
+// its request and closes.
+const (
+	sessIdle int32 = iota
+	sessActive
+	sessClosed
+)
+
+// h1Session is one client connection. Pooled: a warm session serves a request without
+// allocating.
+type h1Session struct {
+	srv    *httpServer
+	c      net.Conn
+	raw    syscall.RawConn // plain TCP only: wait for readability without a buffer
+	tls    *tls.Conn
+	client netip.AddrPort
+	state  atomic.Int32
+
+	rd   h1.Reader
+	wr   h1.Writer
+	req  h1.Request
+	resp h1.Response
+	out  h1.Outgoing
+	rout h1.ResponseOut
+	tr   h1.Reader // the target's side of the exchange
+	tw   h1.Writer
+	path []byte // the decoded path, for routing
+	rec  RequestRecord
+
+	extra [1]router.HeaderValue // Set-Cookie for stickiness
+
+	upload chan error            // the running upload's result (exchange), nil when none
+	one    [1]byte               // the peeked byte of waitReadable
+	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
+}
+
+var sessionPool = sync.Pool{New: func() any { return new(h1Session) }}
+
+// serveH1 serves c until it closes, then closes it. It is the connection's goroutine.
+func (srv *httpServer) serveH1(c net.Conn) {
+	s := sessionPool.Get().(*h1Session)
+	s.srv, s.c = srv, c
+	s.state.Store(sessActive)
+	s.tls, _ = c.(*tls.Conn)
+	if tc, ok := c.(*net.TCPConn); ok {
+		s.raw, _ = tc.SyscallConn()
+	}
+	s.rd.Reset(c)
+	s.wr.Reset(c)
+	if !srv.track(s) {
+		c.Close()
+		s.release()
+		return
+	}
+	defer func() {
+		srv.untrack(s)
+		c.Close()
+		s.release()
+	}()
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil { // the PROXY header's client
+		s.client = ap
+	}
+	first := true
+	for {
+		st := srv.state.Load()
+		cfg := st.cfg
+		if len(s.rd.Buffered()) == 0 {
+			// Idle: give the buffers back and wait for the next request without one.
+			s.rd.Release()
+			s.wr.Release()
+			wait := cfg.IdleTimeoutDuration()
+			if first {
+				wait = cfg.HeaderTimeoutDuration()
+			}
+			if !s.state.CompareAndSwap(sessActive, sessIdle) {
+				return
+			}
+			ok := s.waitReadable(wait)
+			if !s.state.CompareAndSwap(sessIdle, sessActive) || !ok {
+				return // Drain closed it, or the idle timeout passed, or the client left
+			}
+			st = srv.state.Load()
+		}
+		if !s.serveOne(st, first) {
+			return
+		}
+		first = false
+	}
+}
+
+func (s *h1Session) release() {
+	s.rd.Reset(nil)
+	s.wr.Reset(nil)
+	s.tr.Reset(nil)
+	s.tw.Reset(nil)
+	s.srv, s.c, s.raw, s.tls = nil, nil, nil, nil
+	s.rec = RequestRecord{}
+	s.out = h1.Outgoing{}
+	s.rout = h1.ResponseOut{}
+	sessionPool.Put(s)
+}
+
+// waitReadable waits up to d for bytes (or EOF) from the client. Over plain TCP it holds no
+// buffer while it waits; otherwise (TLS, PROXY wrappers) it reads into a pooled buffer.
+func (s *h1Session) waitReadable(d time.Duration) bool {
+	if d > 0 {
+		s.c.SetReadDeadline(time.Now().Add(d))
+	} else {
+		s.c.SetReadDeadline(time.Time{})
+	}
+	if s.raw != nil {
+		// Peek one byte into the stack: data or EOF ends the wait, EAGAIN waits for the poller.
+		// Peeking (rather than trusting one readiness edge) also finds bytes that arrived
+		// before the wait began.
+		if s.peek == nil {
+			s.peek = func(fd uintptr) bool {
+				_, _, e := syscall.Recvfrom(int(fd), s.one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+				return e != syscall.EAGAIN && e != syscall.EINTR
+			}
+		}
+		return s.raw.Read(s.peek) == nil
+	}
+	return s.rd.Fill(4<<10) == nil || len(s.rd.Buffered()) > 0
+}
+
+// readHead reads until a complete head is buffered and parses it. The head timeout runs from
+// the first byte.
+func (s *h1Session) readHead(st *httpState) error {
+	cfg := st.cfg
+	max := cfg.MaxHeaderBytes + 4096 // net/http's slack, kept so limits mean what they meant
+	s.c.SetReadDeadline(time.Now().Add(cfg.HeaderTimeoutDuration()))
+	scanned := 0
+	for {
+		buf := s.rd.Buffered()
+		if len(buf) > 0 && (hasHeadEnd(buf, scanned) || buf[0] == '\n' || buf[0] == '\r') {
+			err := s.req.Parse(buf, max)
+			if err != h1.ErrIncomplete {
+				return err
+			}
+		}
+		if len(buf) >= max {
+			return h1.ErrHeadTooLarge
+		}
+		scanned = max0(len(buf) - 3)
+		if err := s.rd.Fill(max); err != nil {
+			if len(s.rd.Buffered()) >= max {
+				return h1.ErrHeadTooLarge
+			}
+			return err
+		}
+	}
+}
+
+func max0(n int) int {
+	if n < 0 {
+		return 0
+	}
+	return n
+}
+
+// hasHeadEnd reports whether b, from about from on, holds an empty line (a head's end): only
+// the new bytes are scanned, so a head arriving a byte at a time costs linear time.
+func hasHeadEnd(b []byte, from int) bool {
+	b = b[from:]
+	return bytes.Index(b, []byte("\n\r\n")) >= 0 || bytes.Index(b, []byte("\n\n")) >= 0
+}
+
+// serveOne reads and answers one request; false when the connection must close.
+func (s *h1Session) serveOne(st *httpState, first bool) bool {
+	start := time.Now()
+	err := s.readHead(st)
+	if err != nil {
+		switch {
+		case errors.Is(err, h1.ErrHeadTooLarge):
+			s.simple(431, "request header too large", true)
+		case errors.Is(err, h1.ErrMalformed):
+			s.simple(400, "malformed request", true)
+		case len(s.rd.Buffered()) > 0 && !isTimeout(err):
+			// The client closed mid-head: nothing to answer.
+		case len(s.rd.Buffered()) > 0:
+			s.simple(408, "request timeout", true)
+		}
+		return false
+	}
+	r := &s.req
+	rec := &s.rec
+	*rec = RequestRecord{
+		Listener: st.cfg.Name, Time: start, Client: s.client, RulePriority: -1,
+		Method: h1.Str(r.Method), URI: h1.Str(r.Target), Proto: h1.Str(r.Version), Host: h1.Str(r.Host),
+		UserAgent: h1.Str(r.Value("user-agent")),
+	}
+	if s.tls != nil {
+		cs := s.tls.ConnectionState()
+		rec.TLSVersion, rec.Cipher, rec.SNI = cs.Version, cs.CipherSuite, cs.ServerName
+	}
+	s.rd.Discard(r.HeadLen)
+	s.rd.Freeze() // r and rec view the head until the request is done
+	defer s.rd.Unfreeze()
+	s.wr.ResetCount()
+	keep := s.handle(st, r)
+	rec.Duration = time.Since(start)
+	rec.BytesOut = s.wr.Written()
+	if st.obs != nil {
+		st.obs.Request(rec)
+	}
+	return keep && !r.Close && !s.srv.isDraining()
+}
+
+// handle answers the parsed request r; false when the connection must close.
+func (s *h1Session) handle(st *httpState, r *h1.Request) bool {
+	rec := &s.rec
+	desync.DefaultCounters.Add(r.Tier, r.Reason)
+	if st.obs != nil && r.Tier != desync.Compliant {
+		st.obs.Desync(st.cfg.Name, r.Tier, r.Reason)
+	}
+	if r.Unframeable != h1.Frameable {
+		rec.Reason = "bad_request:" + r.Unframeable.String()
+		s.simple(400, "malformed request", true)
+		return false
+	}
+	v := desync.Decide(st.desync, r.Tier)
+	if v.Block {
+		rec.Reason = "desync:" + r.Reason.String()
+		s.simple(400, "request rejected: "+r.Reason.String(), true)
+		return false
+	}
+	closeAfter := v.CloseAfter || r.Close
+
+	// Route on the decoded path.
+	s.path = r.AppendDecodedPath(s.path[:0])
+	m := router.Request{Method: h1.Str(r.Method), Host: h1.Str(r.Host), Path: h1.Str(s.path), RawQuery: h1.Str(r.Query), Header: r}
+	if st.acme != nil && bytes.HasPrefix(r.Path, []byte("/.well-known/acme-challenge/")) && s.acme(st, r) {
+		return s.drainBody(r) && !closeAfter
+	}
+	rule := st.table.Match(&m, s.client.Addr())
+	rec.RulePriority = rule.Priority
+	a := rule.Action
+	switch a.Kind {
+	case router.ActionFixedResponse:
+		s.fixed(rule, a.Fixed, closeAfter)
+		return s.drainBody(r) && !closeAfter
+	case router.ActionRedirect:
+		loc := a.RedirectLocationFor(h1.Str(r.Path), h1.Str(r.Query), h1.Str(r.Host), st.tlsOn, st.port)
+		s.redirect(rule, a.RedirectStatus(), loc, closeAfter)
+		return s.drainBody(r) && !closeAfter
+	}
+	proxies := st.actions[rule.ID]
+	i := 0
+	if len(proxies) > 1 {
+		i = a.PickGroup(rand.Uint64())
+	}
+	return s.forward(st, r, rule, proxies[i].group, closeAfter)
+}
+
+// drainBody reads and drops a request body nobody forwards, so the connection can carry the
+// next request; a large or slow one closes the connection instead.
+func (s *h1Session) drainBody(r *h1.Request) bool {
+	switch r.Framing {
+	case h1.NoBody:
+		return true
+	case h1.Sized:
+		if buf := s.rd.Buffered(); int64(len(buf)) >= r.ContentLength {
+			s.rd.Discard(int(r.ContentLength))
+			return true
+		}
+	}
+	return false
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
+}
+
+// simple writes a small plain-text answer of our own.
+func (s *h1Session) simple(status int, msg string, close bool) {
+	s.rec.Status = status
+	b := s.wr.Buf()
+	b = appendStatusLine(b, status)
+	b = append(b, "Content-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\nContent-Length: "...)
+	b = strconv.AppendInt(b, int64(len(msg)+len(strconv.Itoa(status))+len(http.StatusText(status))+4), 10)
+	if close {
+		b = append(b, "\r\nConnection: close"...)
+	}
+	b = append(b, "\r\n\r\n"...)
+	b = strconv.AppendInt(b, int64(status), 10)
+	b = append(b, ' ')
+	b = append(b, http.StatusText(status)...)
+	b = append(b, ": "...)
+	b = append(b, msg...)
+	b = append(b, '\n')
+	s.wr.Commit(b)
+	s.wr.Flush()
+}
+
+func appendStatusLine(b []byte, status int) []byte {
+	b = append(b, "HTTP/1.1 "...)
+	b = strconv.AppendInt(b, int64(status), 10)
+	b = append(b, ' ')
+	b = append(b, http.StatusText(status)...)
+	return append(b, '\r', '\n')
+}
+
+func appendOps(b []byte, ops *router.HeaderOps) []byte {
+	if ops == nil {
+		return b
+	}
+	for _, kv := range ops.Set {
+		b = h1.AppendField(b, kv.Name, kv.Value)
+	}
+	for _, kv := range ops.Add {
+		b = h1.AppendField(b, kv.Name, kv.Value)
+	}
+	return b
+}
+
+func (s *h1Session) fixed(rule *router.Rule, f *router.FixedAction, close bool) {
+	s.rec.Status = f.Status
+	b := s.wr.Buf()
+	b = appendStatusLine(b, f.Status)
+	b = appendOps(b, rule.ResponseHeaders)
+	if f.ContentType != "" {
+		b = h1.AppendField(b, "Content-Type", f.ContentType)
+	}
+	b = h1.AppendField(b, "Content-Length", f.ContentLength)
+	if close {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, '\r', '\n')
+	if !bytes.Equal(s.req.Method, []byte("HEAD")) {
+		b = append(b, f.Body...)
+	}
+	s.wr.Commit(b)
+	s.wr.Flush()
+}
+
+func (s *h1Session) redirect(rule *router.Rule, status int, loc string, close bool) {
+	s.rec.Status = status
+	b := s.wr.Buf()
+	b = appendStatusLine(b, status)
+	b = appendOps(b, rule.ResponseHeaders)
+	b = h1.AppendField(b, "Location", loc)
+	b = append(b, "Content-Length: 0\r\n"...)
+	if close {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, '\r', '\n')
+	s.wr.Commit(b)
+	s.wr.Flush()
+}
+
+// acme answers an HTTP-01 challenge through the certificate manager's http.Handler-style hook.
+// Rare: it may allocate.
+func (s *h1Session) acme(st *httpState, r *h1.Request) bool {
+	hr, err := http.NewRequest(string(r.Method), "http://"+string(r.Host)+string(r.Path), nil)
+	if err != nil {
+		return false
+	}
+	hr.Host = string(r.Host)
+	rw := &bufferedRW{h: http.Header{}}
+	if !st.acme.HandleHTTPChallenge(rw, hr) {
+		return false
+	}
+	if rw.status == 0 {
+		rw.status = 200
+	}
+	s.rec.Status = rw.status
+	b := s.wr.Buf()
+	b = appendStatusLine(b, rw.status)
+	for k, vs := range rw.h {
+		for _, v := range vs {
+			b = h1.AppendField(b, k, v)
+		}
+	}
+	b = h1.AppendField(b, "Content-Length", strconv.Itoa(rw.body.Len()))
+	b = append(b, '\r', '\n')
+	s.wr.Commit(b)
+	s.wr.Write(rw.body.Bytes())
+	s.wr.Flush()
+	return true
+}
+
+type bufferedRW struct {
+	h      http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (w *bufferedRW) Header() http.Header { return w.h }
+func (w *bufferedRW) WriteHeader(code int) {
+	if w.status == 0 {
+		w.status = code
+	}
+}
+func (w *bufferedRW) Write(p []byte) (int, error) { w.WriteHeader(200); return w.body.Write(p) }
+
+// errClientBody marks a failure reading the client's body (400, never the target's fault).
+var errClientBody = errors.New("client body")
+
+// forward proxies r to a target of g; false when the connection must close.
+func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, closeAfter bool) bool {
+	rec := &s.rec
+	rec.Group = g.Name()
+	pool, ok := g.H1Pool()
+	if !ok {
+		return s.forwardStd(st, r, rule, g, closeAfter)
+	}
+	target := g.StickyTargetCookies(r)
+	if target == nil {
+		target = g.Pick(s.client.Addr(), nil)
+	}
+	if target == nil {
+		rec.Reason = "no_healthy_target"
+		s.simple(503, "no healthy target", closeAfter)
+		return s.drainBody(r) && !closeAfter
+	}
+	// The outgoing head.
+	o := &s.out
+	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
+	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
+	o.Client = s.client.Addr()
+	o.Ops = rule.RequestHeaders
+	o.Close = closeAfter
+	o.Extra = nil
+	if s.tls != nil {
+		if ca := st.cfg.ClientAuth; ca != nil && (ca.Mode == clientAuthPass || ca.Mode == clientAuthVer) {
+			o.Extra = certFields(ca.Mode, s.tls.ConnectionState())
+		}
+	}
+	var clientID []byte
+	if o.Trusted {
+		clientID = r.Value("x-request-id")
+	}
+	o.SetRequestID(clientID)
+	rec.RequestID = h1.Str(o.RequestID)
+
+	hasBody := r.Framing != h1.NoBody
+	if r.Framing == h1.Chunked && !r.Expect100 && !s.primeChunked(st) {
+		// A malformed first chunk size is answered here and never forwarded. Later chunks
+		// stream; a bad one aborts the target connection mid-body, which is never reused.
+		rec.Reason = "client_body_error"
+		s.simple(400, "malformed request body", true)
+		return false
+	}
+	stale := false
+	limit := g.MaxInFlight()
+	for attempt := 0; attempt < 3; attempt++ {
+		if !target.TryAcquire(limit) {
+			// At its max_in_flight: one other target, else 503 at once rather than a pile-up.
+			next := g.Pick(s.client.Addr(), target)
+			if next == nil || next == target || !next.TryAcquire(limit) {
+				rec.Reason = "max_in_flight"
+				s.simple(503, "targets at their limit", closeAfter)
+				return s.drainBody(r) && !closeAfter
+			}
+			target = next
+		}
+		addr := target.Addr()
+		rec.Target = addr
+		t0 := time.Now()
+		if attempt == 0 {
+			rec.RequestDuration = t0.Sub(rec.Time)
+		}
+		tc, err := pool.Get(context.Background(), addr, stale, hasBody)
+		if err != nil {
+			target.Release()
+			target.ReportFailure()
+			// A refused dial never reached a target: once more on another one (a body not
+			// read yet is still whole).
+			if attempt < 2 {
+				if next := g.Pick(s.client.Addr(), target); next != nil && next != target {
+					target, stale = next, false
+					continue
+				}
+			}
+			s.targetFailed(err, closeAfter)
+			return s.drainBody(r) && !closeAfter
+		}
+		keep, retry := s.exchange(st, r, rule, g, target, tc, pool, closeAfter)
+		rec.TargetDuration = time.Since(t0)
+		target.Release()
+		if retry && !stale {
+			stale = true // a kept-alive connection the target had closed: once more, on a new one
+			continue
+		}
+		return keep
+	}
+	s.targetFailed(errors.New("no target reachable"), closeAfter)
+	return false
+}
+
+// primeChunked reads until the first chunk-size line is buffered and checks it.
+func (s *h1Session) primeChunked(st *httpState) bool {
+	s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration())
+	defer s.rd.SetTimeout(nil, 0)
+	for {
+		ok, complete := h1.FirstChunkReady(s.rd.Buffered())
+		if complete {
+			return ok
+		}
+		if s.rd.Fill(64<<10) != nil {
+			return false
+		}
+	}
+}
+
+// targetFailed answers a failed exchange before any response byte reached the client.
+func (s *h1Session) targetFailed(err error, close bool) {
+	status, reason := 502, "target_error"
+	switch {
+	case isTimeout(err):
+		status, reason = 504, "target_timeout"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		reason = "target_refused"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		reason = "target_closed"
+	}
+	s.rec.Reason = reason
+	s.simple(status, http.StatusText(status), close)
+}
+
+// exchange sends r on tc and relays the answer. keep: the client connection may carry another
+// request; retry: nothing was sent or received and the request may go again on a new connection.
+func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, target *backends.Target,
+	tc backends.TargetConn, pool backends.H1Pool, closeAfter bool) (keep, retry bool) {
+	rec := &s.rec
+	conn := tc.Conn()
+	s.tw.Reset(conn)
+	s.tr.Reset(conn)
+	defer s.tr.Release()
+	b := s.tw.Buf()
+	b = s.out.AppendForwardHead(b, r)
+
+	// The body: a small one already here goes in the same write as the head; an upload the
+	// client is still sending is copied by a goroutine while this one waits for the answer, so
+	// a target answering early is relayed at once.
+	bodyDone := true
+	s.upload = nil
+	buffered := s.rd.Buffered()
+	switch {
+	case r.Framing == h1.NoBody:
+	case r.Framing == h1.Sized && int64(len(buffered)) >= r.ContentLength && r.ContentLength <= 16<<10 && !r.Expect100:
+		b = append(b, buffered[:r.ContentLength]...)
+		s.rd.Discard(int(r.ContentLength))
+		rec.BytesIn = r.ContentLength
+	default:
+		bodyDone = false
+	}
+	s.tw.Commit(b)
+	if err := s.tw.Flush(); err != nil {
+		tc.Done(false)
+		if tc.Reused() && bodyDone {
+			return false, true
+		}
+		target.ReportFailure()
+		s.targetFailed(err, closeAfter)
+		return false, false
+	}
+	startUpload := func() {
+		s.upload = make(chan error, 1)
+		s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration())
+		go func() {
+			n, err := h1.CopyBody(&s.tw, &s.rd, r.Framing, r.ContentLength, r.Framing)
+			if err == nil {
+				err = s.tw.Flush()
+			} else if !errors.Is(err, s.tw.Err()) {
+				err = errors.Join(errClientBody, err)
+			}
+			rec.BytesIn = n
+			if err != nil {
+				conn.Close() // the target must never take a cut body as complete
+			}
+			s.upload <- err
+		}()
+	}
+	if !bodyDone && !r.Expect100 {
+		startUpload()
+	}
+	// endUpload waits for the upload goroutine; cut makes it stop now (the answer came first).
+	endUpload := func(cut bool) error {
+		if s.upload == nil {
+			return nil
+		}
+		if cut {
+			s.c.SetReadDeadline(time.Now())
+		}
+		err := <-s.upload
+		s.upload = nil
+		s.rd.SetTimeout(nil, 0)
+		if cut {
+			s.c.SetReadDeadline(time.Time{})
+		}
+		return err
+	}
+
+	// The response head (1xx answers relayed as they come).
+	resp := &s.resp
+	head := bytes.Equal(r.Method, []byte("HEAD"))
+	var limit time.Time
+	if rt := pool.ResponseTimeout(); rt > 0 {
+		limit = time.Now().Add(rt)
+	}
+	got := false
+	for n1xx := 0; ; {
+		err := s.readResponseHead(conn, head, limit, s.upload == nil)
+		if err != nil {
+			uerr := endUpload(true)
+			tc.Done(false)
+			if errors.Is(err, errClientGone) {
+				rec.Reason = "client_closed"
+				return false, false
+			}
+			if uerr != nil && errors.Is(uerr, errClientBody) {
+				rec.Reason = "client_body_error"
+				s.simple(400, "malformed request body", true)
+				return false, false
+			}
+			if !got && tc.Reused() && bodyDone && len(s.tr.Buffered()) == 0 && !isTimeout(err) && isIdempotent(r) {
+				return false, true
+			}
+			target.ReportFailure()
+			s.targetFailed(err, true)
+			return false, false
+		}
+		got = true
+		if resp.Status >= 200 || resp.Status == 101 {
+			break
+		}
+		// Informational: relay, then keep reading (100 Continue starts a held-back upload).
+		if n1xx++; n1xx > 5 {
+			endUpload(true)
+			tc.Done(false)
+			target.ReportFailure()
+			s.targetFailed(errors.New("too many 1xx responses"), true)
+			return false, false
+		}
+		hb := s.wr.Buf()
+		hb, _ = (&h1.ResponseOut{Minor: 1}).AppendResponseHead(hb, resp)
+		s.tr.Discard(resp.HeadLen)
+		if r.Minor == 1 {
+			s.wr.Commit(hb)
+			s.wr.Flush()
+		}
+		if resp.Status == 100 && !bodyDone && s.upload == nil {
+			startUpload()
+		}
+	}
+	conn.SetReadDeadline(time.Time{})
+	s.tr.Discard(resp.HeadLen)
+	target.ReportSuccess()
+	rec.TargetStatus = resp.Status
+	rec.Status = resp.Status
+	if rt := g.Config().TargetReadTimeoutDuration(); rt > 0 {
+		s.tr.SetTimeout(conn, rt)
+	}
+
+	if resp.Status == 101 {
+		if !r.Upgrade {
+			endUpload(true)
+			tc.Done(false)
+			target.ReportFailure()
+			s.targetFailed(errors.New("101 to a request that asked no upgrade"), true)
+			return false, false
+		}
+		s.tunnel(rule, g, target, tc, r)
+		return false, false
+	}
+
+	// If the upload has not finished, the answer came first: the client connection cannot carry
+	// another request (its body is unread), and neither can the target's.
+	uploading := !bodyDone && s.upload != nil
+	if uploading {
+		select {
+		case err := <-s.upload:
+			s.upload = nil
+			s.rd.SetTimeout(nil, 0)
+			uploading = err != nil
+		default:
+		}
+	}
+	if !bodyDone && r.Expect100 && s.upload == nil {
+		uploading = true // the target answered without asking for the body: never sent
+	}
+	close := closeAfter || uploading
+	ro := &s.rout
+	*ro = h1.ResponseOut{Ops: rule.ResponseHeaders, Close: close, Minor: r.Minor, Head: head}
+	if c, ok := g.StickySetCookie(target, resp); ok {
+		s.extra[0] = router.HeaderValue{Name: "Set-Cookie", Value: c}
+		ro.Extra = s.extra[:]
+	}
+	s.wr.SetTimeout(s.c, st.cfg.SendTimeoutDuration())
+	defer s.wr.SetTimeout(nil, 0)
+	hb := s.wr.Buf()
+	hb, framing := ro.AppendResponseHead(hb, resp)
+	// The first body bytes in the same write as the head.
+	if resp.Framing == h1.Sized {
+		body := s.tr.Buffered()
+		if int64(len(body)) > resp.ContentLength {
+			body = body[:resp.ContentLength]
+		}
+		if len(hb)+len(body) <= cap(hb) {
+			hb = append(hb, body...)
+			s.tr.Discard(len(body))
+			s.wr.Commit(hb)
+			if rest := resp.ContentLength - int64(len(body)); rest > 0 {
+				if _, err := h1.CopyBody(&s.wr, &s.tr, h1.Sized, rest, framing); err != nil {
+					return s.bodyFailed(err, tc, target, endUpload)
+				}
+			}
+		} else {
+			s.wr.Commit(hb)
+			if _, err := h1.CopyBody(&s.wr, &s.tr, h1.Sized, resp.ContentLength, framing); err != nil {
+				return s.bodyFailed(err, tc, target, endUpload)
+			}
+		}
+	} else {
+		s.wr.Commit(hb)
+		if _, err := h1.CopyBody(&s.wr, &s.tr, resp.Framing, resp.ContentLength, framing); err != nil {
+			return s.bodyFailed(err, tc, target, endUpload)
+		}
+	}
+	s.tr.SetTimeout(nil, 0)
+	if err := s.wr.Flush(); err != nil {
+		rec.Reason = "client_closed"
+		endUpload(true)
+		tc.Done(false)
+		return false, false
+	}
+	uerr := endUpload(uploading)
+	reuse := !resp.Close && !closeAfter && !uploading && uerr == nil && len(s.tr.Buffered()) == 0 && resp.Framing != h1.UntilClose
+	tc.Done(reuse)
+	if uerr != nil && !uploading {
+		return false, false
+	}
+	return !close && !ro.Close, false
+}
+
+// bodyFailed ends an exchange whose response body broke after its head was sent: the client
+// connection is closed, so a cut body is never presented as complete.
+func (s *h1Session) bodyFailed(err error, tc backends.TargetConn, target *backends.Target, endUpload func(bool) error) (bool, bool) {
+	endUpload(true)
+	tc.Done(false)
+	if s.wr.Err() != nil {
+		s.rec.Reason = "client_closed"
+	} else {
+		s.rec.Reason = "target_body_error"
+		target.ReportFailure()
+	}
+	return false, false
+}
+
+func isIdempotent(r *h1.Request) bool {
+	switch string(r.Method) {
+	case "GET", "HEAD", "OPTIONS", "TRACE":
+		return r.Framing == h1.NoBody
+	}
+	return false
+}
+
+// errClientGone: the client closed its connection while its request was at a target.
+var errClientGone = errors.New("client closed the connection")
+
+// clientCheck is how often a slow target's wait looks whether the client is still there.
+const clientCheck = 250 * time.Millisecond
+
+// readResponseHead reads and parses the target's next response head into s.resp, until limit
+// (zero: none). While it waits, it looks every clientCheck whether the client left (watch; not
+// while an upload reads the client), and then gives up, so the target's work is cancelled by
+// the closed connection.
+func (s *h1Session) readResponseHead(conn net.Conn, head bool, limit time.Time, watch bool) error {
+	const max = 64 << 10
+	for {
+		if buf := s.tr.Buffered(); len(buf) > 0 {
+			err := s.resp.Parse(buf, max, head)
+			if err != h1.ErrIncomplete {
+				return err
+			}
+		}
+		next := limit
+		if watch {
+			if n := time.Now().Add(clientCheck); limit.IsZero() || n.Before(limit) {
+				next = n
+			}
+		}
+		conn.SetReadDeadline(next)
+		err := s.tr.Fill(max)
+		if err == nil {
+			continue
+		}
+		if err == io.EOF {
+			return io.ErrUnexpectedEOF
+		}
+		if !isTimeout(err) || next.Equal(limit) {
+			return err
+		}
+		if s.clientGone() {
+			return errClientGone
+		}
+	}
+}
+
+// clientGone peeks at the client's socket without blocking: EOF or a reset means it left.
+func (s *h1Session) clientGone() bool {
+	var nc net.Conn = s.c
+	if s.tls != nil {
+		nc = s.tls.NetConn()
+	}
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	var one [1]byte
+	rc.Read(func(fd uintptr) bool {
+		n, _, e := syscall.Recvfrom(int(fd), one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		gone = e == nil && n == 0 || e == syscall.ECONNRESET
+		return true
+	})
+	return gone
+}
+
+// tunnel relays an upgraded connection (WebSocket) both ways until either side ends. The
+// connection then belongs to the tunnel; it outlives reloads like any connection.
+func (s *h1Session) tunnel(rule *router.Rule, g *backends.Group, target *backends.Target, tc backends.TargetConn, r *h1.Request) {
+	resp := &s.resp
+	ro := &s.rout
+	*ro = h1.ResponseOut{Ops: rule.ResponseHeaders, Minor: 1, Switch: resp.Value("upgrade")}
+	if c, ok := g.StickySetCookie(target, resp); ok {
+		s.extra[0] = router.HeaderValue{Name: "Set-Cookie", Value: c}
+		ro.Extra = s.extra[:]
+	}
+	hb := s.wr.Buf()
+	hb, _ = ro.AppendResponseHead(hb, resp)
+	hb = append(hb, s.tr.Buffered()...)
+	s.tr.Discard(len(s.tr.Buffered()))
+	s.wr.Commit(hb)
+	conn := tc.Conn()
+	if err := s.wr.Flush(); err != nil {
+		tc.Done(false)
+		return
+	}
+	if pending := s.rd.Buffered(); len(pending) > 0 {
+		conn.Write(pending)
+		s.rd.Discard(len(pending))
+	}
+	s.rd.Release()
+	s.wr.Release()
+	s.tr.Release()
+	s.c.SetDeadline(time.Time{})
+	done := make(chan struct{})
+	go func() { // owned by this tunnel: ends when the target side ends, closing the client's
+		defer close(done)
+		copyConn(s.c, conn)
+		closeWrite(s.c)
+	}()
+	copyConn(conn, s.c)
+	closeWrite(conn)
+	<-done
+	tc.Done(false)
+}
+
+var tunnelBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func copyConn(dst, src net.Conn) {
+	bp := tunnelBufs.Get().(*[]byte)
+	io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, *bp)
+	tunnelBufs.Put(bp)
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		return
+	}
+	c.Close()
+}
+
+// certFields are the client-certificate headers for the target (mutual TLS listeners).
+func certFields(mode string, cs tls.ConnectionState) []router.HeaderValue {
+	if len(cs.PeerCertificates) == 0 {
+		return nil
+	}
+	h := http.Header{}
+	setClientCertHeaders(h, mode, cs)
+	out := make([]router.HeaderValue, 0, len(h))
+	for k, vs := range h {
+		for _, v := range vs {
+			out = append(out, router.HeaderValue{Name: k, Value: v})
+		}
+	}
+	return out
+}
+
+// forwardStd serves groups that speak HTTP/2 to their targets, through the group's standard
+// transport. The outgoing head is the engine's own, read back as an *http.Request.
+func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, closeAfter bool) bool {
+	rec := &s.rec
+	target := g.StickyTargetCookies(r)
+	if target == nil {
+		target = g.Pick(s.client.Addr(), nil)
+	}
+	if target == nil {
+		rec.Reason = "no_healthy_target"
+		s.simple(503, "no healthy target", closeAfter)
+		return s.drainBody(r) && !closeAfter
+	}
+	o := &s.out
+	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
+	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
+	o.Client = s.client.Addr()
+	o.Ops = rule.RequestHeaders
+	o.Close = false
+	var clientID []byte
+	if o.Trusted {
+		clientID = r.Value("x-request-id")
+	}
+	o.SetRequestID(clientID)
+	rec.RequestID = string(o.RequestID)
+	head := o.AppendForwardHead(nil, r)
+	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+	if err != nil {
+		s.simple(400, "malformed request", true)
+		return false
+	}
+	req.RequestURI = ""
+	req.URL.Scheme = "http"
+	if g.Protocol() == "https" {
+		req.URL.Scheme = "https"
+	}
+	req.URL.Host = target.Addr()
+	rec.Target = target.Addr()
+	if r.Framing != h1.NoBody {
+		pr, pw := io.Pipe()
+		req.Body = pr
+		req.ContentLength = r.ContentLength
+		if r.Framing == h1.Chunked {
+			req.ContentLength = -1
+		}
+		go func() { // owned by this request: ends with the body or the pipe's close
+			tw := h1.NewWriter(pw)
+			_, err := h1.CopyBody(tw, &s.rd, r.Framing, r.ContentLength, h1.UntilClose)
+			if err == nil {
+				err = tw.Flush()
+			}
+			pw.CloseWithError(err)
+		}()
+	}
+	target.Acquire()
+	defer target.Release()
+	t0 := time.Now()
+	resp, err := g.Transport().RoundTrip(req)
+	rec.TargetDuration = time.Since(t0)
+	if err != nil {
+		target.ReportFailure()
+		s.targetFailed(err, true)
+		return false
+	}
+	defer resp.Body.Close()
+	target.ReportSuccess()
+	rec.TargetStatus, rec.Status = resp.StatusCode, resp.StatusCode
+	if ops := rule.ResponseHeaders; ops != nil {
+		ops.Apply(resp.Header)
+	}
+	g.SetSticky(resp.Header, target)
+	for _, k := range []string{"Connection", "Keep-Alive", "Transfer-Encoding", "Content-Length"} {
+		resp.Header.Del(k)
+	}
+	b := s.wr.Buf()
+	b = appendStatusLine(b, resp.StatusCode)
+	for k, vs := range resp.Header {
+		for _, v := range vs {
+			b = h1.AppendField(b, k, v)
+		}
+	}
+	chunked := resp.ContentLength < 0 && r.Minor == 1
+	switch {
+	case resp.ContentLength >= 0:
+		b = h1.AppendField(b, "Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	case chunked:
+		b = append(b, "Transfer-Encoding: chunked\r\n"...)
+	default:
+		closeAfter = true
+	}
+	if closeAfter {
+		b = append(b, "Connection: close\r\n"...)
+	}
+	b = append(b, '\r', '\n')
+	s.wr.Commit(b)
+	var werr error
+	if chunked {
+		cw := &chunkWriter{w: &s.wr}
+		_, werr = io.Copy(cw, resp.Body)
+		if werr == nil {
+			s.wr.Write([]byte("0\r\n\r\n"))
+		}
+	} else {
+		_, werr = io.Copy(&s.wr, resp.Body)
+	}
+	if werr != nil || s.wr.Flush() != nil {
+		rec.Reason = "target_body_error"
+		return false
+	}
+	return !closeAfter
+}
+
+type chunkWriter struct{ w *h1.Writer }
+
+func (c *chunkWriter) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	b := c.w.Buf()
+	b = strconv.AppendInt(b, int64(len(p)), 16)
+	b = append(b, '\r', '\n')
+	c.w.Commit(b)
+	c.w.Write(p)
+	_, err := c.w.Write([]byte("\r\n"))
+	if err == nil {
+		err = c.w.Flush()
+	}
+	return len(p), err
+}
