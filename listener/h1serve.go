@@ -240,7 +240,6 @@ func (s *h1Session) serveOne(st *httpState, first bool) bool {
 // handle answers the parsed request r; false when the connection must close.
 func (s *h1Session) handle(st *httpState, r *h1.Request) bool {
 	rec := &s.rec
-	desync.DefaultCounters.Add(r.Tier, r.Reason)
 	if st.obs != nil && r.Tier != desync.Compliant {
 		st.obs.Desync(st.cfg.Name, r.Tier, r.Reason)
 	}
@@ -522,8 +521,8 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 
 // primeChunked reads until the first chunk-size line is buffered and checks it.
 func (s *h1Session) primeChunked(st *httpState) bool {
-	s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration())
-	defer s.rd.SetTimeout(nil, 0)
+	s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration(), st.cfg.MinTransferRate)
+	defer s.rd.SetTimeout(nil, 0, 0)
 	for {
 		ok, complete := h1.FirstChunkReady(s.rd.Buffered())
 		if complete {
@@ -556,6 +555,8 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	tc backends.TargetConn, pool backends.H1Pool, closeAfter bool) (keep, retry bool) {
 	rec := &s.rec
 	conn := tc.Conn()
+	s.setTarget(conn)
+	defer s.setTarget(nil)
 	s.tw.Reset(conn)
 	s.tr.Reset(conn)
 	defer s.tr.Release()
@@ -589,7 +590,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	}
 	startUpload := func() {
 		s.upload = make(chan error, 1)
-		s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration())
+		s.rd.SetTimeout(s.c, st.cfg.ClientBodyTimeoutDuration(), st.cfg.MinTransferRate)
 		go func() {
 			n, err := h1.CopyBody(&s.tw, &s.rd, r.Framing, r.ContentLength, r.Framing)
 			if err == nil {
@@ -617,7 +618,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		}
 		err := <-s.upload
 		s.upload = nil
-		s.rd.SetTimeout(nil, 0)
+		s.rd.SetTimeout(nil, 0, 0)
 		if cut {
 			s.c.SetReadDeadline(time.Time{})
 		}
@@ -642,8 +643,13 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 				return false, false
 			}
 			if uerr != nil && errors.Is(uerr, errClientBody) {
-				rec.Reason = "client_body_error"
-				s.simple(400, "malformed request body", true)
+				if isTimeout(uerr) {
+					rec.Reason = "client_body_timeout"
+					s.simple(408, "request body timeout", true)
+				} else {
+					rec.Reason = "client_body_error"
+					s.simple(400, "malformed request body", true)
+				}
 				return false, false
 			}
 			if !got && tc.Reused() && bodyDone && len(s.tr.Buffered()) == 0 && !isTimeout(err) && isIdempotent(r) {
@@ -682,7 +688,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	rec.TargetStatus = resp.Status
 	rec.Status = resp.Status
 	if rt := g.Config().TargetReadTimeoutDuration(); rt > 0 {
-		s.tr.SetTimeout(conn, rt)
+		s.tr.SetTimeout(conn, rt, 0)
 	}
 
 	if resp.Status == 101 {
@@ -704,7 +710,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		select {
 		case err := <-s.upload:
 			s.upload = nil
-			s.rd.SetTimeout(nil, 0)
+			s.rd.SetTimeout(nil, 0, 0)
 			uploading = err != nil
 		default:
 		}
@@ -719,8 +725,8 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		s.extra[0] = router.HeaderValue{Name: "Set-Cookie", Value: c}
 		ro.Extra = s.extra[:]
 	}
-	s.wr.SetTimeout(s.c, st.cfg.SendTimeoutDuration())
-	defer s.wr.SetTimeout(nil, 0)
+	s.wr.SetTimeout(s.c, st.cfg.SendTimeoutDuration(), st.cfg.MinTransferRate)
+	defer s.wr.SetTimeout(nil, 0, 0)
 	hb := s.wr.Buf()
 	hb, framing := ro.AppendResponseHead(hb, resp)
 	// The first body bytes in the same write as the head.
@@ -750,7 +756,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 			return s.bodyFailed(err, tc, target, endUpload)
 		}
 	}
-	s.tr.SetTimeout(nil, 0)
+	s.tr.SetTimeout(nil, 0, 0)
 	if err := s.wr.Flush(); err != nil {
 		rec.Reason = "client_closed"
 		endUpload(true)
@@ -766,15 +772,38 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	return !close && !ro.Close, false
 }
 
+// setTarget records the target connection in use, so a forced close can end the exchange.
+func (s *h1Session) setTarget(c net.Conn) {
+	s.tmu.Lock()
+	s.tconn = c
+	s.tmu.Unlock()
+}
+
+// abort closes the client connection and the target connection in use (forced shutdown).
+func (s *h1Session) abort() {
+	s.c.Close()
+	s.tmu.Lock()
+	if s.tconn != nil {
+		s.tconn.Close()
+	}
+	s.tmu.Unlock()
+}
+
 // bodyFailed ends an exchange whose response body broke after its head was sent: the client
 // connection is closed, so a cut body is never presented as complete.
 func (s *h1Session) bodyFailed(err error, tc backends.TargetConn, target *backends.Target, endUpload func(bool) error) (bool, bool) {
 	endUpload(true)
 	tc.Done(false)
-	if s.wr.Err() != nil {
+	switch {
+	case s.wr.Err() != nil && isTimeout(s.wr.Err()):
+		s.rec.Reason = "send_timeout"
+	case s.wr.Err() != nil:
 		s.rec.Reason = "client_closed"
-	} else {
-		s.rec.Reason = "target_body_error"
+	case isTimeout(err):
+		s.rec.Reason = "target_read_timeout"
+		target.ReportFailure()
+	default:
+		s.rec.Reason = "target_closed_mid_body"
 		target.ReportFailure()
 	}
 	return false, false
@@ -982,6 +1011,17 @@ func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, 
 	}
 	target.Acquire()
 	defer target.Release()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req = req.WithContext(ctx)
+	var stalled atomic.Bool
+	rt := g.Config().TargetReadTimeoutDuration()
+	var watchdog *time.Timer
+	if rt > 0 {
+		watchdog = time.AfterFunc(time.Hour, func() { stalled.Store(true); cancel() })
+		defer watchdog.Stop()
+	}
+	s.setTarget(nil)
 	t0 := time.Now()
 	resp, err := g.Transport().RoundTrip(req)
 	rec.TargetDuration = time.Since(t0)
@@ -1022,20 +1062,50 @@ func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, 
 	b = append(b, '\r', '\n')
 	s.wr.Commit(b)
 	var werr error
+	var body io.Reader = resp.Body
+	if watchdog != nil {
+		body = &watchedReader{r: resp.Body, t: watchdog, d: rt}
+	}
+	s.wr.SetTimeout(s.c, st.cfg.SendTimeoutDuration(), st.cfg.MinTransferRate)
+	defer s.wr.SetTimeout(nil, 0, 0)
 	if chunked {
 		cw := &chunkWriter{w: &s.wr}
-		_, werr = io.Copy(cw, resp.Body)
+		_, werr = io.Copy(cw, body)
 		if werr == nil {
 			s.wr.Write([]byte("0\r\n\r\n"))
 		}
 	} else {
-		_, werr = io.Copy(&s.wr, resp.Body)
+		_, werr = io.Copy(&s.wr, body)
 	}
 	if werr != nil || s.wr.Flush() != nil {
-		rec.Reason = "target_body_error"
+		switch {
+		case s.wr.Err() != nil && isTimeout(s.wr.Err()):
+			rec.Reason = "send_timeout"
+		case s.wr.Err() != nil:
+			rec.Reason = "client_closed"
+		case stalled.Load():
+			rec.Reason = "target_read_timeout"
+			target.ReportFailure()
+		default:
+			rec.Reason = "target_closed_mid_body"
+		}
 		return false
 	}
 	return !closeAfter
+}
+
+// watchedReader re-arms a watchdog before each read: a target silent for d cancels the exchange.
+type watchedReader struct {
+	r io.Reader
+	t *time.Timer
+	d time.Duration
+}
+
+func (w *watchedReader) Read(p []byte) (int, error) {
+	w.t.Reset(w.d)
+	n, err := w.r.Read(p)
+	w.t.Stop()
+	return n, err
 }
 
 type chunkWriter struct{ w *h1.Writer }

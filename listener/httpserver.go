@@ -138,7 +138,7 @@ func (s *httpServer) closeSessions(force bool) int {
 		if h.state.CompareAndSwap(sessIdle, sessClosed) {
 			h.c.SetReadDeadline(time.Now()) // wakes its wait; it sees it was closed
 		} else if force {
-			h.c.Close()
+			h.abort()
 		}
 	}
 	return len(s.sessions)

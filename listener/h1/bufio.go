@@ -56,12 +56,33 @@ type Reader struct {
 	// Per-read timeout (client_body_timeout, target_read_timeout): set before each read.
 	dl      interface{ SetReadDeadline(time.Time) error }
 	timeout time.Duration
+	pace    pace
+}
+
+// pace is min_transfer_rate: after its first timeout-worth of time a transfer must average
+// rate bytes/s; the deadline is min(last I/O + timeout, start + timeout + bytes/rate).
+type pace struct {
+	start time.Time
+	bytes int64
+	rate  int64
+}
+
+func (p *pace) deadline(now time.Time, timeout time.Duration) time.Time {
+	d := now.Add(timeout)
+	if p.rate > 0 {
+		if budget := p.start.Add(timeout + time.Duration(p.bytes*int64(time.Second)/p.rate)); budget.Before(d) {
+			d = budget
+		}
+	}
+	return d
 }
 
 // SetTimeout makes every following read wait at most d (0: no per-read deadline, leave the
-// connection's deadline as it is).
-func (b *Reader) SetTimeout(dl interface{ SetReadDeadline(time.Time) error }, d time.Duration) {
+// connection's deadline as it is), and the whole transfer average at least rate bytes/s after
+// its first d (rate 0: no minimum).
+func (b *Reader) SetTimeout(dl interface{ SetReadDeadline(time.Time) error }, d time.Duration, rate int) {
 	b.dl, b.timeout = dl, d
+	b.pace = pace{start: time.Now(), rate: int64(rate)}
 }
 
 // NewReader returns a reader over rd holding no buffer yet.
@@ -143,10 +164,11 @@ func (b *Reader) Fill(limit int) error {
 		buf = *nb
 	}
 	if b.timeout > 0 {
-		b.dl.SetReadDeadline(time.Now().Add(b.timeout))
+		b.dl.SetReadDeadline(b.pace.deadline(time.Now(), b.timeout))
 	}
 	n, err := b.rd.Read(buf[b.w:])
 	b.w += n
+	b.pace.bytes += int64(n)
 	if err != nil {
 		var te interface{ Timeout() bool }
 		if errors.As(err, &te) && te.Timeout() {
@@ -176,12 +198,15 @@ type Writer struct {
 	// Per-write timeout (send_timeout): set before each write.
 	dl      interface{ SetWriteDeadline(time.Time) error }
 	timeout time.Duration
+	pace    pace
 	written int64 // bytes written through
 }
 
-// SetTimeout makes every following write wait at most d (0: leave the deadline as it is).
-func (w *Writer) SetTimeout(dl interface{ SetWriteDeadline(time.Time) error }, d time.Duration) {
+// SetTimeout makes every following write wait at most d (0: leave the deadline as it is), and
+// the whole transfer average at least rate bytes/s after its first d (rate 0: no minimum).
+func (w *Writer) SetTimeout(dl interface{ SetWriteDeadline(time.Time) error }, d time.Duration, rate int) {
 	w.dl, w.timeout = dl, d
+	w.pace = pace{start: time.Now(), rate: int64(rate)}
 }
 
 // Written is how many bytes reached the connection since Reset or ResetCount.
@@ -192,10 +217,11 @@ func (w *Writer) ResetCount() { w.written = 0 }
 
 func (w *Writer) write(p []byte) (int, error) {
 	if w.timeout > 0 {
-		w.dl.SetWriteDeadline(time.Now().Add(w.timeout))
+		w.dl.SetWriteDeadline(w.pace.deadline(time.Now(), w.timeout))
 	}
 	n, err := w.wr.Write(p)
 	w.written += int64(n)
+	w.pace.bytes += int64(n)
 	if err != nil {
 		w.err = err
 	}
