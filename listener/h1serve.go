@@ -61,6 +61,8 @@ type h1Session struct {
 	extra [1]router.HeaderValue // Set-Cookie for stickiness
 
 	upload chan error            // the running upload's result (exchange), nil when none
+	tmu    sync.Mutex            // guards tconn (per session: contended only by a forced close)
+	tconn  net.Conn              // the target connection in use, for abort
 	one    [1]byte               // the peeked byte of waitReadable
 	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
 }
