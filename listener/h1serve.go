@@ -60,9 +60,10 @@ type h1Session struct {
 
 	extra [1]router.HeaderValue // Set-Cookie for stickiness
 
-	upload chan error            // the running upload's result (exchange), nil when none
-	tmu    sync.Mutex            // guards tconn (per session: contended only by a forced close)
-	tconn  net.Conn              // the target connection in use, for abort
+	upload chan error // the running upload's result (exchange), nil when none
+	tmu    sync.Mutex // guards tconn (per session: contended only by a forced close)
+	tconn  net.Conn
+	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)              // the target connection in use, for abort
 	one    [1]byte               // the peeked byte of waitReadable
 	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
 }
@@ -487,6 +488,7 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 			}
 			target = next
 		}
+		s.held = target
 		addr := target.Addr()
 		rec.Target = addr
 		t0 := time.Now()
@@ -495,7 +497,7 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 		}
 		tc, err := pool.Get(context.Background(), addr, stale, hasBody)
 		if err != nil {
-			target.Release()
+			s.releaseTarget()
 			target.ReportFailure()
 			// A refused dial never reached a target: once more on another one (a body not
 			// read yet is still whole).
@@ -510,7 +512,7 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 		}
 		keep, retry := s.exchange(st, r, rule, g, target, tc, pool, closeAfter)
 		rec.TargetDuration = time.Since(t0)
-		target.Release()
+		s.releaseTarget()
 		if retry && !stale {
 			stale = true // a kept-alive connection the target had closed: once more, on a new one
 			continue
@@ -759,6 +761,9 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		}
 	}
 	s.tr.SetTimeout(nil, 0, 0)
+	// The target's part is over: it leaves the in-flight count before the client can see the
+	// answer and send its next request (least_outstanding_requests sees a quiet target).
+	s.releaseTarget()
 	if err := s.wr.Flush(); err != nil {
 		rec.Reason = "client_closed"
 		endUpload(true)
@@ -772,6 +777,14 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		return false, false
 	}
 	return !close && !ro.Close, false
+}
+
+// releaseTarget releases the target acquired for the exchange, once.
+func (s *h1Session) releaseTarget() {
+	if s.held != nil {
+		s.held.Release()
+		s.held = nil
+	}
 }
 
 // setTarget records the target connection in use, so a forced close can end the exchange.
