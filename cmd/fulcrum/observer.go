@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -611,6 +612,10 @@ func (a *accessLog) run(ctx context.Context) {
 func (a *accessLog) reopen() error {
 	if a.path == "" {
 		return nil
+	}
+	// Its directory is created as state_dir is: "state/access.log" works on a first start.
+	if err := os.MkdirAll(filepath.Dir(a.path), 0o750); err != nil {
+		return fmt.Errorf("access log directory for %s: %w", a.path, err)
 	}
 	f, err := os.OpenFile(a.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
