@@ -74,8 +74,10 @@ fixed_response = { status = 200, content_type = "text/plain", body = "fixed" }
 	ctx, cancel = context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 
+	// text1 reads an element's text in one script evaluation: the page replaces its rows on
+	// every refresh, so a node found by one call may be gone by the next.
 	text1 := func(sel string) string {
-		s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+		s, err := chromedp.Run(ctx, chromedp.Evaluate[string](fmt.Sprintf(`(document.querySelector(%q)||{textContent:""}).textContent`, sel)))
 		if err != nil {
 			t.Fatalf("%s: %v", sel, err)
 		}
