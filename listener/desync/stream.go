@@ -65,6 +65,12 @@ func (c *Classifier) RequestLine(line []byte, crlf bool) (method, uri, version [
 	case partial:
 		return method, tok, nil // no version: HTTP/0.9
 	}
+	if bytes.Contains(before, []byte(" HTTP/")) {
+		// "GET /a HTTP/1.1 HTTP/1.1": a version inside the target. Upstream reads the target as
+		// ending at the first space, so the version is "HTTP/1.1 HTTP/1.1" (severe); read as a
+		// target with a space, it would be forwarded, percent-encoded, as only acceptable.
+		c.s.up(Severe, ReasonBadVersion)
+	}
 	return method, before, tok
 }
 
