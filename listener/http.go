@@ -85,10 +85,6 @@ func infoOf(r *http.Request) *reqInfo {
 	return ri
 }
 
-// cutGrace is how long an upload left unfinished by an early answer may take to end on its own
-// before its read is cut (see serve).
-const cutGrace = 100 * time.Millisecond
-
 // errNoTarget means no healthy target: the client gets 503 without any dial.
 var errNoTarget = errors.New("no healthy target")
 
@@ -106,9 +102,6 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	sw := acquireStatusWriter(w)
 	defer releaseStatusWriter(sw)
 	sw.pace = newPace(st.cfg.SendTimeoutDuration(), st.cfg.MinTransferRate)
-	if dc := desync.ConnFromContext(r.Context()); dc != nil {
-		sw.dl = dc // HTTP/1; the HTTP/2 engine bounds its own connection's writes
-	}
 
 	// A response the proxy aborts mid-way (a target that stalls or dies mid-body, a client
 	// that stops reading) ends in panic(http.ErrAbortHandler), which closes the client's
@@ -127,13 +120,6 @@ func (st *httpState) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if st.obs != nil {
 		st.observe(r, ri, sw)
 	}
-	if ri.reason == "client_closed" && r.ProtoMajor == 1 && sw.status == 0 {
-		// Nothing was written, and net/http would now answer an implicit 200 with no body: a
-		// lie if the client is in fact still there (its connection's context was cancelled
-		// under it). Close the connection instead, as ReverseProxy does when a body fails
-		// mid-copy; a client whose kept-alive connection closes without an answer retries.
-		panic(http.ErrAbortHandler)
-	}
 }
 
 // abortReason says why a response was aborted after it began.
@@ -151,21 +137,6 @@ func abortReason(ri *reqInfo, sw *statusWriter) string {
 		return ri.reason
 	}
 	return "response_aborted"
-}
-
-// limitUnreadBody bounds what net/http does with an HTTP/1 request body no target will read
-// (a blocked request, a fixed response, a redirect): it reads up to 256 KiB of it before or
-// after the answer, with no deadline of its own, so a client that announced a body and withheld
-// it held the connection for as long as it liked. The whole of that read now has
-// client_body_timeout; at the body's end net/http clears the deadline itself (its background
-// read), and a body that does not end in time closes the connection.
-func (st *httpState) limitUnreadBody(r *http.Request) {
-	if r.ProtoMajor != 1 || r.Body == nil || r.Body == http.NoBody {
-		return
-	}
-	if dc := desync.ConnFromContext(r.Context()); dc != nil {
-		dc.SetReadDeadline(time.Now().Add(st.cfg.ClientBodyTimeoutDuration()))
-	}
 }
 
 // observe hands the finished request to metrics and the access log.
@@ -206,25 +177,6 @@ func (st *httpState) observe(r *http.Request, ri *reqInfo, sw *statusWriter) {
 }
 
 func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
-	// Framing first: a request whose body length is ambiguous never reaches a target on a
-	// kept-alive connection, whatever the mitigation mode (RFC 9112 section 6.3).
-	if r.ProtoMajor == 1 {
-		tier, reason := desync.Classify(r)
-		if st.obs != nil && tier != desync.Compliant {
-			st.obs.Desync(st.cfg.Name, tier, reason)
-		}
-		v := desync.Decide(st.desync, tier)
-		if v.Block {
-			st.limitUnreadBody(r)
-			ri.reason = "desync:" + reason.String()
-			badRequest(w, "request rejected: "+reason.String())
-			return
-		}
-		ri.closeAfter = v.CloseAfter
-		if ri.closeAfter {
-			w.Header().Set("Connection", "close")
-		}
-	}
 
 	// ACME HTTP-01 answers come before any rule, redirect or fixed response (CAs follow
 	// redirects to https, so HTTPS listeners answer too). Idle cost: ~2 ns, 0 allocs.
@@ -236,13 +188,11 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 	a := rule.Action
 	switch a.Kind {
 	case router.ActionFixedResponse:
-		st.limitUnreadBody(r)
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
 		a.WriteFixed(w)
 	case router.ActionRedirect:
-		st.limitUnreadBody(r)
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
@@ -272,47 +222,10 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		out := r.WithContext(ctx)
 		if r.Body != nil && r.Body != http.NoBody {
 			bw := &bodyWatcher{ReadCloser: r.Body, pace: newPace(st.cfg.ClientBodyTimeoutDuration(), st.cfg.MinTransferRate)}
-			if dc := desync.ConnFromContext(r.Context()); dc != nil {
-				bw.conn, bw.dl = dc, dc // HTTP/1; the HTTP/2 engine paces its own streams
-			}
 			ri.body = bw
 			out.Body = bw
-			if r.ProtoMajor == 1 && r.ContentLength < 0 && r.Header.Get("Expect") == "" {
-				// Chunked: read the first chunk's size line before the target sees anything
-				// (net/http's transport sends the head before the body), so a malformed chunk
-				// size is answered 400 and never forwarded. Later chunks stream; a bad one
-				// aborts the target connection mid-body, which is never reused.
-				if !bw.prime() {
-					ri.reason = "client_body_error"
-					badRequest(w, "malformed request body")
-					return
-				}
-			}
 		}
 		gp.rp.ServeHTTP(w, out)
-		if bw := ri.body; bw != nil && r.ProtoMajor == 1 && w.status != http.StatusSwitchingProtocols && !bw.eof.Load() {
-			// The target answered before the upload ended. The transport may still be blocked
-			// reading the client's body (holding it, so net/http cannot even decide to close),
-			// and would stay so until the client sends more: expire the read, so the connection
-			// closes instead of carrying on.
-			//
-			// The upload may end at this very moment, and net/http then starts a background read
-			// on the connection that the deadline would fail, cancelling the context of every
-			// later request on it. So whichever side sees the end clears the deadline: the body
-			// reader, after it set eof, when cut is set; or this goroutine, when it finds eof
-			// set after setting the deadline. cutGrace only has to outlast that handoff.
-			if bw.conn != nil {
-				at := time.Now().Add(cutGrace)
-				bw.cutAt.Store(at.UnixNano())
-				bw.cut.Store(true)
-				bw.conn.SetReadDeadline(at)
-				if bw.eof.Load() {
-					bw.conn.SetReadDeadline(time.Time{})
-				}
-			} else {
-				http.NewResponseController(w).SetReadDeadline(time.Now())
-			}
-		}
 	}
 }
 
@@ -612,49 +525,15 @@ type bodyWatcher struct {
 	bad, eof atomic.Bool
 	read     atomic.Int64 // body bytes the target was sent (the transport reads on its own goroutine)
 
-	// cut: the handler ended before the upload and set a read deadline to end it (see serve);
-	// a read that reaches the end then clears it, through conn, the client connection.
-	cut   atomic.Bool
-	cutAt atomic.Int64 // the cut's deadline, UnixNano
-	conn  interface{ SetReadDeadline(time.Time) error }
-
 	// pace (client_body_timeout, min_transfer_rate) sets a read deadline through dl before
 	// each read of the body: the HTTP/1 connection, or the HTTP/2 stream.
 	pace     pace
 	dl       interface{ SetReadDeadline(time.Time) error }
 	timedOut atomic.Bool // a read failed on the pace's deadline
 
-	// A primed first byte (see prime), returned by the first Read.
-	pending bool
-	preN    int // 0 or 1
-	pre     [1]byte
-	preErr  error // returned with the primed byte (nil or io.EOF)
-}
-
-// prime reads the first byte of the body now; false when that read failed (a malformed body).
-func (b *bodyWatcher) prime() bool {
-	n, err := b.pacedRead(b.pre[:])
-	if err != nil && err != io.EOF {
-		b.bad.Store(true)
-		return false
-	}
-	b.pending = n == 1 || err == io.EOF
-	if err == io.EOF {
-		b.eof.Store(true)
-	}
-	b.preN, b.preErr = n, err
-	return true
 }
 
 func (b *bodyWatcher) Read(p []byte) (int, error) {
-	if b.pending && len(p) > 0 {
-		// Only the byte already read: reading more now could wait on a client that streams
-		// and waits for the answer.
-		b.pending = false
-		p[0] = b.pre[0]
-		b.read.Add(int64(b.preN))
-		return b.preN, b.preErr
-	}
 	n, err := b.pacedRead(p)
 	b.read.Add(int64(n))
 	if err != nil && err != io.EOF {
@@ -672,9 +551,6 @@ func (b *bodyWatcher) pacedRead(p []byte) (int, error) {
 	if paced {
 		t0 = time.Now()
 		b.dl.SetReadDeadline(b.pace.deadline(t0))
-		if b.cut.Load() {
-			b.dl.SetReadDeadline(time.Unix(0, b.cutAt.Load())) // the cut wins (see serve)
-		}
 	}
 	n, err := b.ReadCloser.Read(p)
 	if paced {
@@ -686,10 +562,7 @@ func (b *bodyWatcher) pacedRead(p []byte) (int, error) {
 		if paced {
 			b.dl.SetReadDeadline(time.Time{})
 		}
-		if b.cut.Load() {
-			b.conn.SetReadDeadline(time.Time{})
-		}
-	case err != nil && paced && errors.Is(err, os.ErrDeadlineExceeded) && !b.cut.Load():
+	case err != nil && paced && errors.Is(err, os.ErrDeadlineExceeded):
 		b.timedOut.Store(true)
 	}
 	return n, err
