@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: test deps vet build demo bench fuzz clean soak install
+.PHONY: test deps vet build demo bench fuzz clean install
 
 # Every test: installs what the tests need when it is missing, then vet + race tests
 # (the fuzz seed corpora run as ordinary tests), then the memory bounds once more without the
@@ -22,10 +22,6 @@ deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
-
-# The long scans of the conformance suite: testssl.sh on every TLS policy (minutes each).
-soak: deps
-	FULCRUM_SOAK=1 $(GO) test -count=1 -timeout 40m -run 'TestTestssl|TestSlowClients' -v ./listener/conformance
 
 vet:
 	$(GO) vet ./...
