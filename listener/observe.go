@@ -3,6 +3,7 @@ package listener
 import (
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +48,16 @@ type RequestRecord struct {
 	RulePriority    int // 0 = default action, -1 = none matched yet (rejected before routing)
 	RequestID       string
 	Reason          string // why it failed, "" when it did not
+}
+
+// Detach returns a copy of rec that owns its strings, for an observer that keeps the record
+// beyond the call (the request's strings may view the connection's pooled buffers, which the
+// next request on any connection overwrites).
+func (rec *RequestRecord) Detach() RequestRecord {
+	q := *rec
+	q.Method, q.URI, q.Proto, q.Host = strings.Clone(q.Method), strings.Clone(q.URI), strings.Clone(q.Proto), strings.Clone(q.Host)
+	q.UserAgent, q.RequestID, q.SNI = strings.Clone(q.UserAgent), strings.Clone(q.RequestID), strings.Clone(q.SNI)
+	return q
 }
 
 var recordPool = sync.Pool{New: func() any { return new(RequestRecord) }}

@@ -35,7 +35,7 @@ func newL7Recorder() *l7Recorder { return &l7Recorder{ch: make(chan RequestRecor
 
 func (o *l7Recorder) Request(rec *RequestRecord) {
 	select {
-	case o.ch <- *rec:
+	case o.ch <- rec.Detach():
 	default:
 	}
 }

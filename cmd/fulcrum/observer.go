@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -261,14 +260,10 @@ func newAccessLog(w io.Writer, path string, dropped prometheus.Counter, queue in
 	return a, nil
 }
 
-// write queues the record without blocking; the writer goroutine formats it. The record is
-// copied (its strings are immutable, so the copy is shallow and allocation-free).
+// write queues the record without blocking; the writer goroutine formats it. The queued copy
+// owns its strings: the record's may view the connection's buffers (valid during the call only).
 func (a *accessLog) write(rec *listener.RequestRecord) {
-	// The record's strings may view the connection's buffers (valid during the call only): the
-	// queued copy owns its own.
-	q := *rec
-	q.Method, q.URI, q.Proto, q.Host = strings.Clone(q.Method), strings.Clone(q.URI), strings.Clone(q.Proto), strings.Clone(q.Host)
-	q.UserAgent, q.RequestID, q.SNI = strings.Clone(q.UserAgent), strings.Clone(q.RequestID), strings.Clone(q.SNI)
+	q := rec.Detach()
 	select {
 	case a.queue <- q:
 	default:
