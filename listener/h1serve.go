@@ -438,21 +438,13 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 	if !ok {
 		return s.forwardStd(st, r, rule, g, closeAfter)
 	}
-	target := g.StickyTargetCookies(r)
+	target := s.pick(r, g, closeAfter)
 	if target == nil {
-		target = g.Pick(s.client.Addr(), nil)
-	}
-	if target == nil {
-		rec.Reason = "no_healthy_target"
-		s.simple(503, "no healthy target", closeAfter)
 		return s.drainBody(r) && !closeAfter
 	}
 	// The outgoing head.
 	o := &s.out
-	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
-	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
-	o.Client = s.client.Addr()
-	o.Ops = rule.RequestHeaders
+	s.outgoing(st, rule)
 	o.Close = closeAfter
 	o.Extra = nil
 	if s.tls != nil {
@@ -974,20 +966,12 @@ func certFields(mode string, cs tls.ConnectionState) []router.HeaderValue {
 // transport. The outgoing head is the engine's own, read back as an *http.Request.
 func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, closeAfter bool) bool {
 	rec := &s.rec
-	target := g.StickyTargetCookies(r)
+	target := s.pick(r, g, closeAfter)
 	if target == nil {
-		target = g.Pick(s.client.Addr(), nil)
-	}
-	if target == nil {
-		rec.Reason = "no_healthy_target"
-		s.simple(503, "no healthy target", closeAfter)
 		return s.drainBody(r) && !closeAfter
 	}
 	o := &s.out
-	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
-	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
-	o.Client = s.client.Addr()
-	o.Ops = rule.RequestHeaders
+	s.outgoing(st, rule)
 	o.Close = false
 	var clientID []byte
 	if o.Trusted {
@@ -1139,4 +1123,27 @@ func (c *chunkWriter) Write(p []byte) (int, error) {
 		err = c.w.Flush()
 	}
 	return len(p), err
+}
+
+// pick chooses the request's target, its sticky cookie's first; with none healthy it answers 503
+// and returns nil.
+func (s *h1Session) pick(r *h1.Request, g *backends.Group, closeAfter bool) *backends.Target {
+	target := g.StickyTargetCookies(r)
+	if target == nil {
+		target = g.Pick(s.client.Addr(), nil)
+	}
+	if target == nil {
+		s.rec.Reason = "no_healthy_target"
+		s.simple(503, "no healthy target", closeAfter)
+	}
+	return target
+}
+
+// outgoing sets what the outgoing head takes from the listener generation and the rule.
+func (s *h1Session) outgoing(st *httpState, rule *router.Rule) {
+	o := &s.out
+	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
+	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
+	o.Client = s.client.Addr()
+	o.Ops = rule.RequestHeaders
 }

@@ -125,24 +125,7 @@ func (o *Outgoing) Keep(f *desync.Field, connTokens [][]byte) bool {
 			return false
 		}
 	}
-	for _, t := range connTokens {
-		if equalFoldBytes(name, t) {
-			return false
-		}
-	}
-	if ops := o.Ops; ops != nil {
-		for _, k := range ops.Remove {
-			if equalFold(name, k) {
-				return false
-			}
-		}
-		for _, kv := range ops.Set {
-			if equalFold(name, kv.Name) {
-				return false
-			}
-		}
-	}
-	return true
+	return !overridden(name, connTokens, o.Ops)
 }
 
 // AppendRequestLine writes "METHOD target HTTP/1.1\r\n". The target is written in origin form
@@ -330,4 +313,27 @@ func equalFoldBytes(a, b []byte) bool {
 		}
 	}
 	return true
+}
+
+// overridden reports whether a field is named by its message's Connection header (hop-by-hop) or
+// removed or replaced by the rule's header operations: either way it is not copied through.
+func overridden(name []byte, connTokens [][]byte, ops *router.HeaderOps) bool {
+	for _, t := range connTokens {
+		if equalFoldBytes(name, t) {
+			return true
+		}
+	}
+	if ops != nil {
+		for _, k := range ops.Remove {
+			if equalFold(name, k) {
+				return true
+			}
+		}
+		for _, kv := range ops.Set {
+			if equalFold(name, kv.Name) {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -205,24 +205,7 @@ func (o *ResponseOut) keep(name []byte, connTokens [][]byte, status int) bool {
 	case equalFold(name, "content-length"):
 		return o.Head || status == 304 // otherwise regenerated from the framing
 	}
-	for _, t := range connTokens {
-		if equalFoldBytes(name, t) {
-			return false
-		}
-	}
-	if ops := o.Ops; ops != nil {
-		for _, k := range ops.Remove {
-			if equalFold(name, k) {
-				return false
-			}
-		}
-		for _, kv := range ops.Set {
-			if equalFold(name, kv.Name) {
-				return false
-			}
-		}
-	}
-	return true
+	return !overridden(name, connTokens, o.Ops)
 }
 
 // Value returns the first value of field name (trimmed), nil when absent.
