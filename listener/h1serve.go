@@ -243,6 +243,7 @@ func (s *h1Session) serveOne(st *httpState, first bool) bool {
 // handle answers the parsed request r; false when the connection must close.
 func (s *h1Session) handle(st *httpState, r *h1.Request) bool {
 	rec := &s.rec
+	rec.Classification, rec.ClassificationReason = r.Tier, r.Reason
 	if st.obs != nil && r.Tier != desync.Compliant {
 		st.obs.Desync(st.cfg.Name, r.Tier, r.Reason)
 	}
@@ -270,13 +271,16 @@ func (s *h1Session) handle(st *httpState, r *h1.Request) bool {
 	a := rule.Action
 	switch a.Kind {
 	case router.ActionFixedResponse:
+		rec.Actions = ActionsFixedResponse
 		s.fixed(rule, a.Fixed, closeAfter)
 		return s.drainBody(r) && !closeAfter
 	case router.ActionRedirect:
 		loc := a.RedirectLocationFor(h1.Str(r.Path), h1.Str(r.Query), h1.Str(r.Host), st.tlsOn, st.port)
+		rec.Actions, rec.RedirectURL = ActionsRedirect, loc
 		s.redirect(rule, a.RedirectStatus(), loc, closeAfter)
 		return s.drainBody(r) && !closeAfter
 	}
+	rec.Actions = ActionsForward
 	proxies := st.actions[rule.ID]
 	i := 0
 	if len(proxies) > 1 {

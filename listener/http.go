@@ -74,6 +74,8 @@ type reqInfo struct {
 	requestDur   time.Duration // until the request was first sent to a target
 	targetDur    time.Duration // from sending to the target's response headers
 	targetStatus int           // what the target answered, 0 when it did not
+	actions      Actions
+	redirectURL  string
 }
 
 type ctxKey struct{}
@@ -162,6 +164,8 @@ func (st *httpState) observe(r *http.Request, ri *reqInfo, sw *statusWriter) {
 		RequestID:       ri.requestID,
 		Reason:          ri.reason,
 		RulePriority:    -1,
+		Actions:         ri.actions,
+		RedirectURL:     ri.redirectURL,
 	}
 	if ri.group != nil {
 		rec.Group = ri.group.Name()
@@ -191,14 +195,17 @@ func (st *httpState) serve(w *statusWriter, r *http.Request, ri *reqInfo) {
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
+		ri.actions = ActionsFixedResponse
 		a.WriteFixed(w)
 	case router.ActionRedirect:
 		if rule.ResponseHeaders != nil {
 			rule.ResponseHeaders.Apply(w.Header())
 		}
-		w.Header().Set("Location", a.RedirectLocation(r, r.Host, st.tlsOn, st.port))
+		ri.actions, ri.redirectURL = ActionsRedirect, a.RedirectLocation(r, r.Host, st.tlsOn, st.port)
+		w.Header().Set("Location", ri.redirectURL)
 		w.WriteHeader(a.RedirectStatus())
 	default:
+		ri.actions = ActionsForward
 		proxies := st.actions[rule.ID]
 		i := 0
 		if len(proxies) > 1 {

@@ -48,7 +48,45 @@ type RequestRecord struct {
 	RulePriority    int // 0 = default action, -1 = none matched yet (rejected before routing)
 	RequestID       string
 	Reason          string // why it failed, "" when it did not
+	// Classification and ClassificationReason are the request's desync tier and why (HTTP/1;
+	// HTTP/2 requests are not classified and stay Compliant).
+	Classification       desync.Tier
+	ClassificationReason desync.Reason
+	Actions              Actions // what the matched rule did
+	RedirectURL          string  // the Location of a redirect action; owned by the record
 }
+
+// Actions is the set of actions a request ran, ALB's actions_executed. A set of bits rather
+// than a formatted list, so that filling it on the request path costs nothing.
+type Actions uint8
+
+const (
+	ActionsForward Actions = 1 << iota
+	ActionsRedirect
+	ActionsFixedResponse
+	numActions = iota
+)
+
+// actionNames are ALB's names, in the order ALB lists executed actions.
+var actionNames = [numActions]string{"forward", "redirect", "fixed-response"}
+
+// AppendTo appends the actions as ALB lists them: names joined by commas, nothing when none ran.
+func (a Actions) AppendTo(b []byte) []byte {
+	first := true
+	for i, name := range actionNames {
+		if a&(1<<i) == 0 {
+			continue
+		}
+		if !first {
+			b = append(b, ',')
+		}
+		b = append(b, name...)
+		first = false
+	}
+	return b
+}
+
+func (a Actions) String() string { return string(a.AppendTo(nil)) }
 
 // Detach returns a copy of rec that owns its strings, for an observer that keeps the record
 // beyond the call (the request's strings may view the connection's pooled buffers, which the

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/listener"
+	"github.com/fulcrum-lb/fulcrum/listener/desync"
 )
 
 func sampleRecord() listener.RequestRecord {
@@ -15,7 +16,8 @@ func sampleRecord() listener.RequestRecord {
 		RequestDuration: 20 * time.Microsecond, TargetDuration: time.Millisecond, TargetStatus: 200, Client: netip.MustParseAddrPort("[::1]:54321"), Target: "127.0.0.1:9101", Group: "echo",
 		Status: 200, BytesIn: -1, BytesOut: 100, Method: "GET", URI: "/a?b=\"c\"&d=<e>", Proto: "HTTP/1.1", Host: "h",
 		UserAgent: "ua\x00\n\t\xff\u2028é", TLSVersion: 0x0304, Cipher: 0x1301, SNI: "localhost", RulePriority: -1,
-		RequestID: "id", Reason: "target_timeout"}
+		RequestID: "id", Reason: "target_timeout", Classification: desync.Ambiguous, ClassificationReason: desync.ReasonBothTeClPresent,
+		Actions: listener.ActionsRedirect, RedirectURL: "https://h/a?b=\"c\"&d=<e>"}
 }
 
 // checkSameAsJSON: the hand-written encoder gives the same document as encoding/json.

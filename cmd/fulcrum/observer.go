@@ -220,6 +220,11 @@ type accessEntry struct {
 	RulePriority          int     `json:"matched_rule_priority"`
 	TraceID               string  `json:"trace_id"`
 	ErrorReason           string  `json:"error_reason"`
+	// The desync tier and its reason; "" for a compliant (or HTTP/2) request, as ALB logs "-".
+	Classification       string `json:"classification"`
+	ClassificationReason string `json:"classification_reason"`
+	ActionsExecuted      string `json:"actions_executed"` // e.g. "forward"; "" when none ran (rejected)
+	RedirectURL          string `json:"redirect_url"`
 }
 
 // accessLogQueue is how many lines may wait for the writer; beyond it lines are dropped and
@@ -350,6 +355,11 @@ func newEntry(rec *listener.RequestRecord) accessEntry {
 		RulePriority:          rec.RulePriority,
 		TraceID:               rec.RequestID,
 		ErrorReason:           rec.Reason,
+		ActionsExecuted:       rec.Actions.String(),
+		RedirectURL:           rec.RedirectURL,
+	}
+	if rec.Classification != desync.Compliant {
+		e.Classification, e.ClassificationReason = rec.Classification.String(), rec.ClassificationReason.String()
 	}
 	if rec.TLSVersion != 0 {
 		e.SSLProtocol = tls.VersionName(rec.TLSVersion)
@@ -422,6 +432,18 @@ func appendEntry(b []byte, rec *listener.RequestRecord) []byte {
 	b = appendJSONString(b, rec.RequestID)
 	b = append(b, `,"error_reason":`...)
 	b = appendJSONString(b, rec.Reason)
+	b = append(b, `,"classification":"`...)
+	if rec.Classification != desync.Compliant {
+		b = append(b, rec.Classification.String()...)
+		b = append(b, `","classification_reason":"`...)
+		b = append(b, rec.ClassificationReason.String()...)
+	} else {
+		b = append(b, `","classification_reason":"`...)
+	}
+	b = append(b, `","actions_executed":"`...)
+	b = rec.Actions.AppendTo(b)
+	b = append(b, `","redirect_url":`...)
+	b = appendJSONString(b, rec.RedirectURL)
 	return append(b, '}', '\n')
 }
 
