@@ -54,7 +54,7 @@ demo: build
 	echo "  curl -s --cacert configs/state/authorities/demo-ca.pem https://localhost:8443/  # TLS from the built-in CA"; \
 	echo "  curl -s http://127.0.0.1:9900/admin/targets          # health (or open http://127.0.0.1:9900/ for the status page)"; \
 	echo "  hey -z 10s -c 50 http://127.0.0.1:8080/              # load"; \
-	echo "  kill -HUP \$$(pgrep -f 'bin/fulcrum -config')        # live reload"; \
+	echo "  curl -s -X POST http://127.0.0.1:9900/admin/reload  # live reload (as SIGHUP does)"; \
 	echo "Access log (JSON lines): tail -f configs/state/access.log"; echo; \
 	./bin/fulcrum -config configs/quickstart.toml
 
