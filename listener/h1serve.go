@@ -70,8 +70,24 @@ type h1Session struct {
 
 var sessionPool = sync.Pool{New: func() any { return new(h1Session) }}
 
-// serveH1 serves c until it closes, then closes it. It is the connection's goroutine.
-func (srv *httpServer) serveH1(c net.Conn) {
+// serveH1 serves c until it closes or parks, on the connection's goroutine. done is the door's:
+// it is called once c is closed, whether by this goroutine or by a parked connection's end.
+func (srv *httpServer) serveH1(c net.Conn, done func()) {
+	var client netip.AddrPort
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil { // the PROXY header's client
+		client = ap
+	}
+	srv.runH1(c, done, client, true, false)
+}
+
+// parkGrace is how long a connection waits for its next request on its own goroutine before
+// it parks (park package): long enough that a keep-alive client under load never parks, short
+// enough that idle connections soon stop holding a goroutine and a grown stack.
+const parkGrace = 50 * time.Millisecond
+
+// runH1 serves c until it closes (then closes it and calls done) or parks. first: no request
+// was read yet. woken: the connection comes back from parking, with bytes (or EOF) to read.
+func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, first, woken bool) {
 	s := sessionPool.Get().(*h1Session)
 	s.srv, s.c = srv, c
 	s.state.Store(sessActive)
@@ -79,26 +95,28 @@ func (srv *httpServer) serveH1(c net.Conn) {
 	if tc, ok := c.(*net.TCPConn); ok {
 		s.raw, _ = tc.SyscallConn()
 	}
+	s.client = client
 	s.rd.Reset(c)
 	s.wr.Reset(c)
 	if !srv.track(s) {
 		c.Close()
 		s.release()
+		done()
 		return
 	}
+	parked := false
 	defer func() {
 		srv.untrack(s)
-		c.Close()
+		if !parked {
+			c.Close()
+			done()
+		}
 		s.release()
 	}()
-	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil { // the PROXY header's client
-		s.client = ap
-	}
-	first := true
 	for {
 		st := srv.state.Load()
 		cfg := st.cfg
-		if len(s.rd.Buffered()) == 0 {
+		if len(s.rd.Buffered()) == 0 && !woken {
 			// Idle: give the buffers back and wait for the next request without one.
 			s.rd.Release()
 			s.wr.Release()
@@ -109,12 +127,43 @@ func (srv *httpServer) serveH1(c net.Conn) {
 			if !s.state.CompareAndSwap(sessActive, sessIdle) {
 				return
 			}
-			ok := s.waitReadable(wait)
+			var until time.Time
+			grace := wait
+			tryPark := wait <= 0 || wait > 2*parkGrace
+			if tryPark {
+				grace = parkGrace
+				if wait > 0 {
+					until = time.Now().Add(wait)
+				}
+			}
+			ok, timedOut := s.waitReadable(grace)
+			if timedOut && tryPark {
+				// Nothing came within the grace: park, unless Drain took the session.
+				if !s.state.CompareAndSwap(sessIdle, sessActive) {
+					return
+				}
+				if srv.park(s, done, first, until) {
+					parked = true
+					return
+				}
+				// Not parkable (or parking failed): wait out the rest here.
+				if !s.state.CompareAndSwap(sessActive, sessIdle) {
+					return
+				}
+				rest := time.Duration(0)
+				if !until.IsZero() {
+					if rest = time.Until(until); rest <= 0 {
+						return
+					}
+				}
+				ok, _ = s.waitReadable(rest)
+			}
 			if !s.state.CompareAndSwap(sessIdle, sessActive) || !ok {
 				return // Drain closed it, or the idle timeout passed, or the client left
 			}
 			st = srv.state.Load()
 		}
+		woken = false
 		if !s.serveOne(st, first) {
 			return
 		}
@@ -134,9 +183,10 @@ func (s *h1Session) release() {
 	sessionPool.Put(s)
 }
 
-// waitReadable waits up to d for bytes (or EOF) from the client. Over plain TCP it holds no
-// buffer while it waits; otherwise (TLS, PROXY wrappers) it reads into a pooled buffer.
-func (s *h1Session) waitReadable(d time.Duration) bool {
+// waitReadable waits up to d (0: no limit) for bytes (or EOF) from the client; timedOut when
+// d passed with nothing. Over plain TCP it holds no buffer while it waits; otherwise (TLS,
+// PROXY wrappers) it reads into a pooled buffer.
+func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 	if d > 0 {
 		s.c.SetReadDeadline(time.Now().Add(d))
 	} else {
@@ -152,9 +202,18 @@ func (s *h1Session) waitReadable(d time.Duration) bool {
 				return e != syscall.EAGAIN && e != syscall.EINTR
 			}
 		}
-		return s.raw.Read(s.peek) == nil
+		err := s.raw.Read(s.peek)
+		return err == nil, err != nil && isTimeout(err)
 	}
-	return s.rd.Fill(4<<10) == nil || len(s.rd.Buffered()) > 0
+	err := s.rd.Fill(4 << 10)
+	if len(s.rd.Buffered()) > 0 {
+		return true, false
+	}
+	if err != nil && isTimeout(err) {
+		s.rd.Release() // nothing read: the buffer goes back before the connection parks
+		return false, true
+	}
+	return err == nil, false
 }
 
 // readHead reads until a complete head is buffered and parses it. The head timeout runs from

@@ -8,11 +8,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/listener/door"
+	"github.com/fulcrum-lb/fulcrum/listener/park"
 )
 
 var discardLog = log.New(discardWriter{}, "", 0)
@@ -40,6 +42,11 @@ type httpServer struct {
 	sessMu   sync.Mutex
 	sessions map[*h1Session]struct{}
 	draining atomic.Bool // set under sessMu; read per request without it
+
+	// Idle HTTP/1 connections parked without a goroutine (h1serve.go), started on first use.
+	parkMu  sync.Mutex
+	parker  *park.Poller
+	parkErr bool // the poller could not start: connections wait on their goroutines
 
 	ctx    context.Context // canceled by Close: retired engines stop draining
 	cancel context.CancelFunc
@@ -96,8 +103,8 @@ func (s *httpServer) serveHTTP(w http.ResponseWriter, r *http.Request) {
 // ServeConn implements door.Server: on the connection's goroutine, HTTP/2 connections are
 // served by the h2 engine, HTTP/1 ones by the HTTP/1 engine.
 func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
-	defer done()
 	if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().NegotiatedProtocol == "h2" {
+		defer done()
 		if gen := s.h2.Load(); gen != nil {
 			serveH2(s.ctx, gen, c) // closes c
 		} else {
@@ -105,7 +112,7 @@ func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
 		}
 		return
 	}
-	s.serveH1(c)
+	s.serveH1(c, done)
 }
 
 // track registers a new HTTP/1 session; false once Drain began.
@@ -128,11 +135,11 @@ func (s *httpServer) untrack(h *h1Session) {
 	s.sessMu.Unlock()
 }
 
-// closeSessions closes the idle HTTP/1 sessions (all of them when force) and reports how many
-// are left. A busy session finishes its request and then closes (draining is set).
+// closeSessions closes the idle HTTP/1 sessions (all of them when force) and the parked
+// connections, and reports how many are left. A busy session finishes its request and then
+// closes (draining is set).
 func (s *httpServer) closeSessions(force bool) int {
 	s.sessMu.Lock()
-	defer s.sessMu.Unlock()
 	s.draining.Store(true)
 	for h := range s.sessions {
 		if h.state.CompareAndSwap(sessIdle, sessClosed) {
@@ -141,7 +148,101 @@ func (s *httpServer) closeSessions(force bool) int {
 			h.abort()
 		}
 	}
-	return len(s.sessions)
+	n := len(s.sessions)
+	s.sessMu.Unlock()
+	// Parked after draining was set, a connection unparks itself (park); parked before, it is
+	// here. One being woken right now is tracked again, or refused by track, shortly.
+	if p := s.poller(false); p != nil {
+		p.ExpireAll()
+		n += p.Len()
+	}
+	return n
+}
+
+// poller is the server's parking poller, started when start is set and none runs yet; nil
+// when parking is unavailable.
+func (s *httpServer) poller(start bool) *park.Poller {
+	s.parkMu.Lock()
+	defer s.parkMu.Unlock()
+	if s.parker == nil && start && !s.parkErr && s.ctx.Err() == nil {
+		p, err := park.New()
+		if err != nil {
+			s.parkErr = true
+			s.log.Warn("idle connections keep their goroutines: parking unavailable", "err", err)
+			return nil
+		}
+		s.parker = p
+	}
+	return s.parker
+}
+
+// parkedH1 is an idle HTTP/1 connection while parked: all it keeps of its session.
+type parkedH1 struct {
+	srv    *httpServer
+	c      net.Conn
+	done   func()
+	client netip.AddrPort
+	first  bool
+}
+
+var parkedPool = sync.Pool{New: func() any { return new(parkedH1) }}
+
+// Wake serves the connection again on the goroutine the poller started.
+func (p *parkedH1) Wake() {
+	srv, c, done, client, first := p.srv, p.c, p.done, p.client, p.first
+	*p = parkedH1{}
+	parkedPool.Put(p)
+	srv.runH1(c, done, client, first, true)
+}
+
+// Expire closes the connection: idle timeout, drain or shutdown.
+func (p *parkedH1) Expire() {
+	c, done := p.c, p.done
+	*p = parkedH1{}
+	parkedPool.Put(p)
+	c.Close()
+	done()
+}
+
+// park hands the idle session's connection to the poller until its next request or until
+// (zero: no deadline); false when it cannot park (the session keeps the connection). The
+// session must hold no buffered bytes: for TLS, the last Read timed out with nothing, so the
+// rest of any record tls.Conn holds must still arrive on the socket.
+func (srv *httpServer) park(s *h1Session, done func(), first bool, until time.Time) bool {
+	raw := s.raw
+	if s.tls != nil {
+		tc, ok := s.tls.NetConn().(*net.TCPConn)
+		if !ok {
+			return false // below TLS a PROXY wrapper may buffer bytes the socket no longer shows
+		}
+		raw, _ = tc.SyscallConn()
+	}
+	if raw == nil || srv.isDraining() {
+		return false
+	}
+	p := srv.poller(true)
+	if p == nil {
+		return false
+	}
+	pc := parkedPool.Get().(*parkedH1)
+	*pc = parkedH1{srv: srv, c: s.c, done: done, client: s.client, first: first}
+	// Untracked first: once parked, the connection may wake on another goroutine at once,
+	// and a forced close must not find it through this session any more.
+	srv.untrack(s)
+	t, err := p.Park(raw, until, pc)
+	if err != nil {
+		*pc = parkedH1{}
+		parkedPool.Put(pc)
+		if !srv.track(s) {
+			s.state.Store(sessClosed) // draining: the caller closes instead of waiting
+		}
+		return false
+	}
+	if srv.isDraining() && p.Unpark(t) {
+		// Drain began meanwhile and may have looked at the parked set before this one joined.
+		pc.Expire()
+	}
+	return true
 }
 
 func (s *httpServer) isDraining() bool { return s.draining.Load() }
@@ -177,6 +278,9 @@ func (s *httpServer) Drain(ctx context.Context) error {
 func (s *httpServer) Close() {
 	s.cancel()
 	s.closeSessions(true)
+	if p := s.poller(false); p != nil {
+		p.Stop() // expires what is parked; s.ctx is done, so no poller starts again
+	}
 	if g := s.h2.Load(); g != nil {
 		g.srv.Close()
 	}
