@@ -8,10 +8,16 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
+	"github.com/fulcrum-lb/fulcrum/listener/park"
 )
+
+// parkGrace is how long a direction waits for bytes on its own goroutine before it parks: a
+// stream in use never waits that long between bursts.
+const parkGrace = 50 * time.Millisecond
 
 // The relay moves bytes both ways until both directions saw EOF, one failed, or nothing moved
 // for the idle timeout.
@@ -33,6 +39,12 @@ import (
 //
 // An idle connection therefore closes between IdleTimeout and IdleTimeout+tick after its last
 // byte (tick = IdleTimeout/8, at most 30s).
+//
+// Parking: a direction whose source carried nothing for parkGrace (and whose source is a
+// socket, or TLS straight over one) gives its source to the Handler's parking poller and ends
+// its goroutine, returning any copy buffer first; bytes or EOF on the source start a fresh
+// goroutine that carries on. An idle relay then holds no goroutine at all. The watchdog still
+// ends an idle relay: abort takes parked directions back from the poller and finishes them.
 
 var errIdle = errors.New("l4: idle timeout")
 
@@ -49,15 +61,34 @@ type relay struct {
 	upstream   net.Conn
 	watchdog   atomic.Pointer[time.Timer]
 	epoch      time.Time
+
+	parker *park.Poller // nil: directions wait on their goroutines
+	mu     sync.Mutex   // guards the halves' parked/ticket against abort
+	halves [2]*half
 }
 
 func (r *relay) now() int64 { return int64(time.Since(r.epoch)) }
 
-// abort closes both ends so every blocked copy returns.
+// abort closes both ends so every blocked copy returns, and ends the parked directions.
 func (r *relay) abort() {
-	if r.aborted.CompareAndSwap(false, true) {
-		r.client.Close()
-		r.upstream.Close()
+	if !r.aborted.CompareAndSwap(false, true) {
+		return
+	}
+	var taken [2]*half
+	r.mu.Lock()
+	for i, h := range r.halves {
+		if h != nil && h.parked && r.parker.Unpark(h.ticket) {
+			h.parked = false
+			taken[i] = h
+		}
+	}
+	r.mu.Unlock()
+	r.client.Close()
+	r.upstream.Close()
+	for _, h := range taken {
+		if h != nil {
+			h.end(nil)
+		}
 	}
 }
 
@@ -86,27 +117,112 @@ type half struct {
 	viaWrapper bool
 	counter    *atomic.Uint64
 	moved      int64
+
+	err    error       // why the direction ended; read by finish
+	finish func()      // called once when the direction ends
+	bp     *[]byte     // the copy buffer (user-space copies), nil while splicing or parked
+	parked bool        // under r.mu
+	ticket park.Ticket // under r.mu, valid while parked
+	noPark bool        // parking failed once: wait on the goroutine from now on
+}
+
+// serve runs the direction on the calling goroutine until it ends or parks.
+func (h *half) serve() {
+	if ended, err := h.run(); ended {
+		h.end(err)
+	}
+}
+
+func (h *half) end(err error) {
+	if h.bp != nil {
+		bufPool.Put(h.bp)
+		h.bp = nil
+	}
+	h.err = err
+	h.finish()
+}
+
+// Wake implements park.Handler: the source has bytes or EOF.
+func (h *half) Wake() {
+	h.r.mu.Lock()
+	h.parked = false
+	h.r.mu.Unlock()
+	h.serve()
+}
+
+// Expire implements park.Handler: the poller stopped (the Handler closes).
+func (h *half) Expire() {
+	h.r.mu.Lock()
+	h.parked = false
+	h.r.mu.Unlock()
+	h.r.abort()
+	h.end(nil)
+}
+
+// parkable returns the socket a direction can park on: its source when that is a socket, or
+// TLS straight over one; nil otherwise (a PROXY wrapper may buffer what the socket no longer
+// shows).
+func parkable(c net.Conn) syscall.RawConn {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// park hands the source to the poller; false when it cannot (the direction waits on).
+func (h *half) park() bool {
+	r := h.r
+	raw := parkable(h.src)
+	if r.parker == nil || h.noPark || h.viaWrapper || raw == nil {
+		h.noPark = true
+		return false
+	}
+	if h.bp != nil {
+		bufPool.Put(h.bp) // a parked direction holds no buffer
+		h.bp = nil
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.aborted.Load() {
+		return false // the copy sees aborted and returns
+	}
+	t, err := r.parker.Park(raw, time.Time{}, h)
+	if err != nil {
+		h.noPark = true
+		return false
+	}
+	// Under r.mu: abort (which sets aborted before it locks) finds the ticket, and Wake waits
+	// for it to be recorded before it clears parked.
+	h.parked, h.ticket = true, t
+	return true
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// run copies src to dst until EOF (then half-closes dst), an error or idleness.
-func (h *half) run() (err error) {
+// run copies src to dst until EOF (then half-closes dst), an error or idleness (ended), or
+// until it parks (not ended: Wake carries on).
+func (h *half) run() (ended bool, err error) {
 	defer func() {
 		if err != nil {
 			h.r.abort()
 		}
 	}()
-	var bp *[]byte
-	defer func() {
-		if bp != nil {
-			bufPool.Put(bp)
-		}
-	}()
 	for {
-		deadline := time.Now().Add(h.r.tick)
+		wait := h.r.tick
+		if h.r.parker != nil && !h.noPark && parkGrace < wait {
+			wait = parkGrace
+		}
+		deadline := time.Now().Add(wait)
 		if err := h.src.SetReadDeadline(deadline); err != nil {
-			return err
+			return true, err
 		}
 		var n int64
 		var cerr error
@@ -120,26 +236,26 @@ func (h *half) run() (err error) {
 				h.progress(n)
 			}
 		} else {
-			if bp == nil {
-				bp = bufPool.Get().(*[]byte)
+			if h.bp == nil {
+				h.bp = bufPool.Get().(*[]byte)
 			}
-			n, eof, cerr = h.copyBuffered(*bp, deadline)
+			n, eof, cerr = h.copyBuffered(*h.bp, deadline, wait)
 			if h.viaWrapper && n > 0 {
 				h.viaWrapper = false
 				h.src = inbound.Socket(h.src) // nothing buffered any more: splice may follow
 				if _, ok := h.dst.(*net.TCPConn); ok {
-					bufPool.Put(bp) // splice from now on: an idle stream keeps no buffer
-					bp = nil
+					bufPool.Put(h.bp) // splice from now on: an idle stream keeps no buffer
+					h.bp = nil
 				}
 				continue
 			}
 		}
 		if eof {
 			closeWrite(h.dst)
-			return nil
+			return true, nil
 		}
 		if h.r.aborted.Load() {
-			return nil // the other direction or the watchdog ended the relay
+			return true, nil // the other direction or the watchdog ended the relay
 		}
 		if cerr == nil {
 			continue // a burst moved (spliceReady): wait for the next one
@@ -147,11 +263,14 @@ func (h *half) run() (err error) {
 		if errors.Is(cerr, os.ErrDeadlineExceeded) {
 			if time.Duration(h.r.now()-h.r.last.Load()) >= h.r.idle {
 				h.r.idleClosed.Store(true)
-				return errIdle
+				return true, errIdle
+			}
+			if n == 0 && h.park() {
+				return false, nil
 			}
 			continue
 		}
-		return cerr
+		return true, cerr
 	}
 }
 
@@ -165,7 +284,7 @@ func (h *half) progress(n int64) {
 // PROXY layer). It returns on EOF, error, or after the first read when viaWrapper is set. The
 // read deadline is refreshed at most once per half tick, and the shared counters are updated
 // at the same points, so the per-read cost stays a clock read.
-func (h *half) copyBuffered(buf []byte, deadline time.Time) (n int64, eof bool, err error) {
+func (h *half) copyBuffered(buf []byte, deadline time.Time, wait time.Duration) (n int64, eof bool, err error) {
 	if h.viaWrapper && len(buf) < inbound.ReadBufferSize {
 		panic("l4: copy buffer smaller than the PROXY header buffer")
 	}
@@ -175,7 +294,7 @@ func (h *half) copyBuffered(buf []byte, deadline time.Time) (n int64, eof bool, 
 			h.progress(pending)
 		}
 	}()
-	refresh := deadline.Add(-h.r.tick / 2)
+	refresh := deadline.Add(-wait / 2)
 	for {
 		nr, rerr := h.src.Read(buf)
 		if nr > 0 {
@@ -191,8 +310,8 @@ func (h *half) copyBuffered(buf []byte, deadline time.Time) (n int64, eof bool, 
 			if now := time.Now(); now.After(refresh) {
 				h.progress(pending)
 				pending = 0
-				deadline = now.Add(h.r.tick)
-				refresh = now.Add(h.r.tick / 2)
+				deadline = now.Add(wait)
+				refresh = now.Add(wait / 2)
 				if err := h.src.SetReadDeadline(deadline); err != nil {
 					return n, false, err
 				}
@@ -231,16 +350,14 @@ func closeWrite(c net.Conn) {
 // has grown its stack in the dial and the TLS handshake (8 KiB), and an idle relay would pin it
 // for as long as the connection lives. Fresh goroutines need half that, which is most of what
 // an idle connection costs.
-func startRelay(st *State, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
+func startRelay(st *State, parker *park.Poller, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
 	end func(up, down int64, idle bool, err error)) {
-	r := &relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, epoch: time.Now()}
+	r := &relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, epoch: time.Now(), parker: parker}
 	r.last.Store(r.now())
-	r.watchdog.Store(time.AfterFunc(r.idle+r.tick, r.watch))
 
 	uh := &half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
 	// Writes to the client go to the socket under the PROXY layer (the header is consumed).
 	dh := &half{r: r, src: upstream, dst: inbound.Socket(client), counter: out}
-	var upErr, downErr error
 	var running atomic.Int32 // the atomic decrement orders each direction's writes before end
 	running.Store(2)
 	finish := func() {
@@ -249,8 +366,11 @@ func startRelay(st *State, client, clientSrc, upstream net.Conn, viaWrapper bool
 		}
 		r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
 		r.watchdog.Load().Stop()
-		end(uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(upErr, downErr))
+		end(uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(uh.err, dh.err))
 	}
-	go func() { upErr = uh.run(); finish() }()
-	go func() { downErr = dh.run(); finish() }()
+	uh.finish, dh.finish = finish, finish
+	r.halves = [2]*half{uh, dh}
+	r.watchdog.Store(time.AfterFunc(r.idle+r.tick, r.watch))
+	go uh.serve()
+	go dh.serve()
 }

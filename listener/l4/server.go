@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/listener/door"
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
+	"github.com/fulcrum-lb/fulcrum/listener/park"
 )
 
 // Options are a Server's long-lived settings.
@@ -58,6 +60,28 @@ type Handler struct {
 	cancel context.CancelFunc
 
 	bytesIn, bytesOut, handshakeErrs, dialErrs, idleClosed atomic.Uint64
+
+	// Idle relay directions parked without a goroutine (relay.go), started on first use.
+	parkMu  sync.Mutex
+	parker  *park.Poller
+	parkErr bool // the poller could not start: directions wait on their goroutines
+}
+
+// poller is the engine's parking poller, started on first use; nil when parking is
+// unavailable or the engine is closed.
+func (h *Handler) poller() *park.Poller {
+	h.parkMu.Lock()
+	defer h.parkMu.Unlock()
+	if h.parker == nil && !h.parkErr && h.ctx.Err() == nil {
+		p, err := park.New()
+		if err != nil {
+			h.parkErr = true
+			h.log.Warn("idle relays keep their goroutines: parking unavailable", "err", err)
+			return nil
+		}
+		h.parker = p
+	}
+	return h.parker
 }
 
 // NewHandler returns an engine; it runs nothing until connections arrive.
@@ -86,8 +110,17 @@ func (h *Handler) Commit(*door.Generation) {}
 // for the streams themselves.
 func (h *Handler) Drain(context.Context) error { return nil }
 
-// Close aborts dials in progress.
-func (h *Handler) Close() { h.cancel() }
+// Close aborts dials in progress and ends the relays whose directions are all parked (a
+// shutdown that ran out of time cuts the others by closing their sockets).
+func (h *Handler) Close() {
+	h.cancel()
+	h.parkMu.Lock()
+	p := h.parker
+	h.parkMu.Unlock()
+	if p != nil {
+		p.Stop() // expires every parked direction, which aborts its relay
+	}
+}
 
 // Refused reports a connection the front door gave up on to the connection log.
 func (h *Handler) Refused(_ *door.Generation, stage string, err error, c net.Conn, start time.Time) {
@@ -203,7 +236,7 @@ func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
 		peekBuf = nil
 	}
 	relaying = true
-	startRelay(st, c, clientSrc, up, viaWrapper, &h.bytesIn, &h.bytesOut, func(in, out int64, idle bool, err error) {
+	startRelay(st, h.poller(), c, clientSrc, up, viaWrapper, &h.bytesIn, &h.bytesOut, func(in, out int64, idle bool, err error) {
 		info.BytesIn += in
 		info.BytesOut = out
 		info.Idle = idle
