@@ -27,6 +27,7 @@ import (
 type adminServer struct {
 	srv *http.Server
 	ln  net.Listener
+	raw net.Listener // the TCP socket under ln, handed over on a binary upgrade
 	wg  sync.WaitGroup
 }
 
@@ -34,16 +35,24 @@ type adminServer struct {
 // admin_allow_public is set; the bind checks again (the address actually bound, after "localhost"
 // or an empty host were resolved), because the admin API can reload the configuration and a
 // configuration that skipped Validate must not open it to the network by accident.
-func startAdmin(addr string, allowPublic bool, d *daemon) (*adminServer, error) {
+// inherited is the socket a previous process handed over on a binary upgrade, nil otherwise.
+func startAdmin(addr string, allowPublic bool, d *daemon, inherited net.Listener) (*adminServer, error) {
 	if !allowPublic {
 		if err := checkLoopback(addr); err != nil {
+			if inherited != nil {
+				inherited.Close()
+			}
 			return nil, err
 		}
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("admin endpoint: listen on %s: %w", addr, err)
+	ln := inherited
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", addr); err != nil {
+			return nil, fmt.Errorf("admin endpoint: listen on %s: %w", addr, err)
+		}
 	}
+	raw := ln
 	if !allowPublic {
 		if err := checkLoopback(ln.Addr().String()); err != nil {
 			ln.Close()
@@ -53,7 +62,7 @@ func startAdmin(addr string, allowPublic bool, d *daemon) (*adminServer, error) 
 	if d.tlsAdmin != nil {
 		ln = tls.NewListener(ln, d.tlsAdmin)
 	}
-	a := &adminServer{ln: ln, srv: &http.Server{
+	a := &adminServer{ln: ln, raw: raw, srv: &http.Server{
 		Handler:           d.guardAdmin(adminHandler(d)),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       30 * time.Second,

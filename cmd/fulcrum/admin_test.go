@@ -236,7 +236,7 @@ fixed_response = { status = 201, content_type = "text/plain", body = "new route"
 // admin_allow_public is set, whatever validation said.
 func TestAdminRefusesPublicBind(t *testing.T) {
 	for _, addr := range []string{"0.0.0.0:0", ":0", "[::]:0", "192.0.2.1:9900", "example.com:9900"} {
-		if a, err := startAdmin(addr, false, nil); err == nil {
+		if a, err := startAdmin(addr, false, nil, nil); err == nil {
 			a.Close()
 			t.Errorf("startAdmin(%q) bound a public address", addr)
 		} else if !strings.Contains(err.Error(), "loopback") {
@@ -266,7 +266,7 @@ address = %q
 default_action = { forward = "echo" }
 `, hostOf(b), web)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), text)
-	a, err := startAdmin("0.0.0.0:0", true, d.daemon)
+	a, err := startAdmin("0.0.0.0:0", true, d.daemon, nil)
 	if err != nil {
 		t.Fatalf("allowed public bind: %v", err)
 	}

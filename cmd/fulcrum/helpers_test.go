@@ -110,7 +110,7 @@ func startTestDaemon(t testing.TB, path, text string) *testDaemon {
 	if err != nil {
 		t.Fatalf("config: %v\n%s", err, text)
 	}
-	d, err := startDaemon(context.Background(), path, cfg, testLogger(t))
+	d, err := startDaemon(context.Background(), path, cfg, testLogger(t), nil)
 	if err != nil {
 		t.Fatalf("start: %v", err)
 	}

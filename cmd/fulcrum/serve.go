@@ -26,13 +26,18 @@ import (
 const runHelp = `Starts every listener of FILE and the admin endpoint, then serves until SIGTERM or SIGINT,
 which stop accepting and drain open connections for up to server.shutdown_timeout.
 SIGHUP reloads FILE (a bad file changes nothing and is logged); SIGUSR1 reopens the access log.
+SIGUSR2 upgrades the binary: the binary now on disk is started with the same arguments, takes
+over the listening sockets (no connection is refused) and, once it serves, this process stops
+accepting, drains for up to server.shutdown_timeout and exits. If the new process cannot start,
+this one keeps serving and logs why.
 `
 
 func cmdRun(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("run", "fulcrum [run] [-config] FILE", runHelp,
 		"fulcrum run /etc/fulcrum/fulcrum.toml",
 		"fulcrum -config configs/quickstart.toml",
-		"kill -HUP $(pidof fulcrum)    # reload the file; a bad file changes nothing")
+		"kill -HUP $(pidof fulcrum)    # reload the file; a bad file changes nothing",
+		"kill -USR2 <pid>              # binary upgrade (systemd: systemctl kill -s USR2 --kill-whom=main fulcrum)")
 	cf := addConfig(fs)
 	pos, code, ok := parse(fs, args, stdout, stderr, 1)
 	if !ok {
@@ -55,34 +60,87 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	// Started by a binary upgrade: take the predecessor's sockets before anything binds.
+	inh, err := receiveHandover()
+	if err != nil {
+		log.Error("start failed", "err", err)
+		return 1
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	d, err := startDaemon(ctx, path, cfg, log)
+	d, err := startDaemon(ctx, path, cfg, log, inh)
+	inh.closeRest() // the sockets of listeners this configuration no longer has
 	if err != nil {
-		sdNotify("STATUS=start failed: " + firstLine(err))
+		if inh != nil {
+			// The predecessor keeps serving; systemd was told nothing.
+			inh.fail(err)
+		} else {
+			sdNotify("STATUS=start failed: " + firstLine(err))
+		}
 		log.Error("start failed", "err", err)
 		return 1
 	}
 	d.notify = sdNotify
-	log.Info("fulcrum started", "version", versionString(), "config", path, "listeners", d.rt.Addrs())
+	if inh != nil {
+		log.Info("fulcrum started by a binary upgrade", "version", versionString(), "config", path, "listeners", d.rt.Addrs(), "predecessor", inh.parent)
+	} else {
+		log.Info("fulcrum started", "version", versionString(), "config", path, "listeners", d.rt.Addrs())
+	}
 	// startDaemon returns once every listener is bound and serving and the admin endpoint is up.
+	// After a binary upgrade MAINPID= makes this process systemd's main process (NotifyAccess=all)
+	// before the predecessor, told next, stops and exits.
 	sdNotify("READY=1", "STATUS="+d.status(), fmt.Sprintf("MAINPID=%d", os.Getpid()))
+	if inh != nil {
+		if err := inh.ready(); err != nil {
+			log.Warn("binary upgrade", "err", err)
+		}
+	}
 	wctx, wstop := context.WithCancel(context.Background())
 	defer wstop()
 	go notify.runWatchdog(wctx, func(err error) { log.Warn("systemd watchdog", "err", err) })
 
 	hup := make(chan os.Signal, 1)
 	usr1 := make(chan os.Signal, 1)
+	usr2 := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	signal.Notify(usr1, syscall.SIGUSR1)
+	signal.Notify(usr2, syscall.SIGUSR2)
 	defer signal.Stop(hup)
 	defer signal.Stop(usr1)
+	defer signal.Stop(usr2)
 	for {
 		select {
 		case <-hup:
 			d.reload("SIGHUP")
 		case <-usr1:
 			d.reopenLogs()
+		case <-usr2:
+			log.Info("binary upgrade: starting the binary on disk")
+			pid, err := d.upgrade()
+			if err != nil {
+				log.Error("binary upgrade failed; this process keeps serving", "err", err)
+				sdNotify("STATUS=binary upgrade failed, previous process serving: " + firstLine(err) + "; " + d.status())
+				continue
+			}
+			// The new process is systemd's main process now: this one sends nothing more
+			// (STOPPING=1 would read as the service stopping), and its watchdog stops.
+			wstop()
+			d.notify = nil
+			if d.admin != nil {
+				// First, so admin requests and scrapes go to the new process only.
+				d.admin.Close()
+				d.admin = nil
+			}
+			budget := d.rt.Config().Server.ShutdownTimeoutDuration()
+			log.Info("binary upgrade: the new process serves; draining this one", "new_pid", pid, "budget", budget)
+			sctx, cancel := context.WithTimeout(context.Background(), budget)
+			err = d.shutdown(sctx)
+			cancel()
+			if err != nil {
+				log.Warn("drain budget exhausted; closed what was left", "err", err)
+			}
+			log.Info("stopped after the binary upgrade", "new_pid", pid)
+			return 0
 		case <-ctx.Done():
 			budget := d.rt.Config().Server.ShutdownTimeoutDuration()
 			sdNotify("STOPPING=1", fmt.Sprintf("STATUS=draining for up to %s", budget))
@@ -158,7 +216,9 @@ type daemon struct {
 	lastReload atomic.Pointer[reloadResult] // for GET /admin/reload/last
 }
 
-func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slog.Logger) (*daemon, error) {
+// inh is what a predecessor handed over on a binary upgrade (nil otherwise): listeners and the
+// admin endpoint serve on its sockets where the addresses match.
+func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slog.Logger, inh *inheritance) (*daemon, error) {
 	obs, err := newObserver(cfg, log)
 	if err != nil {
 		return nil, err
@@ -173,7 +233,7 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 		regOpts = append(regOpts, backends.WithStickyKey(k))
 	}
 	reg := backends.NewRegistry(log, regOpts...)
-	opts := listener.Options{Log: log, Certs: cm, Registry: reg}
+	opts := listener.Options{Log: log, Certs: cm, Registry: reg, Inherited: inh.listeners(cfg)}
 	if cfg.Server.Admin != "" || cfg.Server.AccessLog != "" {
 		// Nobody can read metrics without the admin endpoint, so with neither it nor an access
 		// log the request path skips observation altogether (the "off" of fulcrum-bench).
@@ -197,7 +257,7 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 		return nil, err
 	}
 	if cfg.Server.Admin != "" {
-		if d.admin, err = startAdmin(cfg.Server.Admin, cfg.Server.AdminAllowPublic, d); err != nil {
+		if d.admin, err = startAdmin(cfg.Server.Admin, cfg.Server.AdminAllowPublic, d, inh.claim("admin", cfg.Server.Admin)); err != nil {
 			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			rt.Shutdown(sctx)
