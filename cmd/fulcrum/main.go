@@ -1,7 +1,8 @@
 // Command fulcrum is the Fulcrum load balancer: classic, application and network listeners from
 // one TOML file, with certificates whose keys stay in a keystore (PKCS#11 HSM or software).
 //
-//	fulcrum [run] [-config] FILE        start; SIGHUP reloads, SIGTERM/SIGINT drain then exit
+//	fulcrum [run] [-config] FILE        start; SIGHUP reloads, SIGUSR2 upgrades the binary,
+//	                                    SIGTERM/SIGINT drain then exit
 //	fulcrum validate [-config] FILE     exit 0 if it can start; else print every problem, exit 1
 //	fulcrum certs SUBCOMMAND ...        list, show, renew, import, export certificates and authorities
 //	fulcrum keys SUBCOMMAND ...         list keys, schedule or cancel deletion, import wrapped keys
@@ -32,7 +33,8 @@ func main() {
 const mainHelp = `Fulcrum: a TLS load balancer with ELB-style listeners configured in one TOML file.
 
 Usage:
-  fulcrum [run] [-config] FILE       start; SIGHUP reloads, SIGTERM/SIGINT drain then exit
+  fulcrum [run] [-config] FILE       start; SIGHUP reloads, SIGUSR2 starts the binary on disk
+                                     on the same sockets (upgrade), SIGTERM/SIGINT drain then exit
   fulcrum validate [-config] FILE    check that FILE would start; exit 1 and list every problem
   fulcrum certs SUBCOMMAND ...       certificates and authorities (fulcrum certs --help)
   fulcrum keys SUBCOMMAND ...        keystore keys through the admin endpoint (fulcrum keys --help)
