@@ -66,6 +66,12 @@ bench: build
 	@command -v wrk >/dev/null || command -v hey >/dev/null || { echo "make bench needs wrk or hey (apt-get install wrk)"; exit 1; }
 	$(GO) run ./cmd/fulcrum-bench -fulcrum bin/fulcrum -echo bin/fulcrum-echo $(BENCH_FLAGS)
 
+# The event-loop prototype behind the README's "Choosing the I/O model", kept to reproduce that
+# comparison: its own module (not a dependency of Fulcrum), built to bin/ioproto and tested.
+.PHONY: ioproto
+ioproto:
+	cd cmd/fulcrum-bench/ioproto && $(GO) build -o ../../../bin/ioproto . && $(GO) test -count=1 .
+
 # Native fuzzing beyond the seed corpus, 30 s per target: make fuzz
 fuzz:
 	@for pkg in $$($(GO) list ./...); do \
