@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: test deps vet build demo bench fuzz clean install
+.PHONY: test deps vet build demo bench bench-peers fuzz clean install
 
 # Every test: installs what the tests need when it is missing, then vet + race tests
 # (the fuzz seed corpora run as ordinary tests), then the memory bounds once more without the
@@ -13,7 +13,7 @@ test: deps vet
 	$(GO) test -count=1 -run 'Memory' ./listener/l4
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
-TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh chromium
+TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh chromium wrk nghttp2-client
 deps:
 	@missing=""; \
 	for p in $(TEST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -71,6 +71,23 @@ bench: build
 .PHONY: ioproto
 ioproto:
 	cd cmd/fulcrum-bench/ioproto && $(GO) build -o ../../../bin/ioproto . && $(GO) test -count=1 .
+
+# Fulcrum side by side with nginx and HAProxy (cmd/fulcrum-bench peers): each proxy pinned to
+# CPU 1 with one worker/thread (GOMAXPROCS=1), an nginx origin and the load generators on CPU 0;
+# h1, tls, h2, rate, idle, idle-tls; prints the README's tables. Installs the Debian packages
+# it needs when they are missing, as deps does. A subset or more repetitions:
+#   make bench-peers BENCH_PEERS_FLAGS='-only h1,tls -reps 3 -duration 10s'
+BENCH_PEERS_PACKAGES := nginx haproxy wrk nghttp2-client hey util-linux
+BENCH_PEERS_FLAGS ?=
+bench-peers: build
+	@missing=""; \
+	for p in $(BENCH_PEERS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(GO) run ./cmd/fulcrum-bench peers -fulcrum bin/fulcrum $(BENCH_PEERS_FLAGS)
 
 # Native fuzzing beyond the seed corpus, 30 s per target: make fuzz
 fuzz:

@@ -9,6 +9,11 @@
 //	fulcrum-bench -fulcrum bin/fulcrum -echo bin/fulcrum-echo [-duration 10s] [-conns 64]
 //	              [-loader auto|wrk|hey] [-observe on|off|both] [-reps 1] [-scenarios direct,http,https,tcp]
 //
+//	fulcrum-bench peers [-only h1,tls,h2,rate,idle,idle-tls] [-peers nginx,haproxy,fulcrum] [-reps 3] [-duration 10s]
+//
+// peers runs Fulcrum side by side with nginx and HAProxy, each pinned to the same core, and prints
+// requests per proxy CPU-second and KiB per idle connection as markdown (peers.go; make bench-peers).
+//
 // -observe both runs two Fulcrums on the same core at the same time, one with metrics and access
 // logs off and one with both on, each under its own copy of the load, and prints their ratio of
 // requests/s and of CPU per request, to check that observation costs less than 5 %.
@@ -25,6 +30,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -52,6 +58,20 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "peers" {
+		// Side by side with nginx and HAProxy (peers.go). Ctrl-C stops every process it started.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		err := runPeers(ctx, os.Args[2:], os.Stdout, os.Stderr)
+		stop()
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fulcrum-bench peers:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := run(os.Args[1:], os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "fulcrum-bench:", err)
 		os.Exit(1)
