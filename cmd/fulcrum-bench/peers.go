@@ -1020,12 +1020,30 @@ func writePeersReport(out io.Writer, o peersOptions, titles map[string]string, t
 			fmt.Fprintf(out, " %s |", row.format(med[p]))
 		}
 		if withRatio {
-			fmt.Fprintf(out, " %s |", vsBest(row.higher, med["fulcrum"], others, med))
+			// Paired: the ratio within each interleaved repetition, then the median of those,
+			// which cancels the slow drift of a shared machine better than a ratio of medians.
+			var ratios []float64
+			for i := range results[sc]["fulcrum"] {
+				rep := map[string]float64{}
+				for _, p := range o.peers {
+					if i < len(results[sc][p]) {
+						rep[p] = row.value(results[sc][p][i])
+					}
+				}
+				if v, ok := vsBest(row.higher, rep["fulcrum"], others, rep); ok {
+					ratios = append(ratios, v)
+				}
+			}
+			ratio := "—"
+			if len(ratios) > 0 {
+				ratio = fmt.Sprintf("%.2f", medianFloat(ratios))
+			}
+			fmt.Fprintf(out, " %s |", ratio)
 		}
 		fmt.Fprintln(out)
 	}
 	if withRatio {
-		fmt.Fprintln(out, "\nFulcrum vs best: Fulcrum's figure against the best of the other proxies, so that above 1.00 Fulcrum does better on every row (Fulcrum ÷ best where higher is better, best ÷ Fulcrum where lower is better).")
+		fmt.Fprintln(out, "\nFulcrum vs best: Fulcrum's figure against the best of the other proxies, so that above 1.00 Fulcrum does better on every row (Fulcrum ÷ best where higher is better, best ÷ Fulcrum where lower is better); taken within each repetition, then the median.")
 	}
 
 	var load, idle []string
@@ -1075,20 +1093,21 @@ func writePeersReport(out io.Writer, o peersOptions, titles map[string]string, t
 	fmt.Fprintf(out, "\n%s; %s per run after %s of warm-up. %s\n", pin, o.duration, o.warmup, tools)
 }
 
-// vsBest compares Fulcrum's figure with the best of the other proxies' (1.00 = as good).
-func vsBest(higher bool, ours float64, others []string, med map[string]float64) string {
+// vsBest compares Fulcrum's figure with the best of the other proxies' (1 = as good, above 1
+// better).
+func vsBest(higher bool, ours float64, others []string, figs map[string]float64) (float64, bool) {
 	best := -1.0
 	for _, p := range others {
-		if v := med[p]; v > 0 && (best < 0 || (higher && v > best) || (!higher && v < best)) {
+		if v := figs[p]; v > 0 && (best < 0 || (higher && v > best) || (!higher && v < best)) {
 			best = v
 		}
 	}
 	switch {
 	case best <= 0 || ours <= 0:
-		return "—"
+		return 0, false
 	case higher:
-		return fmt.Sprintf("%.2f", ours/best)
+		return ours / best, true
 	default:
-		return fmt.Sprintf("%.2f", best/ours)
+		return best / ours, true
 	}
 }

@@ -205,6 +205,22 @@ func TestPeersReport(t *testing.T) {
 	}
 	var out bytes.Buffer
 	writePeersReport(&out, o, peerTitle, "", res)
+	// Paired ratios: in the second repetition every proxy ran at half speed (a busy machine);
+	// within each repetition Fulcrum is 0.8 of nginx, whatever the medians of each column say.
+	o3 := o
+	o3.reps, o3.only = 3, []string{"h1"}
+	res3 := peerResults{"h1": {}}
+	for _, p := range peerOrder {
+		n := map[string]int64{"nginx": 250000, "haproxy": 200000, "fulcrum": 200000}[p]
+		for _, f := range []int64{1, 2, 1} {
+			res3["h1"][p] = append(res3["h1"][p], peerRun{requests: n / f, cpu: 10 * time.Second, wall: 10 * time.Second})
+		}
+	}
+	var out3 bytes.Buffer
+	writePeersReport(&out3, o3, peerTitle, "", res3)
+	if !strings.Contains(out3.String(), "| 0.80 |") {
+		t.Errorf("paired ratio: want 0.80:\n%s", out3.String())
+	}
 	for _, want := range []string{
 		"| scenario | nginx | HAProxy | Fulcrum | Fulcrum vs best |",
 		"| h1 keep-alive, 64 conns | 25.0k | 20.0k | 20.0k | 0.80 |",
