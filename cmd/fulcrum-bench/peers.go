@@ -425,11 +425,33 @@ func (b *bench) startOrigin(ctx context.Context) error {
 }
 
 // startPeer starts one proxy on the proxy core with fresh ports and waits until it forwards.
+// The ports are picked free and released before the proxy binds them, so another process may
+// take one in between: a proxy that exits at start is tried again (three times in all) on
+// fresh ports.
 func (b *bench) startPeer(ctx context.Context, name string, rep int, sc string) (*treeProc, string, string, error) {
 	dir := filepath.Join(b.dir, fmt.Sprintf("%s-%s-%d", sc, name, rep))
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return nil, "", "", err
 	}
+	var err error
+	for attempt := 1; attempt <= 3; attempt++ {
+		var p *treeProc
+		var httpAddr, httpsAddr string
+		p, httpAddr, httpsAddr, err = b.startPeerIn(ctx, name, dir)
+		if err == nil {
+			return p, httpAddr, httpsAddr, nil
+		}
+		if !errors.Is(err, errExitedAtStart) {
+			break
+		}
+		fmt.Fprintf(b.o.log, "%s exited at start (attempt %d), trying other ports\n", name, attempt)
+	}
+	return nil, "", "", err
+}
+
+var errExitedAtStart = errors.New("exited at start")
+
+func (b *bench) startPeerIn(ctx context.Context, name, dir string) (*treeProc, string, string, error) {
 	addrs, err := freeAddrs(2)
 	if err != nil {
 		return nil, "", "", err
@@ -463,7 +485,11 @@ func (b *bench) startPeer(ctx context.Context, name string, rep int, sc string) 
 	c := b.client()
 	for _, u := range []string{"http://" + addrs[0] + "/", "https://" + addrs[1] + "/"} {
 		if err := waitGet(ctx, c, u, p, 30*time.Second); err != nil {
+			exited := p.exited() != nil
 			p.stop()
+			if exited {
+				err = fmt.Errorf("%w: %v", errExitedAtStart, err)
+			}
 			return nil, "", "", fmt.Errorf("%s did not start: %w\n%s", name, err, p.logTail())
 		}
 	}
@@ -495,7 +521,8 @@ func (b *bench) runOne(ctx context.Context, sc, name string, rep int) (peerRun, 
 			u = "https://" + httpsAddr + "/"
 		}
 		load := func(d time.Duration, latency bool) []string {
-			a := []string{"wrk", "-t1", "-c" + strconv.Itoa(b.o.conns), "-d" + secs(d)}
+			// --timeout 10s: on a loaded machine wrk's 2 s default counts slow answers as errors.
+			a := []string{"wrk", "-t1", "-c" + strconv.Itoa(b.o.conns), "-d" + secs(d), "--timeout", "10s"}
 			if latency {
 				a = append(a, "--latency")
 			}
