@@ -64,7 +64,6 @@ type h1Session struct {
 	tmu    sync.Mutex // guards tconn (per session: contended only by a forced close)
 	tconn  net.Conn
 	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)              // the target connection in use, for abort
-	one    [1]byte               // the peeked byte of waitReadable
 	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
 }
 
@@ -193,13 +192,33 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 		s.c.SetReadDeadline(time.Time{})
 	}
 	if s.raw != nil {
-		// Peek one byte into the stack: data or EOF ends the wait, EAGAIN waits for the poller.
-		// Peeking (rather than trusting one readiness edge) also finds bytes that arrived
-		// before the wait began.
+		// Read (non-blocking) into a pooled buffer: bytes or EOF end the wait; on EAGAIN the
+		// buffer goes back to its pool before the goroutine waits for the poller, so a waiting
+		// connection holds none. Trying the read first (rather than trusting one readiness
+		// edge) finds bytes that arrived before the wait began, and a busy connection's next
+		// request costs one read, not a peek and a read.
 		if s.peek == nil {
 			s.peek = func(fd uintptr) bool {
-				_, _, e := syscall.Recvfrom(int(fd), s.one[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-				return e != syscall.EAGAIN && e != syscall.EINTR
+				p := s.rd.Space()
+				if len(p) == 0 {
+					return true // bytes are buffered already
+				}
+				for {
+					n, err := syscall.Read(int(fd), p)
+					switch err {
+					case syscall.EINTR:
+						continue
+					case syscall.EAGAIN:
+						s.rd.Release()
+						return false
+					case nil:
+					default:
+						n = 0
+						err = os.NewSyscallError("read", err)
+					}
+					s.rd.Advance(n, err)
+					return true
+				}
 			}
 		}
 		err := s.raw.Read(s.peek)

@@ -185,6 +185,34 @@ func (b *Reader) Fill(limit int) error {
 
 var errFull = errors.New("h1: buffer full")
 
+// Space returns the free room after the buffered bytes, taking a pooled buffer if none is held,
+// for a caller that reads the connection itself (a non-blocking read in a poller callback);
+// Advance then accounts for what it read. Empty when the buffer is full (use Fill).
+func (b *Reader) Space() []byte {
+	if b.bp == nil {
+		b.bp, b.r, b.w = getBuf(4<<10), 0, 0
+	}
+	if b.r == b.w && b.frozen == 0 {
+		b.r, b.w = 0, 0
+	}
+	return (*b.bp)[b.w:]
+}
+
+// Advance records n bytes read into Space (err: the read's error; n == 0 with no error is
+// EOF), as Fill would have.
+func (b *Reader) Advance(n int, err error) {
+	if n > 0 {
+		b.w += n
+		b.pace.bytes += int64(n)
+	}
+	switch {
+	case err != nil:
+		b.err = err
+	case n == 0:
+		b.err = io.EOF
+	}
+}
+
 // Err is the sticky read error, nil while the connection is readable.
 func (b *Reader) Err() error { return b.err }
 
