@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -40,16 +41,56 @@ type Authority struct {
 	Name     string
 	Cert     *x509.Certificate
 	CertPEM  []byte
-	signer   crypto.Signer
+	signer   crypto.Signer // nil when lost
 	keyName  string
 	validity time.Duration
+	// lost (wrapping ErrAuthorityKeyLost) says the stored authority's key is gone from the
+	// keystore: the authority still exists for what trusts it (its certificate, the leaves it
+	// issued keep serving) but issues nothing until the key is back.
+	lost error
 }
 
 // ErrAuthorityKeyLost: a stored, unexpired authority whose key is missing from the keystore.
 var ErrAuthorityKeyLost = errors.New("authority key lost")
 
+// KeyName is the name of the authority's key in the keystore.
+func (a *Authority) KeyName() string { return a.keyName }
+
+// KeyLost is nil for a usable authority; otherwise why it cannot issue (ErrAuthorityKeyLost).
+func (a *Authority) KeyLost() error { return a.lost }
+
+// keyIntact says whether a's key is still in ks and is the key of a's certificate.
+func (a *Authority) keyIntact(ctx context.Context, ks keystore.Keystore) bool {
+	_, err := authorityKey(ctx, ks, a.keyName, a.Cert)
+	return err == nil
+}
+
+// authorityKey finds the key of the authority certificate c. A keystore that lists its keys
+// (keystore.Managed) is asked first whether the key is there now: it may hold a signer found
+// earlier for a key object that another program has deleted from the token since.
+func authorityKey(ctx context.Context, ks keystore.Keystore, keyName string, c *x509.Certificate) (crypto.Signer, error) {
+	if l, ok := ks.(interface {
+		List(context.Context) ([]keystore.KeyInfo, error)
+	}); ok {
+		// A listing that fails (the token unreachable) says nothing: Signer decides then.
+		if keys, err := l.List(ctx); err == nil && !slices.ContainsFunc(keys, func(k keystore.KeyInfo) bool { return k.Name == keyName }) {
+			return nil, fmt.Errorf("keystore: %s: %w", keyName, keystore.ErrNotFound)
+		}
+	}
+	s, err := ks.Signer(ctx, keyName)
+	if err != nil {
+		return nil, err
+	}
+	if !publicKeysEqual(s.Public(), c.PublicKey) {
+		return nil, errors.New("not the key of the certificate")
+	}
+	return s, nil
+}
+
 // loadOrCreateAuthority reuses the stored CA certificate when its key is still in the keystore,
-// otherwise generates a key in the keystore and self-signs a new CA certificate.
+// otherwise generates a key in the keystore and self-signs a new CA certificate. A stored,
+// unexpired certificate whose key is gone is returned as a lost authority (KeyLost), never
+// replaced.
 func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stateIO, prefix string, a configs.Authority) (*Authority, bool, error) {
 	validity := a.ValidityDuration()
 	if validity <= 0 {
@@ -59,19 +100,18 @@ func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stat
 	path := "authorities/" + a.Name + ".pem"
 	if b, err := state.readState(ctx, path); err == nil {
 		if c, err := parseCertPEM(b); err == nil && time.Now().Before(c.NotAfter) && c.Subject.CommonName == commonName(a) {
-			s, err := ks.Signer(ctx, keyName)
-			if err == nil && publicKeysEqual(s.Public(), c.PublicKey) {
+			s, err := authorityKey(ctx, ks, keyName, c)
+			if err == nil {
 				return &Authority{Name: a.Name, Cert: c, CertPEM: b, signer: s, keyName: keyName, validity: validity}, false, nil
 			}
 			// The authority exists and clients trust it, but its key is gone (or another key has
 			// its name). A new authority would silently break every client that trusts this one:
-			// refuse, and say how to choose deliberately.
-			why := "not the key of the certificate"
-			if err != nil {
-				why = err.Error()
-			}
-			return nil, false, fmt.Errorf("%w: authority %s: its certificate (serial %x, valid until %s) is in %s but its key %s in %s is unusable (%s); refusing to create a new authority that clients trusting this one would reject: restore the key or token, or remove %s to start a new authority deliberately",
+			// keep this one without its key (what it issued keeps serving, it issues nothing),
+			// and say how to choose deliberately.
+			why := err.Error()
+			lost := fmt.Errorf("%w: authority %s: its certificate (serial %x, valid until %s) is in %s but its key %s in %s is unusable (%s); it issues and renews nothing, and no new authority is created that clients trusting this one would reject: restore the key or token and reload, or remove %s and reload to start a new authority deliberately",
 				ErrAuthorityKeyLost, a.Name, c.SerialNumber, c.NotAfter.UTC().Format(time.RFC3339), path, keyName, ks.Describe(), why, path)
+			return &Authority{Name: a.Name, Cert: c, CertPEM: b, keyName: keyName, validity: validity, lost: lost}, false, nil
 		}
 	}
 	s, err := ks.Generate(ctx, keyName, keystore.KeyType(a.KeyType))
@@ -141,6 +181,9 @@ func (a *Authority) SignCSR(csr *x509.CertificateRequest, lifetime time.Duration
 func (a *Authority) Sign(pub crypto.PublicKey, domains []string, lifetime time.Duration, usage Usage) ([]byte, error) {
 	if len(domains) == 0 {
 		return nil, fmt.Errorf("authority %s: no domains", a.Name)
+	}
+	if a.lost != nil {
+		return nil, a.lost
 	}
 	if lifetime <= 0 {
 		lifetime = DefaultLifetime

@@ -290,7 +290,10 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 	var errs []error
 	for _, a := range cfg.Authorities {
 		if old != nil {
-			if oa := old.auths[a.Name]; oa != nil && oa.Cert.Subject.CommonName == commonName(a) {
+			// Reused as long as its key is as it was: still there for a usable authority (a key
+			// deleted from the token since shows here, at the reload), still missing for a lost
+			// one (a restored key makes it usable again).
+			if oa := old.auths[a.Name]; oa != nil && oa.Cert.Subject.CommonName == commonName(a) && oa.keyIntact(ctx, m.ks) == (oa.lost == nil) {
 				s.auths[a.Name] = oa
 				continue
 			}
@@ -300,8 +303,11 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 			errs = append(errs, err)
 			continue
 		}
-		if created {
+		switch {
+		case created:
 			m.log.Info("created authority", "authority", a.Name, "key", m.ks.Describe(), "not_after", auth.Cert.NotAfter)
+		case auth.lost != nil:
+			m.log.Error("authority key lost: its certificates keep serving, it issues and renews nothing", "authority", a.Name, "err", auth.lost)
 		}
 		s.auths[a.Name] = auth
 	}

@@ -134,6 +134,9 @@ func adminHandler(d *daemon) *http.ServeMux {
 	mux.HandleFunc("GET /admin/certificates", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, certificatesView(d.rt.Certs().List(), time.Now()))
 	})
+	mux.HandleFunc("GET /admin/authorities", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, authoritiesView(d.rt.Config(), d.rt.Certs()))
+	})
 	mux.HandleFunc("POST /admin/certificates/{name}/renew", func(w http.ResponseWriter, r *http.Request) {
 		if err := d.rt.Certs().Renew(r.PathValue("name")); err != nil {
 			writeJSON(w, http.StatusConflict, map[string]any{"ok": false, "error": err.Error()})

@@ -285,6 +285,11 @@ type authorityView struct {
 	SHA256Fingerprint string    `json:"sha256_fingerprint"`
 	CertificateFile   string    `json:"certificate_file"`
 	KeyLocation       string    `json:"key_location"`
+	KeyName           string    `json:"key_name"`
+	// State is "ok", or "key_lost" when the key left the keystore: what the authority issued
+	// keeps serving, it issues and renews nothing (Error says why and what to do).
+	State string `json:"state"`
+	Error string `json:"error,omitempty"`
 }
 
 func authoritiesView(cfg *configs.Config, m *certs.Manager) []authorityView {
@@ -295,12 +300,18 @@ func authoritiesView(cfg *configs.Config, m *certs.Manager) []authorityView {
 			continue
 		}
 		sum := sha256.Sum256(a.Cert.Raw)
+		state, why := "ok", ""
+		if err := a.KeyLost(); err != nil {
+			state, why = "key_lost", err.Error()
+		}
 		out = append(out, authorityView{
+			State: state, Error: why,
 			Name: a.Name, Subject: a.Cert.Subject.String(), Serial: fmt.Sprintf("%x", a.Cert.SerialNumber),
 			NotBefore: a.Cert.NotBefore.UTC(), NotAfter: a.Cert.NotAfter.UTC(),
 			SHA256Fingerprint: hex.EncodeToString(sum[:]),
 			CertificateFile:   filepath.Join(cfg.StateDirPath(), "authorities", a.Name+".pem"),
 			KeyLocation:       m.Keystore().Describe(),
+			KeyName:           a.KeyName(),
 		})
 	}
 	return out

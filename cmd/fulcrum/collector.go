@@ -17,6 +17,7 @@ type runtimeCollector struct {
 	active, accepted, rejected, bytesIn, bytesOut *prometheus.Desc
 	handshakes, l4Errors                          *prometheus.Desc
 	certExpiry, certExpiring, certRenewFailures   *prometheus.Desc
+	authorityKeyLost                              *prometheus.Desc
 	signs, signErrors, signSeconds, rebuilds      *prometheus.Desc
 	dekHits, dekMisses                            *prometheus.Desc
 }
@@ -40,6 +41,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 		certExpiry:        d("fulcrum_certificate_expiry_seconds", "Seconds until the certificate's not-after.", "certificate"),
 		certExpiring:      d("fulcrum_certificate_expiry_warning", "1 when the certificate is within 45 days of its not-after and nothing is about to renew it (imported, or renewals failing).", "certificate"),
 		certRenewFailures: d("fulcrum_certificate_renewal_failures", "Consecutive failed renewals of the certificate.", "certificate"),
+		authorityKeyLost:  d("fulcrum_authority_key_lost", "1 when the authority's key is gone from the keystore: its certificates keep serving, it issues and renews nothing.", "authority"),
 		signs:             d("fulcrum_keystore_signs_total", "Signatures made with keystore keys (TLS handshakes, issuance).", "keystore"),
 		signErrors:        d("fulcrum_keystore_sign_errors_total", "Failed keystore signatures (HSM outage, lost session).", "keystore"),
 		signSeconds:       d("fulcrum_keystore_sign_seconds_total", "Time spent signing in the keystore.", "keystore"),
@@ -51,7 +53,7 @@ func newRuntimeCollector(rt *listener.Runtime) *runtimeCollector {
 
 func (c *runtimeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.targetHealthy, c.targetInFlight, c.targetFailures, c.active, c.accepted, c.rejected,
-		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certExpiring, c.certRenewFailures,
+		c.bytesIn, c.bytesOut, c.handshakes, c.l4Errors, c.certExpiry, c.certExpiring, c.certRenewFailures, c.authorityKeyLost,
 		c.signs, c.signErrors, c.signSeconds, c.rebuilds, c.dekHits, c.dekMisses} {
 		ch <- d
 	}
@@ -107,6 +109,11 @@ func (c *runtimeCollector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.certExpiring, b2f(ci.Expiring), ci.Name)
 		}
 		gauge(c.certRenewFailures, float64(ci.RenewFailures), ci.Name)
+	}
+	for _, ac := range c.rt.Config().Authorities {
+		if a := c.rt.Certs().Authority(ac.Name); a != nil {
+			gauge(c.authorityKeyLost, b2f(a.KeyLost() != nil), ac.Name)
+		}
 	}
 	ks := c.rt.Certs().Keystore()
 	st, name := ks.Stats(), ks.Describe()

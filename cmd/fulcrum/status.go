@@ -51,6 +51,7 @@ type statusResponse struct {
 	Listeners    []listenerStatus  `json:"listeners"`
 	Groups       []groupView       `json:"target_groups"`
 	Certificates []certificateView `json:"certificates"`
+	Authorities  []authorityView   `json:"authorities"`
 }
 
 func statusView(d *daemon) statusResponse {
@@ -102,6 +103,7 @@ func statusView(d *daemon) statusResponse {
 	}
 	out.Groups = targetsView(cfg, d.rt.Registry().Targets()).Groups
 	out.Certificates = certificatesView(d.rt.Certs().List(), time.Now())
+	out.Authorities = authoritiesView(cfg, d.rt.Certs())
 	return out
 }
 
