@@ -42,6 +42,9 @@ type tokenEntry struct {
 	role   string
 }
 
+// minTokenBytes is the shortest admin token secret accepted (after trimming white space).
+const minTokenBytes = 16
+
 func newAdminAuth(cfg *configs.Config) (*adminAuth, error) {
 	sv := cfg.Server
 	a := &adminAuth{none: sv.AdminAuth == "none", clients: map[string]string{}}
@@ -50,8 +53,8 @@ func newAdminAuth(cfg *configs.Config) (*adminAuth, error) {
 		if err != nil {
 			return nil, fmt.Errorf("admin token %s: %w", t.Name, err)
 		}
-		if len(v) < 16 {
-			return nil, fmt.Errorf("admin token %s: the secret is %d bytes, want at least 16 (e.g. openssl rand -hex 32)", t.Name, len(v))
+		if len(v) < minTokenBytes {
+			return nil, fmt.Errorf("admin token %s: the secret is %d bytes, want at least %d (e.g. openssl rand -hex 32)", t.Name, len(v), minTokenBytes)
 		}
 		a.tokens = append(a.tokens, tokenEntry{digest: sha256.Sum256([]byte(v)), name: t.Name, role: t.Role})
 	}
@@ -122,14 +125,22 @@ func (a *adminAuth) tlsConfig(tc *tls.Config) *tls.Config {
 	return tc
 }
 
-// adminFiles: token secrets and the client authority must be readable at start (preflight).
+// adminFiles: token secrets and the client authority must be readable at start, a token file
+// long enough, and the audit log writable (preflight).
 func (pf *preflighter) adminFiles() {
 	sv := pf.cfg.Server
 	for i, t := range sv.AdminTokens {
 		path := fmt.Sprintf("server.admin_tokens[%d]", i)
-		pf.secret(path, t.Name, path+".secret", t.Secret)
+		kind, file, _ := strings.Cut(t.Secret, ":")
+		if kind != "file" || !pf.readable(path, t.Name, path+".secret", file) {
+			continue // env: secrets are read at start, in the service's environment
+		}
+		if v, err := keystore.ReadSecret(t.Secret, pf.cfg.Resolve); err == nil && len(v) < minTokenBytes {
+			pf.add(path, t.Name, path+".secret", file, "secret %s holds %d bytes, want at least %d (e.g. openssl rand -hex 32 > %s)", file, len(v), minTokenBytes, file)
+		}
 	}
 	if sv.AdminClientCA != "" {
 		pf.caFile("server", "", "server.admin_client_ca", sv.AdminClientCA)
 	}
+	pf.writable("server", "", "server.audit_log", sv.AuditLog)
 }

@@ -298,19 +298,67 @@ state_dir = %q
 	}
 }
 
-// validate finds a token file or client authority the start would miss.
+// validate finds what the admin endpoint's start would fail on: a token file that is missing,
+// a directory or too short, a client authority that is missing or holds no certificate, and an
+// audit or access log that cannot be created. Each is one positioned line; the start fails on
+// the same file.
 func TestValidateAdminFiles(t *testing.T) {
 	dir := t.TempDir()
-	text := strings.Replace(minimalConfig(dir, "127.0.0.1:18095", "127.0.0.1:18096"), "admin_auth = \"none\"\n", "", 1) + `
-[[server.admin_tokens]]
-name = "deploy"
-secret = "file:missing.token"
-role = "operator"
+	os.WriteFile(filepath.Join(dir, "short.token"), []byte("abc\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "junk-ca.pem"), []byte("not a certificate\n"), 0o600)
+	os.Mkdir(filepath.Join(dir, "dir.token"), 0o700)
+	os.WriteFile(filepath.Join(dir, "plain"), []byte("a file, not a directory"), 0o600)
+	for _, tc := range []struct{ name, add, want string }{
+		{"missing token", "[[server.admin_tokens]]\nname = \"deploy\"\nsecret = \"file:missing.token\"\nrole = \"operator\"\n",
+			"server.admin_tokens[0] (\"deploy\"): secret missing.token does not exist"},
+		{"token is a directory", "[[server.admin_tokens]]\nname = \"deploy\"\nsecret = \"file:dir.token\"\nrole = \"operator\"\n",
+			"secret dir.token cannot be read: is a directory"},
+		{"short token", "[[server.admin_tokens]]\nname = \"deploy\"\nsecret = \"file:short.token\"\nrole = \"operator\"\n",
+			"secret short.token holds 3 bytes, want at least 16"},
+		{"audit log under a file", "", "audit_log plain/audit.log cannot be created"},
+		{"access log under a file", "", "access_log plain/logs/access.log cannot be created"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			text := strings.Replace(minimalConfig(dir, "127.0.0.1:18095", "127.0.0.1:18096"), "admin_auth = \"none\"\n", "", 1) + "\n" + tc.add
+			switch tc.name {
+			case "audit log under a file":
+				text = strings.Replace(text, "[server]\n", "[server]\naudit_log = \"plain/audit.log\"\n", 1)
+			case "access log under a file":
+				text = strings.Replace(text, "access_log = \"\"", "access_log = \"plain/logs/access.log\"", 1)
+			}
+			path := filepath.Join(dir, "f.toml")
+			writeConfig(t, path, text)
+			code, _, errs := cliRun("validate", path)
+			if code != 1 || !strings.Contains(errs, tc.want) {
+				t.Fatalf("validate: exit %d: %s, want %q", code, errs, tc.want)
+			}
+			if !strings.Contains(errs, "f.toml:") {
+				t.Fatalf("validate: no file position: %s", errs)
+			}
+		})
+	}
+	// A client authority that is missing, or holds no certificate (it needs the admin endpoint
+	// over HTTPS).
+	for _, ca := range []string{"missing-ca.pem", "junk-ca.pem"} {
+		text := strings.Replace(minimalConfig(dir, "127.0.0.1:18095", "127.0.0.1:18096"), "admin_auth = \"none\"\n",
+			fmt.Sprintf("admin_client_ca = %q\nadmin_tls_certificate = \"admin\"\n", ca), 1) + `
+[[server.admin_clients]]
+common_name = "alice"
+role = "key_admin"
+
+[[authorities]]
+name = "internal"
+
+[[certificates]]
+name = "admin"
+domains = ["localhost"]
+authority = "internal"
 `
-	path := filepath.Join(dir, "f.toml")
-	writeConfig(t, path, text)
-	code, _, errs := cliRun("validate", path)
-	if code != 1 || !strings.Contains(errs, "server.admin_tokens[0]") || !strings.Contains(errs, "missing.token") {
-		t.Fatalf("exit %d: %s", code, errs)
+		path := filepath.Join(dir, "ca.toml")
+		writeConfig(t, path, text)
+		code, _, errs := cliRun("validate", path)
+		if code != 1 || !strings.Contains(errs, "admin_client_ca "+ca) {
+			t.Fatalf("admin_client_ca %s: exit %d: %s", ca, code, errs)
+		}
 	}
 }

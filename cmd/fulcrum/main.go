@@ -252,7 +252,8 @@ func (c *configArg) resolve(fs *flag.FlagSet, pos []string, stderr io.Writer) (s
 
 const validateHelp = `Loads FILE and checks everything that would stop "fulcrum run FILE" from starting: the schema,
 every value, address conflicts between listeners and the admin endpoint, files that are missing
-or unreadable, and certificate files that do not match their keys. Prints every problem, one line
+or unreadable (certificates, CA files, admin token files and their length), access and audit
+logs that cannot be created, and certificate files that do not match their keys. Prints every problem, one line
 each with file, line and field, and exits 1; prints a one-line summary and exits 0 when valid.
 It does not open the keystore or bind sockets, so it is safe next to a running fulcrum.
 `

@@ -8,8 +8,11 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
@@ -131,6 +134,11 @@ func (pf *preflighter) files() {
 			pf.caFile(path, g.Name, path+".tls.ca_file", g.TLS.CAFile)
 		}
 	}
+	switch dest := cfg.Server.AccessLog; dest {
+	case "", "stdout", "stderr":
+	default:
+		pf.writable("server", "", "server.access_log", dest)
+	}
 	ks := cfg.Keystore
 	if kind, file, _ := strings.Cut(ks.MasterKey, ":"); kind == "file" {
 		// Created on first start when absent; an existing one must be readable.
@@ -165,6 +173,38 @@ func (pf *preflighter) readable(path, name, field, file string) bool {
 		return false
 	}
 	return true
+}
+
+// writable reports when the file start-up appends to (created with its directories when
+// missing) cannot be: a directory where the file or one of its parents should be, or no write
+// permission. It creates nothing.
+func (pf *preflighter) writable(path, name, field, file string) {
+	p := pf.cfg.Resolve(file)
+	key := field[strings.LastIndexByte(field, '.')+1:]
+	if st, err := os.Stat(p); err == nil {
+		if st.IsDir() {
+			pf.add(path, name, field, file, "%s %s is a directory", key, file)
+		} else if err := unix.Access(p, unix.W_OK); err != nil {
+			pf.add(path, name, field, file, "%s %s cannot be written: %v", key, file, err)
+		}
+		return
+	}
+	// The nearest existing parent must be a directory this process may create entries in.
+	for dir := filepath.Dir(p); ; dir = filepath.Dir(dir) {
+		st, err := os.Stat(dir)
+		if err != nil {
+			if next := filepath.Dir(dir); next != dir {
+				continue
+			}
+			return
+		}
+		if !st.IsDir() {
+			pf.add(path, name, field, file, "%s %s cannot be created: %s is not a directory", key, file, dir)
+		} else if err := unix.Access(dir, unix.W_OK|unix.X_OK); err != nil {
+			pf.add(path, name, field, file, "%s %s cannot be created in %s: %v", key, file, dir, err)
+		}
+		return
+	}
 }
 
 // caFile checks a file of trusted roots: readable and holding at least one certificate.
