@@ -79,6 +79,7 @@ type Proxy struct {
 	httpsPort int
 
 	idle    []*upstream // pooled upstream connections
+	req     h1.Request  // the head being parsed: only used within one callback, so one per loop
 	wbuf    []byte      // what one callback sends (head + first body bytes in one write)
 	plain   []byte      // decrypted bytes of one TLS read
 	freeBuf [][]byte    // carry-over buffers of idle connections go back here
@@ -235,7 +236,6 @@ type client struct {
 	tls *tls.Conn // nil on plain HTTP
 
 	buf  []byte // received bytes not consumed yet (nil while idle with nothing buffered)
-	req  h1.Request
 	out  h1.Outgoing
 	body framer // the request body being forwarded (inBody)
 	up   *upstream
@@ -331,7 +331,7 @@ func (cl *client) consume(in []byte) int {
 		if cl.up != nil {
 			return off // pipelined: parse after the response
 		}
-		r := &cl.req
+		r := &p.req
 		switch err := r.Parse(in[off:], p.cfg.MaxHead); {
 		case errors.Is(err, h1.ErrIncomplete):
 			return off
