@@ -10,7 +10,7 @@ GO ?= go
 # race detector, which inflates goroutine stacks.
 test: deps vet
 	$(GO) test -race -count=1 -timeout 20m ./...
-	$(GO) test -count=1 -run 'Memory' ./listener/l4
+	$(GO) test -count=1 -run 'Memory' ./listener/l4 ./listener/conformance
 
 # Tools the tests talk to as real peers. CI runs as root on a clean machine.
 TEST_PACKAGES := softhsm2 opensc curl openssl haproxy nginx hey etcd-server etcd-client systemd prometheus slowhttptest testssl.sh chromium wrk nghttp2-client

@@ -60,14 +60,26 @@ type relay struct {
 	client     net.Conn
 	upstream   net.Conn
 	watchdog   atomic.Pointer[time.Timer]
-	epoch      time.Time
 
 	parker *park.Poller // nil: directions wait on their goroutines
 	mu     sync.Mutex   // guards the halves' parked/ticket against abort
-	halves [2]*half
+	halves [2]half      // client->upstream, upstream->client
+	// running counts the directions still going; the atomic decrement orders each
+	// direction's writes before end.
+	running atomic.Int32
+	end     relayEnd
 }
 
-func (r *relay) now() int64 { return int64(time.Since(r.epoch)) }
+// relayEnd is told once, by the direction that ends last, what moved (up is
+// client->upstream).
+type relayEnd interface {
+	relayEnded(up, down int64, idle bool, err error)
+}
+
+// relayEpoch is the origin of relay.last: one for the process, so relays do not store their own.
+var relayEpoch = time.Now()
+
+func (r *relay) now() int64 { return int64(time.Since(relayEpoch)) }
 
 // abort closes both ends so every blocked copy returns, and ends the parked directions.
 func (r *relay) abort() {
@@ -76,8 +88,8 @@ func (r *relay) abort() {
 	}
 	var taken [2]*half
 	r.mu.Lock()
-	for i, h := range r.halves {
-		if h != nil && h.parked && r.parker.Unpark(h.ticket) {
+	for i := range r.halves {
+		if h := &r.halves[i]; h.parked && r.parker.Unpark(h.ticket) {
 			h.parked = false
 			taken[i] = h
 		}
@@ -118,12 +130,12 @@ type half struct {
 	counter    *atomic.Uint64
 	moved      int64
 
-	err    error       // why the direction ended; read by finish
-	finish func()      // called once when the direction ends
-	bp     *[]byte     // the copy buffer (user-space copies), nil while splicing or parked
-	parked bool        // under r.mu
-	ticket park.Ticket // under r.mu, valid while parked
-	noPark bool        // parking failed once: wait on the goroutine from now on
+	err    error           // why the direction ended; read by the relay's finish
+	bp     *[]byte         // the copy buffer (user-space copies), nil while splicing or parked
+	parked bool            // under r.mu
+	ticket park.Ticket     // under r.mu, valid while parked
+	noPark bool            // parking failed once: wait on the goroutine from now on
+	raw    syscall.RawConn // src's socket, for parking (src no longer changes once it parks)
 }
 
 // serve runs the direction on the calling goroutine until it ends or parks.
@@ -139,7 +151,18 @@ func (h *half) end(err error) {
 		h.bp = nil
 	}
 	h.err = err
-	h.finish()
+	h.r.finish()
+}
+
+// finish is called once by each direction as it ends; the last one ends the relay.
+func (r *relay) finish() {
+	if r.running.Add(-1) != 0 {
+		return
+	}
+	r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
+	r.watchdog.Load().Stop()
+	up, down := &r.halves[0], &r.halves[1]
+	r.end.relayEnded(up.moved, down.moved, r.idleClosed.Load(), errors.Join(up.err, down.err))
 }
 
 // Wake implements park.Handler: the source has bytes or EOF.
@@ -180,11 +203,17 @@ func parkable(c net.Conn) syscall.RawConn {
 // park hands the source to the poller; false when it cannot (the direction waits on).
 func (h *half) park() bool {
 	r := h.r
-	raw := parkable(h.src)
-	if r.parker == nil || h.noPark || h.viaWrapper || raw == nil {
+	if r.parker == nil || h.noPark || h.viaWrapper {
 		h.noPark = true
 		return false
 	}
+	if h.raw == nil {
+		if h.raw = parkable(h.src); h.raw == nil {
+			h.noPark = true
+			return false
+		}
+	}
+	raw := h.raw
 	if h.bp != nil {
 		bufPool.Put(h.bp) // a parked direction holds no buffer
 		h.bp = nil
@@ -343,34 +372,22 @@ func closeWrite(c net.Conn) {
 	}
 }
 
-// startRelay runs both directions, each on a goroutine of its own, and returns at once; the
-// direction that ends last calls end with what moved (up is client->upstream).
+// startRelay runs both directions of r (the caller's, zero), each on a goroutine of its own,
+// and returns at once; the direction that ends last tells end what moved.
 //
 // Neither direction runs on the goroutine that accepted and set up the connection: that one
 // has grown its stack in the dial and the TLS handshake (8 KiB), and an idle relay would pin it
-// for as long as the connection lives. Fresh goroutines need half that, which is most of what
-// an idle connection costs.
-func startRelay(st *State, parker *park.Poller, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
-	end func(up, down int64, idle bool, err error)) {
-	r := &relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, epoch: time.Now(), parker: parker}
+// for as long as the connection lives. Fresh goroutines need half that, and they park when the
+// connection goes quiet.
+func startRelay(r *relay, st *State, parker *park.Poller, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
+	end relayEnd) {
+	*r = relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, parker: parker, end: end}
 	r.last.Store(r.now())
-
-	uh := &half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
+	r.halves[0] = half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
 	// Writes to the client go to the socket under the PROXY layer (the header is consumed).
-	dh := &half{r: r, src: upstream, dst: inbound.Socket(client), counter: out}
-	var running atomic.Int32 // the atomic decrement orders each direction's writes before end
-	running.Store(2)
-	finish := func() {
-		if running.Add(-1) != 0 {
-			return
-		}
-		r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
-		r.watchdog.Load().Stop()
-		end(uh.moved, dh.moved, r.idleClosed.Load(), errors.Join(uh.err, dh.err))
-	}
-	uh.finish, dh.finish = finish, finish
-	r.halves = [2]*half{uh, dh}
+	r.halves[1] = half{r: r, src: upstream, dst: inbound.Socket(client), counter: out}
+	r.running.Store(2)
 	r.watchdog.Store(time.AfterFunc(r.idle+r.tick, r.watch))
-	go uh.serve()
-	go dh.serve()
+	go r.halves[0].serve()
+	go r.halves[1].serve()
 }

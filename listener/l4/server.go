@@ -138,37 +138,67 @@ func (h *Handler) ServeConn(c net.Conn, g *door.Generation, done func()) {
 	h.serve(c, g.State.(*State), done)
 }
 
+// l4conn is one connection from accept to close: what its end needs, and its relay, in one
+// allocation (an idle relayed connection keeps nothing else of its own but its two sockets).
+type l4conn struct {
+	h        *Handler
+	c        net.Conn
+	info     ConnInfo
+	untrack  func()
+	upstream net.Conn
+	done     func()  // the dialer's: the target's connection ended
+	peekBuf  *[]byte // holds the peeked ClientHello until it is replayed
+	relaying bool    // the relay owns the connection and runs cleanup when it ends
+	r        relay
+}
+
+func (k *l4conn) cleanup() {
+	if k.done != nil {
+		k.done()
+	}
+	if k.peekBuf != nil {
+		bufPool.Put(k.peekBuf)
+	}
+	if k.upstream != nil {
+		k.upstream.Close()
+	}
+	k.c.Close()
+	// Reported before untrack: a shutdown waits for untrack, and whoever shuts down (the
+	// connection log's owner) must find every record already handed over.
+	if k.h.opt.OnConn != nil {
+		k.info.Duration = time.Since(k.info.Start)
+		k.h.opt.OnConn(k.info)
+	}
+	k.untrack()
+}
+
+// relayEnded implements relayEnd.
+func (k *l4conn) relayEnded(in, out int64, idle bool, err error) {
+	info := &k.info
+	info.BytesIn += in
+	info.BytesOut = out
+	info.Idle = idle
+	switch {
+	case idle:
+		k.h.idleClosed.Add(1)
+		if err == nil {
+			err = errIdle
+		}
+		info.Reason = "idle_timeout"
+	case err != nil:
+		info.Reason = "relay"
+	}
+	info.Err = err
+	k.cleanup()
+}
+
 // serve runs one prepared connection: dial, relay. c is a *tls.Conn in ModeTLS.
 func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
-	info := ConnInfo{Start: time.Now()}
-	var (
-		upstream net.Conn
-		done     func()  // the dialer's: the target's connection ended
-		peekBuf  *[]byte // holds the peeked ClientHello until it is replayed
-		relaying bool    // the relay owns the connection and runs cleanup when it ends
-	)
-	cleanup := func() {
-		if done != nil {
-			done()
-		}
-		if peekBuf != nil {
-			bufPool.Put(peekBuf)
-		}
-		if upstream != nil {
-			upstream.Close()
-		}
-		c.Close()
-		// Reported before untrack: a shutdown waits for untrack, and whoever shuts down (the
-		// connection log's owner) must find every record already handed over.
-		if h.opt.OnConn != nil {
-			info.Duration = time.Since(info.Start)
-			h.opt.OnConn(info)
-		}
-		untrack()
-	}
+	k := &l4conn{h: h, c: c, info: ConnInfo{Start: time.Now()}, untrack: untrack}
+	info := &k.info
 	defer func() {
-		if !relaying {
-			cleanup()
+		if !k.relaying {
+			k.cleanup()
 		}
 	}()
 	cfg := &st.cfg
@@ -196,8 +226,8 @@ func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
 		viaWrapper = false
 	case ModeSNI:
 		_ = c.SetReadDeadline(time.Now().Add(cfg.HandshakeTimeout))
-		peekBuf = bufPool.Get().(*[]byte)
-		raw, sni, err := peekClientHello(c, (*peekBuf)[:0])
+		k.peekBuf = bufPool.Get().(*[]byte)
+		raw, sni, err := peekClientHello(c, (*k.peekBuf)[:0])
 		_ = c.SetReadDeadline(time.Time{})
 		if err != nil && !(errors.Is(err, ErrNotTLS) && len(raw) > 0) {
 			h.handshakeErrs.Add(1)
@@ -222,7 +252,7 @@ func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
 		h.log.Debug("dial failed", "client", meta.Client, "err", err)
 		return
 	}
-	done, upstream = doneFn, up
+	k.done, k.upstream = doneFn, up
 	info.Target = up.RemoteAddr().String()
 	if len(replay) > 0 {
 		if _, err := up.Write(replay); err != nil {
@@ -232,25 +262,9 @@ func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
 		h.bytesIn.Add(uint64(len(replay)))
 		info.BytesIn += int64(len(replay))
 		replay = nil
-		bufPool.Put(peekBuf)
-		peekBuf = nil
+		bufPool.Put(k.peekBuf)
+		k.peekBuf = nil
 	}
-	relaying = true
-	startRelay(st, h.poller(), c, clientSrc, up, viaWrapper, &h.bytesIn, &h.bytesOut, func(in, out int64, idle bool, err error) {
-		info.BytesIn += in
-		info.BytesOut = out
-		info.Idle = idle
-		switch {
-		case idle:
-			h.idleClosed.Add(1)
-			if err == nil {
-				err = errIdle
-			}
-			info.Reason = "idle_timeout"
-		case err != nil:
-			info.Reason = "relay"
-		}
-		info.Err = err
-		cleanup()
-	})
+	k.relaying = true
+	startRelay(&k.r, st, h.poller(), c, clientSrc, up, viaWrapper, &h.bytesIn, &h.bytesOut, k)
 }

@@ -50,7 +50,8 @@ type Poller struct {
 	rc syscall.RawConn
 
 	mu      sync.Mutex
-	slots   []slot
+	chunks  [][]slot // fixed-size chunks: growing never copies, and no doubled slack stays touched
+	nslots  int32
 	free    []int32
 	n       int
 	next    int64 // when the loop's wait ends for a sweep (unix ns); 0 = no wait bound
@@ -105,10 +106,13 @@ func (p *Poller) Park(raw syscall.RawConn, deadline time.Time, h Handler) (Ticke
 		i = p.free[k-1]
 		p.free = p.free[:k-1]
 	} else {
-		p.slots = append(p.slots, slot{})
-		i = int32(len(p.slots) - 1)
+		i = p.nslots
+		if int(i>>chunkShift) == len(p.chunks) {
+			p.chunks = append(p.chunks, make([]slot, 1<<chunkShift))
+		}
+		p.nslots++
 	}
-	s := &p.slots[i]
+	s := p.slot(i)
 	s.gen++
 	s.h, s.raw, s.deadline = h, raw, dl
 	t := Ticket{slot: i, gen: s.gen}
@@ -149,8 +153,15 @@ func (p *Poller) ctl(raw syscall.RawConn, op int, ev *syscall.EpollEvent) error 
 	return cerr
 }
 
+// chunkShift sizes the slot chunks: 256 slots of 48 bytes.
+const chunkShift = 8
+
+func (p *Poller) slot(i int32) *slot {
+	return &p.chunks[i>>chunkShift][i&(1<<chunkShift-1)]
+}
+
 func (p *Poller) freeLocked(i int32) {
-	s := &p.slots[i]
+	s := p.slot(i)
 	s.h, s.raw, s.deadline = nil, nil, 0
 	p.free = append(p.free, i)
 	p.n--
@@ -161,10 +172,10 @@ func (p *Poller) freeLocked(i int32) {
 func (p *Poller) take(t Ticket) (Handler, syscall.RawConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if t.slot < 0 || int(t.slot) >= len(p.slots) {
+	if t.slot < 0 || t.slot >= p.nslots {
 		return nil, nil
 	}
-	s := &p.slots[t.slot]
+	s := p.slot(t.slot)
 	if s.gen != t.gen || s.h == nil {
 		return nil, nil
 	}
@@ -206,8 +217,8 @@ func (p *Poller) expire(match func(*slot) bool) int {
 	var hs []Handler
 	var raws []syscall.RawConn
 	p.mu.Lock()
-	for i := range p.slots {
-		s := &p.slots[i]
+	for i := range p.nslots {
+		s := p.slot(i)
 		if s.h != nil && match(s) {
 			hs = append(hs, s.h)
 			raws = append(raws, s.raw)
@@ -285,9 +296,9 @@ func (p *Poller) sweep() {
 	p.expire(func(s *slot) bool { return s.deadline != 0 && s.deadline <= now })
 	p.mu.Lock()
 	var next int64
-	for i := range p.slots {
-		if d := p.slots[i].deadline; p.slots[i].h != nil && d != 0 && (next == 0 || d < next) {
-			next = d
+	for i := range p.nslots {
+		if s := p.slot(i); s.h != nil && s.deadline != 0 && (next == 0 || s.deadline < next) {
+			next = s.deadline
 		}
 	}
 	if next != 0 && next < now+int64(sweepSlack) {
