@@ -57,15 +57,34 @@ type TLSProvider interface {
 // Option configures a Registry.
 type Option func(*Registry)
 
-// WithStickyKey derives the sticky-cookie HMAC key from key, so cookies stay valid across restarts
-// and across several Fulcrum instances sharing the key. Without it the key is random per process.
+// StickyKeys supplies the sticky-cookie HMAC keys: the one that signs new cookies, and every one
+// a cookie may still be signed with (the signing key included). The certificate manager keeps
+// them sealed in the keystore and rotates them with an overlap; the call is on the request path,
+// so it must not lock or allocate.
+type StickyKeys interface {
+	StickyKeys() (sign []byte, verify [][]byte)
+}
+
+// WithStickyKeys takes the sticky-cookie keys from src, so cookies stay valid across restarts
+// and key rotations. Without it (or WithStickyKey) the key is random per process.
+func WithStickyKeys(src StickyKeys) Option {
+	return func(r *Registry) { r.sticky = src }
+}
+
+// WithStickyKey derives one fixed sticky-cookie key from key, shared by several Fulcrum
+// instances holding the same key (a fleet).
 func WithStickyKey(key []byte) Option {
 	return func(r *Registry) {
 		m := hmac.New(sha256.New, key)
 		m.Write([]byte("fulcrum sticky cookie v1"))
-		r.stickyKey = m.Sum(nil)
+		r.sticky = fixedKey(m.Sum(nil))
 	}
 }
+
+// fixedKey is one key that signs and verifies.
+type fixedKey []byte
+
+func (k fixedKey) StickyKeys() ([]byte, [][]byte) { return k, [][]byte{k} }
 
 // WithPassiveHealth sets how many consecutive failures eject a target and for how long (the
 // cool-down doubles on repeated ejections). failures <= 0 disables passive ejection.
@@ -80,8 +99,8 @@ func WithPassiveHealth(failures int, cooldown time.Duration) Option {
 
 // Registry is the long-lived home of targets and transports. It is safe for concurrent use.
 type Registry struct {
-	log       *slog.Logger
-	stickyKey []byte
+	log    *slog.Logger
+	sticky StickyKeys
 
 	ejectFailures int32
 	ejectCooldown time.Duration
@@ -159,11 +178,12 @@ func NewRegistry(log *slog.Logger, opts ...Option) *Registry {
 	for _, o := range opts {
 		o(r)
 	}
-	if r.stickyKey == nil {
-		r.stickyKey = make([]byte, 32)
-		if _, err := rand.Read(r.stickyKey); err != nil {
+	if r.sticky == nil {
+		k := make(fixedKey, 32)
+		if _, err := rand.Read(k); err != nil {
 			panic("backends: crypto/rand failed: " + err.Error()) // never happens on Linux
 		}
+		r.sticky = k
 	}
 	return r
 }

@@ -84,13 +84,14 @@ func (g *Group) cookieValue(name, id string, exp int64) string {
 	b = append(b, id...)
 	b = append(b, '.')
 	b = strconv.AppendInt(b, exp, 10)
-	mac := g.mac(name, b)
+	sign, _ := g.reg.sticky.StickyKeys()
+	mac := g.mac(sign, name, b)
 	b = append(b, '.')
 	return string(base64.RawURLEncoding.AppendEncode(b, mac[:macLen]))
 }
 
-func (g *Group) mac(name string, idExp []byte) [sha256.Size]byte {
-	m := hmac.New(sha256.New, g.reg.stickyKey)
+func (g *Group) mac(key []byte, name string, idExp []byte) [sha256.Size]byte {
+	m := hmac.New(sha256.New, key)
 	m.Write([]byte(name))
 	m.Write([]byte{0})
 	m.Write([]byte(g.name))
@@ -120,11 +121,14 @@ func (g *Group) verifyCookie(name, v string, now int64) *Target {
 	if n, err := base64.RawURLEncoding.Decode(got[:], []byte(macB64)); err != nil || n != macLen {
 		return nil
 	}
-	want := g.mac(name, []byte(idExp))
-	if !hmac.Equal(got[:], want[:macLen]) {
-		return nil
+	// Any key still in its overlap verifies: a rotation does not end the bindings made before it.
+	_, keys := g.reg.sticky.StickyKeys()
+	for _, k := range keys {
+		if want := g.mac(k, name, []byte(idExp)); hmac.Equal(got[:], want[:macLen]) {
+			return g.byID[id]
+		}
 	}
-	return g.byID[id]
+	return nil
 }
 
 // findCookie finds name's value in Cookie header lines without allocating (http.Request.Cookie

@@ -282,7 +282,7 @@ func acmeConfig(stateDir string, p *pebble, hsm bool, domains ...string) *config
 		Certificates: []configs.Certificate{
 			{Name: "site", Domains: domains, ACME: p.dirURL, ACMEEmail: "ops@fulcrum.test", ACMECAFile: p.caFile},
 		},
-		Listeners: []configs.Listener{{Name: "public", Protocol: "https", Certificates: []string{"site"}}},
+		Listeners: []configs.Listener{httpsListener("public", 1443, "site")},
 	}
 	if hsm {
 		cfg.Keystore = softhsmtest.Keystore()
@@ -322,7 +322,7 @@ func TestACMEHTTP01HSM(t *testing.T) {
 	dir := t.TempDir()
 	cfg := acmeConfig(dir, p, true, "www.fulcrum.test", "api.fulcrum.test", "127.0.0.1")
 
-	m, err := NewManager(context.Background(), cfg, quiet)
+	m, err := NewManager(context.Background(), valid(t, cfg), quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -488,7 +488,7 @@ func TestACMEExternalAccountBinding(t *testing.T) {
 
 	// A MAC key that is not base64 is refused when the configuration loads, naming the field.
 	t.Setenv("TEST_EAB_MAC", "not base64!")
-	if _, err := NewManager(context.Background(), acmeConfigEAB(t.TempDir(), p), quiet); err == nil || !strings.Contains(err.Error(), "acme_eab_mac_key") {
+	if _, err := NewManager(context.Background(), valid(t, acmeConfigEAB(t.TempDir(), p)), quiet); err == nil || !strings.Contains(err.Error(), "acme_eab_mac_key") {
 		t.Fatalf("bad MAC key: err = %v", err)
 	}
 }
@@ -718,9 +718,9 @@ func TestACMEReconcile(t *testing.T) {
 	cfg2 := *cfg
 	cfg2.Certificates = append(append([]configs.Certificate(nil), cfg.Certificates...), configs.Certificate{
 		Name: "two", Domains: []string{"two.fulcrum.test"}, ACME: p.dirURL, ACMEEmail: "ops@fulcrum.test", ACMECAFile: p.caFile})
-	cfg2.Listeners = []configs.Listener{{Name: "public", Protocol: "https", Certificates: []string{"site", "two"}}}
+	cfg2.Listeners = []configs.Listener{httpsListener("public", 1443, "site", "two")}
 	start := time.Now()
-	if err := m.Reconcile(&cfg2); err != nil {
+	if err := m.Reconcile(valid(t, &cfg2)); err != nil {
 		t.Fatal(err)
 	}
 	if d := time.Since(start); d > 500*time.Millisecond {
@@ -734,7 +734,7 @@ func TestACMEReconcile(t *testing.T) {
 	if a, b := entryOf(m, "site").acme, entryOf(m, "two").acme; a.account == nil || b.account == nil || a.account.Location != b.account.Location {
 		t.Fatal("the two certificates do not share the ACME account")
 	}
-	if err := m.Reconcile(cfg); err != nil {
+	if err := m.Reconcile(valid(t, cfg)); err != nil {
 		t.Fatal(err)
 	}
 	if entryOf(m, "two") != nil {

@@ -58,7 +58,7 @@ func TestAuthorityKeyLost(t *testing.T) {
 			}
 
 			// Reload.
-			if err := m.Reconcile(testConfig(dir, tc.hsm)); err != nil {
+			if err := m.Reconcile(valid(t, testConfig(dir, tc.hsm))); err != nil {
 				t.Fatalf("reload with the authority's key gone: %v (want the reload to apply, the authority marked lost)", err)
 			}
 			lost := m.Authority("internal")
@@ -73,7 +73,7 @@ func TestAuthorityKeyLost(t *testing.T) {
 			m.Close()
 
 			// Restart.
-			m2, err := NewManager(context.Background(), testConfig(dir, tc.hsm), quiet)
+			m2, err := NewManager(context.Background(), valid(t, testConfig(dir, tc.hsm)), quiet)
 			if err != nil {
 				t.Fatalf("restart with the authority's key gone: %v (want a running manager, the authority marked lost)", err)
 			}

@@ -44,14 +44,12 @@ func testConfig(stateDir string, hsm bool) *configs.Config {
 			{Name: "www", Domains: []string{"www.example.test", "*.api.example.test"}, Authority: "internal", Lifetime: "2160h"},
 			{Name: "other", Domains: []string{"other.example.test", "127.0.0.1"}, Authority: "internal"},
 		},
-		Listeners: []configs.Listener{
-			{Name: "public", Protocol: "https", Certificates: []string{"www", "other"}},
-			{Name: "mtls", Protocol: "https", Certificates: []string{"other"}, ClientAuth: &configs.ClientAuth{Mode: "verify", Authority: "internal"}},
-		},
+		Listeners: []configs.Listener{httpsListener("public", 1443, "www", "other"), httpsListener("mtls", 2443, "other")},
 		TargetGroups: []configs.TargetGroup{
 			{Name: "secure", Protocol: "https", TLS: &configs.BackendTLS{ServerName: "other.example.test", Authority: "internal", ClientCertificate: "www"}},
 		},
 	}
+	cfg.Listeners[1].ClientAuth = &configs.ClientAuth{Mode: "verify", Authority: "internal"}
 	if hsm {
 		cfg.Keystore = softhsmtest.Keystore()
 	}
@@ -60,7 +58,7 @@ func testConfig(stateDir string, hsm bool) *configs.Config {
 
 func newManager(t testing.TB, cfg *configs.Config) *Manager {
 	t.Helper()
-	m, err := NewManager(context.Background(), cfg, quiet)
+	m, err := NewManager(context.Background(), valid(t, cfg), quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,7 +338,7 @@ func softwareKeyBytes(t testing.TB, tc *tls.Certificate) []byte {
 func TestSoftwareRestartReusesAndNoKeysOnDisk(t *testing.T) {
 	dir := t.TempDir()
 	cfg := testConfig(dir, false)
-	m1, err := NewManager(context.Background(), cfg, quiet)
+	m1, err := NewManager(context.Background(), valid(t, cfg), quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -396,8 +394,8 @@ func TestReconcile(t *testing.T) {
 
 	// A failing reload changes nothing.
 	bad := testConfig(dir, false)
-	bad.Certificates = append(bad.Certificates, configs.Certificate{Name: "x", Domains: []string{"x.test"}, Authority: "missing"})
-	if err := m.Reconcile(bad); err == nil {
+	bad.Certificates = append(bad.Certificates, configs.Certificate{Name: "x", CertFile: filepath.Join(dir, "missing.pem"), KeyFile: filepath.Join(dir, "missing.key")})
+	if err := m.Reconcile(valid(t, bad)); err == nil {
 		t.Fatal("bad reload accepted")
 	}
 	if m.snap.Load().certs["x"] != nil || serialOf(m, "www") != www {
@@ -406,9 +404,9 @@ func TestReconcile(t *testing.T) {
 	// Add one, drop one, keep one untouched.
 	next := testConfig(dir, false)
 	next.Certificates[1] = configs.Certificate{Name: "api", Domains: []string{"api.example.test"}, Authority: "internal"}
-	next.Listeners = []configs.Listener{{Name: "public", Certificates: []string{"www", "api"}}}
+	next.Listeners = []configs.Listener{httpsListener("public", 1443, "www", "api")}
 	next.TargetGroups = nil
-	if err := m.Reconcile(next); err != nil {
+	if err := m.Reconcile(valid(t, next)); err != nil {
 		t.Fatal(err)
 	}
 	if m.snap.Load().certs["other"] != nil || m.snap.Load().certs["api"] == nil {
@@ -449,9 +447,9 @@ func TestImportedCertificate(t *testing.T) {
 	cfg := testConfig(filepath.Join(dir, "state"), false)
 	cfg.Certificates = append(cfg.Certificates,
 		configs.Certificate{Name: "legacy", CertFile: filepath.Join(dir, "legacy.pem"), KeyFile: filepath.Join(dir, "legacy.key")},
-		configs.Certificate{Name: "cli"}, // served from what Import stored
+		configs.Certificate{Name: "cli", Imported: true}, // served from what Import stored
 	)
-	if _, err := NewManager(context.Background(), cfg, quiet); err == nil {
+	if _, err := NewManager(context.Background(), valid(t, cfg), quiet); err == nil {
 		t.Fatal("cli certificate without an import accepted")
 	}
 	cfg.Certificates = cfg.Certificates[:3]
@@ -463,8 +461,8 @@ func TestImportedCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Close()
-	cfg.Certificates = append(cfg.Certificates, configs.Certificate{Name: "cli"})
-	cfg.Listeners = []configs.Listener{{Name: "l", Certificates: []string{"cli", "legacy"}}}
+	cfg.Certificates = append(cfg.Certificates, configs.Certificate{Name: "cli", Imported: true})
+	cfg.Listeners = []configs.Listener{httpsListener("l", 1443, "cli", "legacy")}
 	m2 := newManager(t, cfg)
 	tc, err := m2.ServerTLS(&cfg.Listeners[0])
 	if err != nil {
@@ -502,8 +500,8 @@ func TestImportIntoHSM(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := testConfig(filepath.Join(dir, "state"), true)
-	cfg.Certificates = append(cfg.Certificates, configs.Certificate{Name: "cli"})
-	cfg.Listeners = []configs.Listener{{Name: "l", Certificates: []string{"cli"}}}
+	cfg.Certificates = append(cfg.Certificates, configs.Certificate{Name: "cli", Imported: true})
+	cfg.Listeners = []configs.Listener{httpsListener("l", 1443, "cli")}
 	stored := func(cfg *configs.Config) *configs.Config { // without "cli", which needs the import first
 		c := *cfg
 		c.Certificates = c.Certificates[:len(c.Certificates)-1]

@@ -63,6 +63,7 @@ type Manager struct {
 	snap   atomic.Pointer[snapshot]
 
 	tickets ticketKeys
+	sticky  stickyRing // sticky-cookie keys without a fleet
 	fleet   *fleetNode // nil without [fleet]
 
 	chal      challenges    // pending ACME challenges, answered by the listeners
@@ -180,6 +181,15 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	m.cfg.Store(cfg)
 	m.commit(snap, fresh, nil)
 	m.watchFleet()
+	if fl == nil { // a fleet shares one sticky-cookie key (StickyKey)
+		next, err := m.refreshSticky(ctx, time.Now())
+		if err != nil {
+			m.Close()
+			return nil, err
+		}
+		m.wg.Add(1)
+		go m.rotateSticky(next)
+	}
 
 	m.wg.Add(2)
 	go m.rotateTickets()
@@ -1052,5 +1062,10 @@ func (m *Manager) KeyUsers() map[string]string {
 		}
 		e.meta.Unlock()
 	}
+	m.sticky.mu.Lock()
+	for _, g := range m.sticky.gens {
+		out[g.Key] = "sticky cookies"
+	}
+	m.sticky.mu.Unlock()
 	return out
 }

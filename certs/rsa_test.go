@@ -23,7 +23,7 @@ func TestHSMRSAHandshakes(t *testing.T) {
 		Keystore:     softhsmtest.Keystore(),
 		Authorities:  []configs.Authority{{Name: "internal", CommonName: "RSA Test CA", KeyType: "rsa-2048", Validity: "87600h"}},
 		Certificates: []configs.Certificate{{Name: "rsa", Domains: []string{"rsa.example.test"}, Authority: "internal", KeyType: "rsa-2048"}},
-		Listeners:    []configs.Listener{{Name: "public", Protocol: "https", Certificates: []string{"rsa"}}},
+		Listeners:    []configs.Listener{httpsListener("public", 1443, "rsa")},
 	}
 	m := newManager(t, cfg)
 	e := entryOf(m, "rsa")

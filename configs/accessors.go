@@ -13,6 +13,12 @@ import (
 // ShutdownTimeoutDuration is the drain budget on SIGTERM.
 func (s *Server) ShutdownTimeoutDuration() time.Duration { return s.shutdownTimeout }
 
+// StickyKeyRotationDuration is how often a new sticky-cookie key starts signing.
+func (s *Server) StickyKeyRotationDuration() time.Duration { return s.stickyKeyRotation }
+
+// StickyKeyOverlapDuration is how long a replaced sticky-cookie key still verifies.
+func (s *Server) StickyKeyOverlapDuration() time.Duration { return s.stickyKeyOverlap }
+
 // ValidityDuration is the authority certificate's validity.
 func (a *Authority) ValidityDuration() time.Duration { return a.validity }
 

@@ -3,6 +3,7 @@ package configs
 import (
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -376,4 +377,31 @@ func FuzzLoad(f *testing.F) {
 		}
 		_ = buildLineIndex(string(b)) // the indexer must survive any input
 	})
+}
+
+// TestStickyKeyOverlapCoversDuration: a cookie must not outlive the key that signed it.
+func TestStickyKeyOverlapCoversDuration(t *testing.T) {
+	base := `[server]
+sticky_key_overlap = "2h"
+
+[[target_groups]]
+name = "g"
+protocol = "http"
+targets = ["127.0.0.1:1"]
+stickiness = { type = "lb_cookie", duration = "%s" }
+`
+	if _, err := Load("t.toml", []byte(fmt.Sprintf(base, "2h"))); err != nil {
+		t.Fatalf("duration = overlap: %v", err)
+	}
+	_, err := Load("t.toml", []byte(fmt.Sprintf(base, "3h")))
+	if err == nil || !strings.Contains(err.Error(), "sticky_key_overlap") {
+		t.Fatalf("duration > overlap: %v", err)
+	}
+	c, err := Load("t.toml", []byte(`[server]`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Server.StickyKeyRotationDuration() != 168*time.Hour || c.Server.StickyKeyOverlapDuration() != 168*time.Hour {
+		t.Errorf("defaults: rotation %v overlap %v", c.Server.StickyKeyRotationDuration(), c.Server.StickyKeyOverlapDuration())
+	}
 }

@@ -10,7 +10,11 @@ import (
 const (
 	DefaultStateDir        = "state"
 	DefaultShutdownTimeout = "30s"
-	DefaultLogLevel        = "info"
+	// A new sticky-cookie key each week; the old one verifies for a week more, the longest
+	// stickiness duration ALB allows, so no cookie outlives the key that signed it.
+	DefaultStickyKeyRotation = "168h"
+	DefaultStickyKeyOverlap  = "168h"
+	DefaultLogLevel          = "info"
 	// DefaultLogFormat "auto" is text when the process log (stderr) is a terminal, for a person
 	// reading it, and JSON lines otherwise (journald, files, collectors).
 	DefaultLogFormat           = "auto"
@@ -64,6 +68,8 @@ func applyDefaults(c *Config) {
 	s := &c.Server
 	def(&s.StateDir, DefaultStateDir)
 	def(&s.ShutdownTimeout, DefaultShutdownTimeout)
+	def(&s.StickyKeyRotation, DefaultStickyKeyRotation)
+	def(&s.StickyKeyOverlap, DefaultStickyKeyOverlap)
 	def(&s.LogLevel, DefaultLogLevel)
 	def(&s.LogFormat, DefaultLogFormat)
 	def(&s.AdminAuth, DefaultAdminAuth)

@@ -52,8 +52,15 @@ type Server struct {
 	AdminClients  []AdminClient `toml:"admin_clients"`
 	// AuditLog is the JSON-lines file of admin writes and key events.
 	AuditLog string `toml:"audit_log"`
+	// StickyKeyRotation is how often a new sticky-cookie signing key is made (the keys live in
+	// the keystore, sealed like certificate keys); StickyKeyOverlap is how long a replaced key
+	// still verifies, so the cookies it signed keep their binding.
+	StickyKeyRotation string `toml:"sticky_key_rotation"`
+	StickyKeyOverlap  string `toml:"sticky_key_overlap"`
 
-	shutdownTimeout time.Duration
+	shutdownTimeout   time.Duration
+	stickyKeyRotation time.Duration
+	stickyKeyOverlap  time.Duration
 }
 
 // The admin roles, from least to most privileged. Each includes the ones before it.

@@ -226,6 +226,8 @@ func (v *validator) server(s scope) {
 		s.errf("state_dir", "state_dir must not be blank")
 	}
 	sv.shutdownTimeout = v.duration(s, "shutdown_timeout", sv.ShutdownTimeout, true)
+	sv.stickyKeyRotation = v.duration(s, "sticky_key_rotation", sv.StickyKeyRotation, true)
+	sv.stickyKeyOverlap = v.duration(s, "sticky_key_overlap", sv.StickyKeyOverlap, true)
 	switch al := sv.AccessLog; {
 	case al == "" || al == "stdout" || al == "stderr":
 	case al == "off" || al == "none" || al == "false" || al == "true" || al == "-":
@@ -587,6 +589,9 @@ func (v *validator) group(s scope, g *TargetGroup) {
 				}
 			} else {
 				st.duration = v.duration(s, "stickiness.duration", st.Duration, true)
+				if ov := v.c.Server.stickyKeyOverlap; ov > 0 && st.duration > ov {
+					s.errf("stickiness.duration", "stickiness duration %q is longer than server.sticky_key_overlap %q: a cookie would outlive the key that signed it; raise sticky_key_overlap", st.Duration, v.c.Server.StickyKeyOverlap)
+				}
 			}
 		}
 	}

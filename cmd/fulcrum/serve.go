@@ -228,9 +228,14 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 		obs.Close()
 		return nil, fmt.Errorf("certificate manager: %w", err)
 	}
+	// Sticky-cookie keys outlive the process: a fleet's one key for every node, or this node's
+	// keys, sealed in the keystore and rotated with an overlap. (A fleet node that has not heard
+	// from etcd yet keeps a random key until its restart, as before.)
 	var regOpts []backends.Option
-	if k := cm.StickyKey(); k != nil { // a fleet: one sticky-cookie key for every node
+	if k := cm.StickyKey(); k != nil {
 		regOpts = append(regOpts, backends.WithStickyKey(k))
+	} else if sign, _ := cm.StickyKeys(); sign != nil {
+		regOpts = append(regOpts, backends.WithStickyKeys(cm))
 	}
 	reg := backends.NewRegistry(log, regOpts...)
 	opts := listener.Options{Log: log, Certs: cm, Registry: reg, Inherited: inh.listeners(cfg)}
