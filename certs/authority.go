@@ -93,9 +93,6 @@ func authorityKey(ctx context.Context, ks keystore.Keystore, keyName string, c *
 // replaced.
 func loadOrCreateAuthority(ctx context.Context, ks keystore.Keystore, state stateIO, prefix string, a configs.Authority) (*Authority, bool, error) {
 	validity := a.ValidityDuration()
-	if validity <= 0 {
-		validity = parseDur(a.Validity, DefaultValidity)
-	}
 	keyName := prefix + "ca-" + a.Name
 	path := "authorities/" + a.Name + ".pem"
 	if b, err := state.readState(ctx, path); err == nil {
@@ -317,11 +314,4 @@ func parseChainPEM(b []byte) ([][]byte, error) {
 		return nil, errors.New("no certificates in PEM")
 	}
 	return out, nil
-}
-
-func parseDur(s string, def time.Duration) time.Duration {
-	if d, err := time.ParseDuration(s); err == nil && d > 0 {
-		return d
-	}
-	return def
 }

@@ -129,11 +129,7 @@ func openFleet(ctx context.Context, cfg *configs.Config, stateDir string, ks key
 	if err != nil {
 		return nil, err
 	}
-	mkRef := fc.MasterKey
-	if mkRef == "" { // a configuration built in Go, not validated: the keystore's, as the default
-		mkRef = orDefault(cfg.Keystore.MasterKey, "file:"+filepath.Join(stateDir, "master.key"))
-	}
-	mk, err := keystore.MasterKey(mkRef, cfg.Resolve)
+	mk, err := keystore.MasterKey(fc.MasterKey, cfg.Resolve)
 	if err != nil {
 		return nil, fmt.Errorf("certs: fleet master_key: %w", err)
 	}
@@ -143,9 +139,6 @@ func openFleet(ctx context.Context, cfg *configs.Config, stateDir string, ks key
 		return nil, err
 	}
 	ttl := fc.LeaseTTLDuration()
-	if ttl <= 0 {
-		ttl = parseDur(fc.LeaseTTL, 10*time.Second)
-	}
 	f, err := fleet.Open(ctx, fleet.Options{Endpoints: fc.Etcd, TLS: tlsCfg, Prefix: fc.Prefix, Node: fc.Node, LeaseTTL: ttl,
 		CacheDir: filepath.Join(stateDir, "fleet-cache"), Log: log})
 	if err != nil {

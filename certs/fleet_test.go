@@ -66,7 +66,7 @@ func fleetConfig(t *testing.T, c *etcdtest.Cluster, node string, lifetime string
 		Certificates: []configs.Certificate{
 			{Name: "www", Domains: []string{"www.fulcrum.test"}, Authority: "internal", Lifetime: lifetime},
 		},
-		Listeners: []configs.Listener{{Name: "public", Protocol: "https", Address: "127.0.0.1:1", Certificates: []string{"www"}}},
+		Listeners: []configs.Listener{httpsListener("public", 1, "www")},
 		Fleet:     &configs.Fleet{Etcd: c.Endpoints(), Prefix: "/fulcrum-test/" + t.Name(), Node: node, LeaseTTL: "2s"},
 	}
 	return cfg
@@ -89,7 +89,7 @@ func startFleet(t *testing.T, c *etcdtest.Cluster, lifetime string) []*fleetTest
 	errs := make([]error, 3)
 	var wg sync.WaitGroup
 	for i, name := range []string{"a", "b", "c"} {
-		cfg := fleetConfig(t, c, name, lifetime)
+		cfg := valid(t, fleetConfig(t, c, name, lifetime))
 		h := &countingHandler{n: map[string]int{}}
 		nodes[i] = &fleetTestNode{log: h}
 		wg.Add(1)
@@ -356,7 +356,7 @@ func TestFleetACME(t *testing.T) {
 		cfg.Keystore = configs.Keystore{Type: "software", MasterKey: "env:" + fleetMasterEnv}
 		cfg.Fleet = &configs.Fleet{Etcd: c.Endpoints(), Prefix: "/fulcrum-test/" + t.Name(), Node: name, LeaseTTL: "2s"}
 		h := &countingHandler{n: map[string]int{}}
-		m, err := NewManager(context.Background(), cfg, slog.New(h))
+		m, err := NewManager(context.Background(), valid(t, cfg), slog.New(h))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -429,7 +429,7 @@ func TestFleetHSM(t *testing.T) {
 		cfg := fleetConfig(t, c, name, "1h")
 		cfg.Keystore = softhsmtest.Keystore()
 		cfg.Fleet.MasterKey = "env:" + fleetMasterEnv
-		m, err := NewManager(context.Background(), cfg, quiet)
+		m, err := NewManager(context.Background(), valid(t, cfg), quiet)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -518,7 +518,7 @@ func TestFleetEtcdTLS(t *testing.T) {
 	t.Setenv(fleetMasterEnv, base64.StdEncoding.EncodeToString(key))
 	cfg := fleetConfig(t, c, "a", "1h")
 	cfg.Fleet.CAFile, cfg.Fleet.CertFile, cfg.Fleet.KeyFile = caFile, cliCert, cliKey
-	m, err := NewManager(context.Background(), cfg, quiet)
+	m, err := NewManager(context.Background(), valid(t, cfg), quiet)
 	if err != nil {
 		t.Fatal(err)
 	}

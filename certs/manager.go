@@ -127,11 +127,7 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	if log == nil {
 		log = slog.Default()
 	}
-	stateDir := cfg.Server.StateDir
-	if stateDir == "" {
-		stateDir = "state"
-	}
-	stateDir = cfg.Resolve(stateDir)
+	stateDir := cfg.Resolve(cfg.Server.StateDir)
 	if err := os.MkdirAll(filepath.Join(stateDir, "certificates"), 0o700); err != nil {
 		return nil, fmt.Errorf("certs: state dir: %w", err)
 	}
@@ -249,7 +245,7 @@ func (m *Manager) Prepare(cfg *configs.Config) (*Pending, error) {
 	if !reflect.DeepEqual(old.Fleet, cfg.Fleet) {
 		return nil, errors.New("certs: changing [fleet] needs a restart")
 	}
-	if cfg.Resolve(orDefault(cfg.Server.StateDir, "state")) != m.stateDir {
+	if cfg.Resolve(cfg.Server.StateDir) != m.stateDir {
 		return nil, errors.New("certs: changing server.state_dir needs a restart")
 	}
 	oldSnap := m.snap.Load()
@@ -344,9 +340,6 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 			e.usage |= UsageClient
 		}
 		e.lifetime = c.LifetimeDuration()
-		if e.lifetime <= 0 {
-			e.lifetime = parseDur(c.Lifetime, DefaultLifetime)
-		}
 		switch {
 		case c.CertFile != "":
 			e.kind = "imported"
