@@ -56,7 +56,7 @@ func newDNSSolver(cfg *configs.Config, d *configs.ACMEDNS) (*dnsSolver, error) {
 		if _, err := base64.StdEncoding.DecodeString(secret); err != nil || secret == "" {
 			return nil, errors.New("acme_dns.tsig_secret: not a base64 TSIG secret")
 		}
-		alg, ok := tsigAlgorithms[orDefault(d.TSIGAlgorithm, "hmac-sha256")]
+		alg, ok := tsigAlgorithms[d.TSIGAlgorithm]
 		if !ok {
 			return nil, fmt.Errorf("acme_dns.tsig_algorithm %q: want hmac-sha256, hmac-sha384 or hmac-sha512", d.TSIGAlgorithm)
 		}
