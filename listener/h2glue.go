@@ -32,8 +32,8 @@ func h2Config(c *configs.Listener) h2.Config {
 	return cfg
 }
 
-func newH2Gen(c *configs.Listener, h http.Handler) *h2Gen {
-	return &h2Gen{srv: h2.NewServer(h2Config(c), h2.HTTPHandler(noConnect(h)))}
+func newH2Gen(c *configs.Listener, h h2.Handler) *h2Gen {
+	return &h2Gen{srv: h2.NewServer(h2Config(c), h)}
 }
 
 // noConnect answers CONNECT with 501: the request core tunnels nothing over HTTP/2, and extended

@@ -85,7 +85,7 @@ func serverKey(st *httpState) string {
 func (s *httpServer) installH2(st *httpState) {
 	var newH2 *h2Gen
 	if st.cfg.HTTP2Enabled() {
-		newH2 = newH2Gen(st.cfg, http.HandlerFunc(s.serveHTTP))
+		newH2 = newH2Gen(st.cfg, newH2Handler(s))
 	}
 	if oldH2 := s.h2.Swap(newH2); oldH2 != nil {
 		s.wg.Add(1)

@@ -729,6 +729,9 @@ func (c *conn) closeStreamLocked(s *Stream, err error) {
 	if s.cancel != nil {
 		s.cancel()
 	}
+	if s.intr != nil {
+		s.intr.SetReadDeadline(time.Unix(1, 0))
+	}
 }
 
 // forgetLocked removes a finished stream and credits its unread body to the connection.

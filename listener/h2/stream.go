@@ -59,6 +59,7 @@ type Stream struct {
 	cancel    context.CancelFunc
 	ctx       context.Context
 	wake      chan struct{}
+	intr      interface{ SetReadDeadline(time.Time) error } // see SetInterrupt
 
 	// handler-side
 	headDone, ended bool
@@ -89,6 +90,23 @@ func (s *Stream) ConnInfo() *ConnInfo {
 		}
 	})
 	return &c.info
+}
+
+// SetInterrupt names a connection (a target's) whose read deadline is moved to the past when the
+// stream is reset or its connection closes, so a handler blocked reading it returns at once
+// without a context per stream. nil clears it; clear it before the connection is reused. A
+// handler that sets the connection's deadline itself must check Closed after doing so.
+func (s *Stream) SetInterrupt(d interface{ SetReadDeadline(time.Time) error }) {
+	s.c.mu.Lock()
+	s.intr = d
+	s.c.mu.Unlock()
+}
+
+// Closed reports whether the stream was reset or its connection closed.
+func (s *Stream) Closed() bool {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.state == stateClosed && s.err != nil
 }
 
 // Context is cancelled when the stream is reset or its connection closes. It is created on
