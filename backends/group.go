@@ -152,10 +152,7 @@ func (r *Registry) buildGroup(cfg *configs.Config, gc *configs.TargetGroup, tlsp
 	for _, tc := range gc.Targets {
 		w := tc.Weight
 		key := gc.Protocol + "|" + tc.Address + "|" + hcFP
-		t := r.acquireTarget(key, targetSpec{protocol: gc.Protocol, address: tc.Address, hc: hc}, gc.Name)
-		if g.tlsConf != nil {
-			t.tlsConf.Store(g.tlsConf)
-		}
+		t := r.acquireTarget(key, targetSpec{protocol: gc.Protocol, address: tc.Address, hc: hc}, gc.Name, g.tlsConf)
 		g.members = append(g.members, member{t: t, weight: w})
 		g.byID[t.id] = t
 	}

@@ -125,34 +125,38 @@ func (t *Target) safeCheck(ctx context.Context) (err error) {
 	return t.check(cctx)
 }
 
+// record applies one check's result. The verdict (decided) is published last, after the health
+// it reports: a reader that sees a decided target must also see the state that decided it.
 func (t *Target) record(err error, okRun, failRun *int) {
 	hc := &t.spec.hc
 	if err == nil {
 		*okRun++
 		*failRun = 0
-		if *okRun >= hc.healthy {
-			t.decided.Store(true)
+		if *okRun < hc.healthy {
+			return
 		}
-		if !t.activeUp.Load() && *okRun >= hc.healthy {
+		if !t.activeUp.Load() {
 			t.upSince.Store(t.reg.now())
 			t.activeUp.Store(true)
 			t.reg.bump()
 			t.reg.log.Info("target healthy", "target", t.spec.address, "protocol", t.spec.protocol)
 		}
+		t.decided.Store(true)
 		return
 	}
 	*failRun++
 	*okRun = 0
 	t.setReason(err.Error())
-	if *failRun >= hc.unhealthy {
-		t.decided.Store(true)
+	if *failRun < hc.unhealthy {
+		return
 	}
-	if t.activeUp.Load() && *failRun >= hc.unhealthy {
+	if t.activeUp.Load() {
 		t.activeUp.Store(false)
 		t.reg.bump()
 		t.reg.log.Warn("target unhealthy", "target", t.spec.address, "protocol", t.spec.protocol,
 			"reason", err.Error())
 	}
+	t.decided.Store(true)
 }
 
 // checkAddr is the address checks go to (health_check.port overrides the target's port).

@@ -288,17 +288,23 @@ func (s *Set) releaseNow() {
 	}
 }
 
-// acquireTarget returns the target for key, creating it (and its checker) when new.
-func (r *Registry) acquireTarget(key string, spec targetSpec, group string) *Target {
+// acquireTarget returns the target for key, creating it (and its checker) when new. tlsConf (nil
+// for plain groups) is the group's client TLS: it is in place before the checker starts, or the
+// first TLS check would run without the group's verification.
+func (r *Registry) acquireTarget(key string, spec targetSpec, group string, tlsConf *tls.Config) *Target {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	t := r.tgts[key]
-	if t == nil {
+	fresh := t == nil
+	if fresh {
 		t = newTarget(r, key, spec)
 		r.tgts[key] = t
-		if !r.dead {
-			t.startChecker()
-		}
+	}
+	if tlsConf != nil {
+		t.tlsConf.Store(tlsConf) // the latest generation's
+	}
+	if fresh && !r.dead {
+		t.startChecker()
 	}
 	t.refs++
 	if t.groups == nil {
