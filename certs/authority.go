@@ -21,12 +21,6 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
-// Defaults when the configuration leaves durations empty (configs.Validate normally sets them).
-const (
-	DefaultValidity = 87600 * time.Hour
-	DefaultLifetime = 2160 * time.Hour
-)
-
 // Usage says what a leaf certificate is for; the bits select the extended key usages.
 type Usage int
 
@@ -182,8 +176,8 @@ func (a *Authority) Sign(pub crypto.PublicKey, domains []string, lifetime time.D
 	if a.lost != nil {
 		return nil, a.lost
 	}
-	if lifetime <= 0 {
-		lifetime = DefaultLifetime
+	if lifetime <= 0 { // configs gives every issued certificate its lifetime
+		return nil, fmt.Errorf("authority %s: lifetime %v: must be positive", a.Name, lifetime)
 	}
 	if usage == 0 {
 		usage = UsageServer
@@ -235,12 +229,6 @@ func (a *Authority) Sign(pub crypto.PublicKey, domains []string, lifetime time.D
 
 // IssuerKey implements certmagic.Issuer.
 func (a *Authority) IssuerKey() string { return "fulcrum-authority-" + a.Name }
-
-// Issue implements certmagic.Issuer with the default lifetime and server usage; the manager
-// uses Issuer(lifetime, usage) to choose them per certificate.
-func (a *Authority) Issue(ctx context.Context, csr *x509.CertificateRequest) (*certmagic.IssuedCertificate, error) {
-	return a.Issuer(DefaultLifetime, UsageServer).Issue(ctx, csr)
-}
 
 // Issuer returns a certmagic.Issuer that signs with the given lifetime and usage.
 func (a *Authority) Issuer(lifetime time.Duration, usage Usage) certmagic.Issuer {

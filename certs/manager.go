@@ -335,7 +335,7 @@ func (m *Manager) prepare(ctx context.Context, cfg *configs.Config, old *snapsho
 	}
 	var fresh []*entry
 	for _, c := range cfg.Certificates {
-		e := &entry{name: c.Name, spec: c, usage: UsageServer, ready: make(chan struct{}), kt: keystore.KeyType(orDefault(c.KeyType, string(keystore.DefaultKeyType)))}
+		e := &entry{name: c.Name, spec: c, usage: UsageServer, ready: make(chan struct{}), kt: keystore.KeyType(c.KeyType)}
 		if clientNames[c.Name] {
 			e.usage |= UsageClient
 		}
@@ -420,7 +420,7 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 	case "imported":
 		// The key is kept in memory only; the operator's key file is the source of truth
 		// (imported certificates are never renewed, as in ACM).
-		tc, err := tls.LoadX509KeyPair(cfg.Resolve(e.spec.CertFile), cfg.Resolve(orDefault(e.spec.KeyFile, e.spec.CertFile)))
+		tc, err := tls.LoadX509KeyPair(cfg.Resolve(e.spec.CertFile), cfg.Resolve(e.spec.KeyFile))
 		if err != nil {
 			return fmt.Errorf("import %s: %w", e.spec.CertFile, err)
 		}
@@ -1031,13 +1031,6 @@ func normDomains(d []string) []string {
 	}
 	slices.Sort(out)
 	return out
-}
-
-func orDefault(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }
 
 // KeyUsers maps each keystore key that a served certificate or an authority uses to who uses

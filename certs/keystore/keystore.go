@@ -37,9 +37,6 @@ const (
 	RSA4096   KeyType = "rsa-4096"
 )
 
-// DefaultKeyType is used when the configuration leaves key_type empty.
-const DefaultKeyType = ECDSAP256
-
 // ErrNotFound is returned by Signer when no key has the name.
 var ErrNotFound = errors.New("key not found")
 
@@ -107,11 +104,8 @@ func Open(ctx context.Context, cfg configs.Keystore, opt Options) (Keystore, err
 		opt.Log = slog.Default()
 	}
 	switch cfg.Type {
-	case "", "software":
-		mk := cfg.MasterKey
-		if mk == "" {
-			mk = "file:" + filepath.Join(opt.StateDir, "master.key")
-		}
+	case "software":
+		mk := cfg.MasterKey // configs defaults it under state_dir
 		master, err := loadMasterKey(mk, opt.Resolve)
 		if err != nil {
 			return nil, fmt.Errorf("keystore: master key: %w", err)
@@ -121,9 +115,6 @@ func Open(ctx context.Context, cfg configs.Keystore, opt Options) (Keystore, err
 			masterPath = opt.Resolve(strings.TrimPrefix(mk, "file:"))
 		}
 		cache := dekCacheConfig{maxUses: cfg.DataKeyCacheMaxUses, maxAge: cfg.DataKeyCacheMaxAgeDuration()}
-		if cache.maxUses > 0 && cache.maxAge <= 0 {
-			cache.maxAge = 5 * time.Minute // configs.DefaultDataKeyCacheMaxAge, for a Keystore built in Go
-		}
 		s, err := newSoftware(filepath.Join(opt.StateDir, "keys"), master, masterPath, cache, opt.Now)
 		if err != nil {
 			return nil, err
@@ -201,7 +192,7 @@ func validName(name string) error {
 // generateInMemory is the software keystore's key generation.
 func generateInMemory(kt KeyType) (crypto.Signer, error) {
 	switch kt {
-	case "", ECDSAP256:
+	case ECDSAP256:
 		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	case ECDSAP384:
 		return ecdsa.GenerateKey(elliptic.P384(), rand.Reader)

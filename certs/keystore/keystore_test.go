@@ -21,6 +21,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 var token *softhsmtest.Token
@@ -56,7 +57,7 @@ func signVerify(t testing.TB, s crypto.Signer) error {
 func TestSoftwareSealed(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
-	ks, err := Open(ctx, configs.Keystore{}, Options{StateDir: dir})
+	ks, err := Open(ctx, softwareConfig(t, dir, configs.Keystore{}), Options{StateDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +76,7 @@ func TestSoftwareSealed(t *testing.T) {
 	assertNoKeyOnDisk(t, dir, raw)
 
 	// A second keystore over the same state finds the key again.
-	ks2, err := Open(ctx, configs.Keystore{MasterKey: "file:" + filepath.Join(dir, "master.key")}, Options{StateDir: dir})
+	ks2, err := Open(ctx, softwareConfig(t, dir, configs.Keystore{MasterKey: "file:" + filepath.Join(dir, "master.key")}), Options{StateDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +96,7 @@ func TestSoftwareSealed(t *testing.T) {
 	// A wrong master key fails.
 	t.Setenv("TEST_MK", base64.StdEncoding.EncodeToString(make([]byte, 32)))
 	// It is refused at open, before any key is tried.
-	if _, err := Open(ctx, configs.Keystore{MasterKey: "env:TEST_MK"}, Options{StateDir: dir}); err == nil || !strings.Contains(err.Error(), "not the one the keys") {
+	if _, err := Open(ctx, softwareConfig(t, dir, configs.Keystore{MasterKey: "env:TEST_MK"}), Options{StateDir: dir}); err == nil || !strings.Contains(err.Error(), "not the one the keys") {
 		t.Fatalf("opened with the wrong master key: %v", err)
 	}
 	if _, err := ks2.Signer(ctx, "missing"); !errors.Is(err, ErrNotFound) {
@@ -221,7 +222,8 @@ func benchSign(b *testing.B, ks Keystore) {
 
 func BenchmarkSignECDSAP256PKCS11(b *testing.B) { benchSign(b, openHSM(b)) }
 func BenchmarkSignECDSAP256Software(b *testing.B) {
-	ks, err := Open(context.Background(), configs.Keystore{}, Options{StateDir: b.TempDir()})
+	dir := b.TempDir()
+	ks, err := Open(context.Background(), softwareConfig(b, dir, configs.Keystore{}), Options{StateDir: dir})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -300,4 +302,16 @@ func verifyWith(t *testing.T, what string, s crypto.Signer, pub crypto.PublicKey
 	default:
 		t.Fatalf("%s: public key %T", what, pub)
 	}
+}
+
+// softwareConfig is k as the binary runs it: a software keystore under state_dir dir, validated and
+// defaulted by configs (the keystore applies no defaults of its own).
+func softwareConfig(t testing.TB, dir string, k configs.Keystore) configs.Keystore {
+	t.Helper()
+	k.Type = "software"
+	c, err := configtest.Load(dir, configs.Config{Server: configs.Server{StateDir: dir}, Keystore: k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.Keystore
 }

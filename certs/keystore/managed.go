@@ -290,20 +290,13 @@ func (m *Managed) Generate(ctx context.Context, name string, kt KeyType) (crypto
 	}
 	s, err := m.b.Generate(ctx, name, kt)
 	if err == nil {
-		err = m.record(name, "generated", orKT(kt))
+		err = m.record(name, "generated", kt)
 	}
 	m.event(ctx, "generate", name, err)
 	if err != nil {
 		return nil, err
 	}
 	return m.gated(name, s), nil
-}
-
-func orKT(kt KeyType) KeyType {
-	if kt == "" {
-		return DefaultKeyType
-	}
-	return kt
 }
 
 func (m *Managed) Import(ctx context.Context, name string, key crypto.Signer) (crypto.Signer, error) {

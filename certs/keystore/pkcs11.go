@@ -306,7 +306,7 @@ func (k *p11) Generate(ctx context.Context, name string, kt KeyType) (crypto.Sig
 	}
 	var s crypto11.Signer
 	switch kt {
-	case "", ECDSAP256:
+	case ECDSAP256:
 		s, err = st.ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P256())
 	case ECDSAP384:
 		s, err = st.ctx.GenerateECDSAKeyPairWithAttributes(pub, priv, elliptic.P384())

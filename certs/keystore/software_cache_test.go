@@ -18,10 +18,7 @@ import (
 
 func openSoftware(t *testing.T, dir string, cfg configs.Keystore, clk *testClock) *Managed {
 	t.Helper()
-	if cfg.MasterKey == "" {
-		cfg.MasterKey = "file:" + filepath.Join(dir, "master.key")
-	}
-	ks, err := Open(context.Background(), cfg, Options{StateDir: dir, Now: clk.now})
+	ks, err := Open(context.Background(), softwareConfig(t, dir, cfg), Options{StateDir: dir, Now: clk.now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +179,7 @@ func TestMasterKeyRotation(t *testing.T) {
 	m.Close()
 	// The old key is refused at start; the new one opens everything.
 	t.Setenv("OLD_MK", base64.StdEncoding.EncodeToString(old))
-	if _, err := Open(ctx, configs.Keystore{MasterKey: "env:OLD_MK"}, Options{StateDir: dir}); err == nil {
+	if _, err := Open(ctx, softwareConfig(t, dir, configs.Keystore{MasterKey: "env:OLD_MK"}), Options{StateDir: dir}); err == nil {
 		t.Fatal("the old master key was accepted")
 	}
 	m2 := openSoftware(t, dir, configs.Keystore{}, clk)

@@ -75,7 +75,7 @@ func importableType(kt KeyType) error {
 
 // ImportParams starts (or restarts) an import of key material under name.
 func (m *Managed) ImportParams(ctx context.Context, name string, kt KeyType) (*ImportParams, error) {
-	p, err := m.importParams(ctx, name, orKT(kt))
+	p, err := m.importParams(ctx, name, kt)
 	m.event(ctx, "import-params", name, err)
 	return p, err
 }

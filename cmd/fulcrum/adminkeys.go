@@ -197,6 +197,9 @@ func registerKeyRoutes(mux *http.ServeMux, d *daemon) {
 			fail(w, http.StatusBadRequest, err)
 			return
 		}
+		if req.KeyType == "" { // the API's default is the configuration's
+			req.KeyType = configs.DefaultKeyType
+		}
 		p, err := d.managed().ImportParams(r.Context(), r.PathValue("name"), keystore.KeyType(req.KeyType))
 		if err != nil {
 			fail(w, statusOf(err), err)

@@ -216,7 +216,7 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 	case "schedule-deletion":
 		fs.IntVar(&days, "days", keystore.DefaultDeletionDays, "waiting period in days (7 to 30)")
 	case "import-params":
-		fs.StringVar(&kt, "type", string(keystore.DefaultKeyType), "type of the key to import: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
+		fs.StringVar(&kt, "type", configs.DefaultKeyType, "type of the key to import: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
 		fs.StringVar(&out, "out", "", "write NAME.wrapping-key.pem and NAME.import-token in this directory")
 	case "import":
 		fs.StringVar(&wrappedF, "wrapped", "", "the wrapped key material (see the README for the openssl commands)")
