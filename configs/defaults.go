@@ -58,6 +58,14 @@ const (
 	DefaultALPNPolicy       = "None"
 	DefaultFleetPrefix      = "/fulcrum/"
 	DefaultFleetLeaseTTL    = "10s"
+	// A redirect keeps each part of the request it does not set, as ALB's do.
+	DefaultRedirectProtocol = "#{protocol}"
+	DefaultRedirectHost     = "#{host}"
+	DefaultRedirectPort     = "#{port}"
+	DefaultRedirectPath     = "/#{path}"
+	DefaultRedirectQuery    = "#{query}"
+	// A fixed response with a body and no content type is text, as ALB answers; with the charset.
+	DefaultFixedContentType = "text/plain; charset=utf-8"
 )
 
 // applyDefaults fills every setting the operator left out, in place, and synthesizes the target
@@ -188,11 +196,34 @@ func listenerDefaults(l *Listener) {
 	def(&l.ClientAuth.Mode, "off")
 	if l.DefaultAction != nil {
 		forwardDefaults(l.DefaultAction.Forward)
+		redirectDefaults(l.DefaultAction.Redirect)
+		fixedDefaults(l.DefaultAction.FixedResponse)
 	}
 	forwardDefaults(l.Forward)
 	for i := range l.Rules {
 		forwardDefaults(l.Rules[i].Forward)
+		redirectDefaults(l.Rules[i].Redirect)
+		fixedDefaults(l.Rules[i].FixedResponse)
 	}
+}
+
+func fixedDefaults(f *FixedResponse) {
+	if f != nil && f.Body != "" {
+		def(&f.ContentType, DefaultFixedContentType)
+	}
+}
+
+func redirectDefaults(r *Redirect) {
+	if r == nil {
+		return
+	}
+	def(&r.Protocol, DefaultRedirectProtocol)
+	def(&r.Host, DefaultRedirectHost)
+	if r.Port == nil {
+		r.Port = DefaultRedirectPort
+	}
+	def(&r.Path, DefaultRedirectPath)
+	def(&r.Query, DefaultRedirectQuery)
 }
 
 // classicGroup translates a classic listener's instances, backend protocol, health check and

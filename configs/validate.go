@@ -1347,11 +1347,11 @@ func (v *validator) redirect(s scope, f string, r *Redirect) {
 	default:
 		s.errf(f+".status", "%s.status %d is not 301, 302, 307 or 308", f, r.Status)
 	}
-	// ALB defaults: protocol "#{protocol}", host "#{host}", port "#{port}", path "/#{path}",
-	// query "#{query}". A redirect to exactly those sends the client back here forever.
+	// A redirect to exactly the request's own parts (the defaults) sends the client back here
+	// forever. An invalid port is left "" and counts as kept: its own error is reported above.
 	keep := func(val, token string) bool { return val == "" || strings.EqualFold(val, token) }
-	if keep(r.Protocol, "#{protocol}") && keep(r.Host, "#{host}") && keep(r.port, "#{port}") &&
-		keep(r.Path, "/#{path}") && keep(r.Query, "#{query}") {
+	if keep(r.Protocol, DefaultRedirectProtocol) && keep(r.Host, DefaultRedirectHost) && keep(r.port, DefaultRedirectPort) &&
+		keep(r.Path, DefaultRedirectPath) && keep(r.Query, DefaultRedirectQuery) {
 		s.errf(f, "%s changes nothing and would loop: set at least one of protocol, host, port, path or query", f)
 	}
 }

@@ -49,7 +49,7 @@ type Action struct {
 	total int
 }
 
-// RedirectAction is an ALB redirect. The component fields are templates, already defaulted as
+// RedirectAction is an ALB redirect. The component fields are templates, defaulted by configs as
 // ALB does (protocol "#{protocol}", host "#{host}", port "#{port}", path "/#{path}", query
 // "#{query}"); RedirectLocation expands them.
 type RedirectAction struct {
@@ -275,99 +275,36 @@ func compileAction(a configs.Action) (*Action, error) {
 	case a.Forward != nil:
 		return compileForward(a.Forward)
 	case a.Redirect != nil:
-		rd, err := compileRedirect(a.Redirect)
-		if err != nil {
-			return nil, fmt.Errorf("redirect: %w", err)
-		}
-		return &Action{Kind: ActionRedirect, Redirect: rd}, nil
+		return &Action{Kind: ActionRedirect, Redirect: compileRedirect(a.Redirect)}, nil
 	default:
 		return &Action{Kind: ActionFixedResponse, Fixed: compileFixed(a.FixedResponse)}, nil
 	}
 }
 
 func compileForward(fw configs.Forward) (*Action, error) {
-	if len(fw) == 0 {
-		return nil, errors.New("forward needs at least one target group")
-	}
 	a := &Action{Kind: ActionForward, Groups: make([]string, len(fw)), Weights: make([]int, len(fw)), cum: make([]int, len(fw))}
 	for i, g := range fw {
-		if g.Group == "" {
-			return nil, fmt.Errorf("forward[%d] has no group", i)
-		}
-		if g.Weight < 0 {
-			return nil, fmt.Errorf("forward[%d] (%q) has negative weight %d", i, g.Group, g.Weight)
-		}
 		a.Groups[i], a.Weights[i] = g.Group, g.Weight
 		a.total += g.Weight
-	}
-	// Validation refuses an all-zero forward. A configuration built in code without weights
-	// (zero values) gets equal shares rather than a division by zero.
-	equal := a.total == 0
-	a.total = 0
-	for i, w := range a.Weights {
-		if equal {
-			w = 1
-		}
-		a.total += w
 		a.cum[i] = a.total
+	}
+	if a.total <= 0 { // validation refuses it; PickGroup would divide by zero
+		return nil, errors.New("forward has no group with a positive weight")
 	}
 	return a, nil
 }
 
-func compileRedirect(r *configs.Redirect) (*RedirectAction, error) {
-	switch r.Status {
-	case 301, 302, 307, 308:
-	default:
-		return nil, fmt.Errorf("status %d is not 301, 302, 307 or 308", r.Status)
-	}
-	port := r.PortValue()
-	if port == "" && r.Port != nil { // not validated: read the raw value
-		switch p := r.Port.(type) {
-		case int64:
-			port = strconv.FormatInt(p, 10)
-		case int:
-			port = strconv.Itoa(p)
-		case string:
-			port = p
-		default:
-			return nil, fmt.Errorf("port %v is not a number or \"#{port}\"", r.Port)
-		}
-	}
-	rd := &RedirectAction{
-		Status:   r.Status,
-		Protocol: orDefault(r.Protocol, "#{protocol}"),
-		Host:     orDefault(r.Host, "#{host}"),
-		Port:     orDefault(port, "#{port}"),
-		Path:     orDefault(r.Path, "/#{path}"),
-		Query:    orDefault(r.Query, "#{query}"),
-	}
-	switch strings.ToUpper(rd.Protocol) {
-	case "HTTP", "HTTPS", "#{PROTOCOL}":
-	default:
-		return nil, fmt.Errorf("protocol %q is not HTTP, HTTPS or #{protocol}", r.Protocol)
-	}
+// compileRedirect parses the templates of a validated redirect (configs has applied ALB's
+// defaults and parsed the port).
+func compileRedirect(r *configs.Redirect) *RedirectAction {
+	rd := &RedirectAction{Status: r.Status, Protocol: r.Protocol, Host: r.Host, Port: r.PortValue(), Path: r.Path, Query: r.Query}
 	rd.proto, rd.host, rd.port = parseTemplate(rd.Protocol), parseTemplate(rd.Host), parseTemplate(rd.Port)
 	rd.path, rd.query = parseTemplate(rd.Path), parseTemplate(rd.Query)
-	return rd, nil
-}
-
-func orDefault(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
+	return rd
 }
 
 func compileFixed(f *configs.FixedResponse) *FixedAction {
-	fx := &FixedAction{Status: f.Status, ContentType: f.ContentType, Body: []byte(f.Body), ContentLength: strconv.Itoa(len(f.Body))}
-	if fx.Status == 0 {
-		fx.Status = http.StatusOK
-	}
-	if fx.ContentType == "" && len(fx.Body) > 0 {
-		// ALB answers text/plain when no content type is given; say the charset too.
-		fx.ContentType = "text/plain; charset=utf-8"
-	}
-	return fx
+	return &FixedAction{Status: f.Status, ContentType: f.ContentType, Body: []byte(f.Body), ContentLength: strconv.Itoa(len(f.Body))}
 }
 
 // ---- header operations

@@ -79,7 +79,9 @@ const maxIndexedHost = 256
 // Compile builds the table of listener l. Application listeners use l.Rules and
 // l.DefaultAction; network tcp listeners with SNI rules use l.Rules (hosts only) and l.Forward
 // as the default. Listener-level header operations (classic listeners) belong to the default.
-// l is expected to be validated; Compile still checks what it relies on and never panics.
+// l must come from configs.Load: defaults (redirect parts, weights, fixed-response content
+// type) and parsing (source_ips, redirect port) are configs' job. Compile refuses only what it
+// could not compile without panicking.
 func Compile(l *configs.Listener) (*Table, error) {
 	if l == nil {
 		return nil, errors.New("router: nil listener")
@@ -180,29 +182,7 @@ func compileRule(c *configs.Rule) (*Rule, error) {
 	for _, p := range c.SourcePrefixes() {
 		r.sources = append(r.sources, unmapPrefix(p))
 	}
-	if len(r.sources) == 0 && len(c.SourceIPs) > 0 { // not validated: parse here
-		for _, s := range c.SourceIPs {
-			p, err := parsePrefix(s)
-			if err != nil {
-				return nil, err
-			}
-			r.sources = append(r.sources, p)
-		}
-	}
 	return r, nil
-}
-
-// parsePrefix accepts a CIDR or a single address.
-func parsePrefix(s string) (netip.Prefix, error) {
-	if p, err := netip.ParsePrefix(s); err == nil {
-		return unmapPrefix(p), nil
-	}
-	a, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Prefix{}, fmt.Errorf("source_ips %q is not a CIDR or an address", s)
-	}
-	a = a.Unmap()
-	return netip.PrefixFrom(a, a.BitLen()), nil
 }
 
 // unmapPrefix turns an IPv4-mapped IPv6 prefix (::ffff:192.0.2.0/120) into its IPv4 form and

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 func fw(groups ...string) configs.Forward {
@@ -29,13 +30,55 @@ func app(rules ...configs.Rule) *configs.Listener {
 	}
 }
 
+// mustCompile compiles l as the runtime sees it: validated and defaulted by configs.Load.
 func mustCompile(t testing.TB, l *configs.Listener) *Table {
 	t.Helper()
-	tb, err := Compile(l)
+	v, err := validated(l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := Compile(v)
 	if err != nil {
 		t.Fatalf("Compile: %v", err)
 	}
 	return tb
+}
+
+// validated loads l through configs (configtest) with a target group for every group it
+// forwards to, and returns the loaded listener. Application listeners default to HTTP.
+func validated(l *configs.Listener) (*configs.Listener, error) {
+	c := *l
+	if c.Style == "" {
+		c.Style, c.Protocol = "application", "http"
+	}
+	c.Address = "127.0.0.1:8080"
+	groupProto := "http"
+	if c.Style == "network" {
+		groupProto = c.Protocol
+	}
+	var groups []configs.TargetGroup
+	seen := map[string]bool{}
+	add := func(fw configs.Forward) {
+		for _, g := range fw {
+			if g.Group != "" && !seen[g.Group] {
+				seen[g.Group] = true
+				groups = append(groups, configs.TargetGroup{Name: g.Group, Protocol: groupProto,
+					Targets: []configs.Target{{Address: "127.0.0.1:9"}}, HealthCheck: &configs.HealthCheck{Disabled: true}})
+			}
+		}
+	}
+	if c.DefaultAction != nil {
+		add(c.DefaultAction.Forward)
+	}
+	add(c.Forward)
+	for _, r := range c.Rules {
+		add(r.Forward)
+	}
+	loaded, err := configtest.Load("", configs.Config{Listeners: []configs.Listener{c}, TargetGroups: groups})
+	if err != nil {
+		return nil, err
+	}
+	return &loaded.Listeners[0], nil
 }
 
 type req struct {
@@ -268,17 +311,22 @@ func TestCompileErrors(t *testing.T) {
 		{"bad source", app(configs.Rule{Priority: 1, SourceIPs: []string{"nope"}, Forward: fw("a")}), "not a CIDR"},
 		{"bad redirect status", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Redirect: &configs.Redirect{Host: "x", Status: 200}}), "status 200"},
 		{"bad redirect protocol", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Redirect: &configs.Redirect{Protocol: "ftp", Status: 301}}), "protocol"},
-		{"negative weight", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{{Group: "a", Weight: -1}}}), "negative"},
-		{"empty forward", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{}}), "at least one"},
-		{"empty group", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{{Weight: 1}}}), "no group"},
+		{"negative weight", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{{Group: "a", Weight: 2}, {Group: "b", Weight: -1}}}), "out of range"},
+		{"empty forward", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{}}), "no group with a positive weight"},
+		{"empty group", app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: configs.Forward{{Weight: 1}}}), "needs group"},
 		{"empty host pattern", app(configs.Rule{Priority: 1, Hosts: []string{"."}, Forward: fw("a")}), "empty host"},
 		{"header without values", app(configs.Rule{Priority: 1, Headers: map[string][]string{"x": {}}, Forward: fw("a")}), "header condition"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
+			// Compile refuses what it cannot compile without panicking; what it leaves to
+			// validation must then be refused by configs, so the runtime never sees it.
 			_, err := Compile(tc.l)
+			if err == nil {
+				_, err = validated(tc.l)
+			}
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("Compile error = %v, want it to mention %q", err, tc.want)
+				t.Fatalf("error = %v, want it to mention %q", err, tc.want)
 			}
 		})
 	}
@@ -354,9 +402,8 @@ func TestPickGroup(t *testing.T) {
 	if single.PickGroup(12345) != 0 {
 		t.Error("single group not 0")
 	}
-	equal, _ := compileForward(configs.Forward{{Group: "x"}, {Group: "y"}}) // weights never set
-	if equal.PickGroup(0) != 0 || equal.PickGroup(1) != 1 {
-		t.Error("all-zero weights should share equally")
+	if _, err := compileForward(configs.Forward{{Group: "x"}, {Group: "y"}}); err == nil { // configs refuses it; never divide by zero
+		t.Error("all-zero weights compiled")
 	}
 	if n := testing.AllocsPerRun(100, func() { a.PickGroup(rng.Uint64()) }); n != 0 {
 		t.Errorf("PickGroup allocates %v times", n)
@@ -474,14 +521,14 @@ func TestHeaderOps(t *testing.T) {
 		t.Error("empty ops should compile to nil")
 	}
 
-	// Rule and listener level ops reach the compiled rules.
-	l := app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: fw("a"),
-		RequestHeaders: &configs.HeaderOps{Set: map[string]string{"x-a": "1"}}, ResponseHeaders: &configs.HeaderOps{Remove: []string{"server"}}})
-	l.RequestHeaders = &configs.HeaderOps{Add: map[string]string{"x-classic": "1"}}
-	tb := mustCompile(t, l)
+	// Rule ops reach their rule; a classic listener's ops reach its default action.
+	tb := mustCompile(t, app(configs.Rule{Priority: 1, Paths: []string{"/a"}, Forward: fw("a"),
+		RequestHeaders: &configs.HeaderOps{Set: map[string]string{"x-a": "1"}}, ResponseHeaders: &configs.HeaderOps{Remove: []string{"server"}}}))
 	if r := tb.Rules()[1]; r.RequestHeaders == nil || r.RequestHeaders.Set[0].Name != "X-A" || r.ResponseHeaders.Remove[0] != "Server" {
 		t.Errorf("rule ops not compiled: %+v %+v", r.RequestHeaders, r.ResponseHeaders)
 	}
+	tb = mustCompile(t, &configs.Listener{Name: "c", Style: "classic", Protocol: "http",
+		Instances: []configs.Target{{Address: "127.0.0.1:9"}}, RequestHeaders: &configs.HeaderOps{Add: map[string]string{"x-classic": "1"}}})
 	if d := tb.Default(); d.RequestHeaders == nil || d.RequestHeaders.Add[0].Name != "X-Classic" {
 		t.Errorf("listener ops not on the default: %+v", d.RequestHeaders)
 	}
@@ -543,7 +590,7 @@ func TestIndexAgreesWithLinearScan(t *testing.T) {
 			for range rng.IntN(3) {
 				r.Hosts = append(r.Hosts, hosts[rng.IntN(len(hosts))])
 			}
-			if rng.IntN(2) == 0 {
+			if rng.IntN(2) == 0 || len(r.Hosts) == 0 { // a rule needs a condition
 				r.Paths = []string{paths[rng.IntN(len(paths))]}
 			}
 			rules = append(rules, r)
@@ -599,7 +646,10 @@ func FuzzCompile(f *testing.F) {
 		if src != "" {
 			rule.SourceIPs = []string{src}
 		}
-		l := app(rule, configs.Rule{Priority: 2, Hosts: []string{"exact.test", strings.ToUpper(host) + "x"}, Forward: fw("two")})
+		l, err := validated(app(rule, configs.Rule{Priority: 2, Hosts: []string{"exact.test", strings.ToUpper(host) + "x"}, Forward: fw("two")}))
+		if err != nil {
+			return // configs refuses it: the runtime never compiles it
+		}
 		tb, err := Compile(l)
 		if err != nil {
 			return
