@@ -152,6 +152,9 @@ type countedConn struct {
 	closed atomic.Bool
 }
 
+// RawTCP says reads and writes go straight to the socket, so a body may be spliced from it.
+func (c *countedConn) RawTCP() *net.TCPConn { return c.TCPConn }
+
 func (c *countedConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
 		c.ctr.Add(-1)

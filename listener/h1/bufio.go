@@ -383,6 +383,16 @@ func copySized(dst *Writer, src *Reader, n int64) (int64, error) {
 			if err := dst.Flush(); err != nil {
 				return done, err
 			}
+			if n >= 0 {
+				// Nothing buffered either way: a large rest goes socket to socket.
+				if m, ok, err := spliceBody(dst, src, n-done); ok {
+					done += m
+					if err != nil {
+						return done, err
+					}
+					continue
+				}
+			}
 			if err := src.Fill(64 << 10); err != nil {
 				if n < 0 && err == io.EOF {
 					return done, nil
