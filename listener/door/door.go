@@ -167,13 +167,16 @@ func (l *Listener) acceptLoop() {
 		g := l.gen.Load()
 		// The one accept-time check of every kind.
 		if g.Front.MaxConns > 0 && l.active.Load() >= int64(g.Front.MaxConns) {
-			c.Close() // max_connections: shed at once rather than queue
+			// max_connections: shed at once rather than queue. Counted before the close, so
+			// whoever sees the close also sees the count.
 			l.maxConnsRejected.Add(1)
+			c.Close()
 			continue
 		}
 		pc, err := g.Front.Proxy.Conn(c)
 		if err != nil {
-			l.untrusted.Add(1) // an untrusted source, closed by the layer
+			l.untrusted.Add(1) // an untrusted source: counted, then closed
+			c.Close()
 			continue
 		}
 		if !l.track(c) {

@@ -236,8 +236,8 @@ func NewLayer(cfg Config) *Layer {
 	return l
 }
 
-// Conn closes c and returns an error wrapping ErrUntrusted when c does not come from a trusted
-// proxy; otherwise it returns c behind the PROXY layer (the header is read lazily, on the
+// Conn returns an error wrapping ErrUntrusted when c does not come from a trusted proxy (the
+// caller closes c, after counting it, so a peer never sees the close before the count); otherwise it returns c behind the PROXY layer (the header is read lazily, on the
 // connection's own goroutine, under the header timeout).
 func (l *Layer) Conn(c net.Conn) (net.Conn, error) {
 	if l == nil {
@@ -245,7 +245,6 @@ func (l *Layer) Conn(c net.Conn) (net.Conn, error) {
 	}
 	pol, err := policy(l.trusted)(proxyproto.ConnPolicyOptions{Upstream: c.RemoteAddr(), Downstream: c.LocalAddr()})
 	if err != nil || pol != proxyproto.REQUIRE {
-		c.Close()
 		if err == nil {
 			err = ErrUntrusted
 		}
