@@ -83,7 +83,9 @@ func (l *Listener) ForwarderPrefixes() []netip.Prefix { return l.trustedForwarde
 func (l *Listener) ClientBodyTimeoutDuration() time.Duration { return l.clientBodyTimeout }
 func (l *Listener) SendTimeoutDuration() time.Duration       { return l.sendTimeout }
 
-// IdleTimeoutDuration and HeaderTimeoutDuration are the listener's parsed timeouts.
+// IdleTimeoutDuration and HeaderTimeoutDuration are the listener's parsed timeouts. On a network
+// listener (no header_timeout key) HeaderTimeoutDuration is the default header_timeout, which
+// bounds its TLS handshake or ClientHello peek.
 func (l *Listener) IdleTimeoutDuration() time.Duration   { return l.idleTimeout }
 func (l *Listener) HeaderTimeoutDuration() time.Duration { return l.headerTimeout }
 

@@ -911,6 +911,9 @@ func (v *validator) listener(s scope, l *Listener, binds map[uint16][]bind, prio
 				s.errf(f.key, "%s applies to http and https listeners, not %q", f.key, l.Protocol)
 			}
 		}
+		// No header_timeout key here, but a TLS handshake or ClientHello peek still needs a
+		// bound: the same default, given here so the runtime holds no default of its own.
+		l.headerTimeout = v.duration(s, "header_timeout", DefaultHeaderTimeout, true)
 	}
 	l.idleTimeout = v.duration(s, "idle_timeout", l.IdleTimeout, true)
 	if l.MaxConnections < 0 {

@@ -148,6 +148,9 @@ func mustState(t testing.TB, c Config) *State {
 	if c.ConnectTimeout == 0 {
 		c.ConnectTimeout = 10 * time.Second
 	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
 	st, err := NewState(c)
 	if err != nil {
 		t.Fatal(err)

@@ -126,16 +126,13 @@ type Config struct {
 	ALPN ALPNPolicy
 	// IdleTimeout closes a connection with no bytes in either direction (idle_timeout).
 	IdleTimeout time.Duration
-	// HandshakeTimeout bounds the TLS handshake or ClientHello peek (0: DefaultHandshakeTimeout;
-	// not a configuration key for network listeners).
+	// HandshakeTimeout bounds the TLS handshake or ClientHello peek (the listener's
+	// header_timeout, from configs).
 	HandshakeTimeout time.Duration
 	// ConnectTimeout bounds DialFor, all attempts included (the groups' connect_timeout; the
 	// dialer may have a shorter per-attempt timeout).
 	ConnectTimeout time.Duration
 }
-
-// DefaultHandshakeTimeout bounds a network listener's TLS handshake or ClientHello peek.
-const DefaultHandshakeTimeout = 10 * time.Second
 
 // State is one immutable generation of a listener.
 type State struct {
@@ -149,11 +146,8 @@ func NewState(c Config) (*State, error) {
 	if c.Dialer == nil {
 		return nil, errors.New("l4: state needs a Dialer")
 	}
-	if c.IdleTimeout <= 0 || c.ConnectTimeout <= 0 {
-		return nil, fmt.Errorf("l4: idle timeout %v and connect timeout %v must be set (validated configuration)", c.IdleTimeout, c.ConnectTimeout)
-	}
-	if c.HandshakeTimeout <= 0 {
-		c.HandshakeTimeout = DefaultHandshakeTimeout
+	if c.IdleTimeout <= 0 || c.ConnectTimeout <= 0 || c.HandshakeTimeout <= 0 {
+		return nil, fmt.Errorf("l4: idle timeout %v, connect timeout %v and handshake timeout %v must be set (validated configuration)", c.IdleTimeout, c.ConnectTimeout, c.HandshakeTimeout)
 	}
 	s := &State{cfg: c, tick: idleTick(c.IdleTimeout)}
 	switch c.Mode {
