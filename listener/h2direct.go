@@ -45,7 +45,11 @@ func newH2Handler(srv *httpServer) *h2Handler {
 	return &h2Handler{srv: srv, bridge: h2.HTTPHandler(noConnect(http.HandlerFunc(srv.serveHTTP)))}
 }
 
-var h2ExchangePool = sync.Pool{New: func() any { return new(h2Exchange) }}
+var h2ExchangePool = sync.Pool{New: func() any {
+	x := new(h2Exchange)
+	x.onTrailer = x.addTrailer // bound once: a method value made per stream would allocate
+	return x
+}}
 
 // ServeH2 implements h2.Handler.
 func (h *h2Handler) ServeH2(s *h2.Stream) {
@@ -91,6 +95,12 @@ type h2Exchange struct {
 	head   []byte
 	fields []hpack.HeaderField
 	extra  [1]router.HeaderValue
+
+	// A chunked response's trailer section: lower-case names and values back to back in trail,
+	// each field's name start, value start and end in trailAt.
+	trail     []byte
+	trailAt   []int
+	onTrailer func(name, value []byte)
 }
 
 func (x *h2Exchange) release() {
@@ -103,6 +113,7 @@ func (x *h2Exchange) release() {
 	x.out = h1.Outgoing{}
 	clear(x.fields[:cap(x.fields)])
 	x.fields = x.fields[:0]
+	x.trail, x.trailAt = x.trail[:0], x.trailAt[:0]
 }
 
 // directPath reports whether p can be routed here as is: origin form, no control bytes, valid
@@ -485,7 +496,13 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 		if rt > 0 {
 			x.tr.SetTimeout(conn, rt, 0)
 		}
-		_, cerr := h1.CopyBody(&x.bw, &x.tr, resp.Framing, resp.ContentLength, h1.UntilClose)
+		var cerr error
+		if resp.Framing == h1.Chunked {
+			// Unchunked into DATA frames; the trailer section is kept for a final HEADERS.
+			_, cerr = h1.CopyChunkedTrailers(&x.bw, &x.tr, x.onTrailer)
+		} else {
+			_, cerr = h1.CopyBody(&x.bw, &x.tr, resp.Framing, resp.ContentLength, h1.UntilClose)
+		}
 		x.tr.SetTimeout(nil, 0, 0)
 		if cerr == nil {
 			cerr = x.bw.Flush()
@@ -505,7 +522,11 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 			s.Reset(http2.ErrCodeCancel)
 			return false
 		}
-		err = s.WriteData(nil, true)
+		if len(x.trailAt) > 0 {
+			err = s.WriteTrailers(x.trailerFields())
+		} else {
+			err = s.WriteData(nil, true)
+		}
 	}
 	// The target's part is over: out of the in-flight count before the client sees the end.
 	x.releaseTarget()
@@ -585,6 +606,57 @@ func (x *h2Exchange) responseFields(rule *router.Rule, extra []router.HeaderValu
 		}
 		x.fields = append(x.fields, hpack.HeaderField{Name: h1.Str(name), Value: h1.Str(line[colon+2:])})
 	}
+}
+
+// addTrailer keeps one field of a chunked response's trailer section (x.onTrailer), unless it
+// may not be a trailer.
+func (x *h2Exchange) addTrailer(name, value []byte) {
+	start := len(x.trail)
+	for _, c := range name {
+		if c >= 'A' && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		x.trail = append(x.trail, c)
+	}
+	if !trailerAllowed(x.trail[start:]) {
+		x.trail = x.trail[:start]
+		return
+	}
+	mid := len(x.trail)
+	x.trail = append(x.trail, value...)
+	x.trailAt = append(x.trailAt, start, mid, len(x.trail))
+}
+
+// trailerFields is the kept trailer section as HPACK fields viewing x.trail (x.fields reused:
+// the response head was encoded when it was queued).
+func (x *h2Exchange) trailerFields() []hpack.HeaderField {
+	x.fields = x.fields[:0]
+	b := h1.Str(x.trail)
+	for i := 0; i+2 < len(x.trailAt); i += 3 {
+		a, m, e := x.trailAt[i], x.trailAt[i+1], x.trailAt[i+2]
+		x.fields = append(x.fields, hpack.HeaderField{Name: b[a:m], Value: b[m:e]})
+	}
+	return x.fields
+}
+
+// trailerAllowed reports whether a trailer field (lower-case name) may be passed on in an
+// HTTP/2 trailer section. Left out: connection-specific fields, which make an HTTP/2 field
+// section malformed (RFC 9113 section 8.2.2), and the fields that cannot be processed after the
+// content (RFC 9110 section 6.5.1: framing, routing, authentication, request modifiers,
+// response controls, content format): the list net/http and x/net/http2's server refuse as
+// trailers (httpguts.ValidTrailerHeader), plus upgrade.
+func trailerAllowed(name []byte) bool {
+	if len(name) >= 3 && string(name[:3]) == "if-" {
+		return false
+	}
+	switch string(name) {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
+		"trailer", "content-length", "content-range", "content-type", "content-encoding",
+		"host", "authorization", "proxy-authorization", "proxy-authenticate", "www-authenticate",
+		"realm", "expect", "max-forwards", "range", "cache-control", "pragma":
+		return false
+	}
+	return true
 }
 
 func isIdempotentMethod(m string) bool {
