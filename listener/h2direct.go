@@ -101,6 +101,27 @@ type h2Exchange struct {
 	trail     []byte
 	trailAt   []int
 	onTrailer func(name, value []byte)
+
+	dl streamDeadline // the body reads' deadline setter (target_read_timeout)
+}
+
+// streamDeadline sets the target connection's read deadline before each body read (h1.Reader's
+// per-read timeout) and then looks at the stream: a reset that moved the deadline to the past
+// (SetInterrupt) just before this call is put back, instead of being overwritten with
+// target_read_timeout from now, which would hold the worker (and the target's connection) for
+// that long after the client left. The stream marks itself closed before it moves the
+// deadline, so one of the two always comes last with the past deadline.
+type streamDeadline struct {
+	conn net.Conn
+	s    *h2.Stream
+}
+
+func (d *streamDeadline) SetReadDeadline(t time.Time) error {
+	err := d.conn.SetReadDeadline(t)
+	if d.s.Closed() {
+		return d.conn.SetReadDeadline(time.Unix(1, 0))
+	}
+	return err
 }
 
 func (x *h2Exchange) release() {
@@ -108,6 +129,7 @@ func (x *h2Exchange) release() {
 	x.tw.Reset(nil)
 	x.bw.Reset(nil)
 	x.s, x.st, x.held = nil, nil, nil
+	x.dl = streamDeadline{}
 	x.hdr.f = nil
 	x.rec = RequestRecord{}
 	x.out = h1.Outgoing{}
@@ -494,7 +516,8 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 			break
 		}
 		if rt > 0 {
-			x.tr.SetTimeout(conn, rt, 0)
+			x.dl = streamDeadline{conn: conn, s: s}
+			x.tr.SetTimeout(&x.dl, rt, 0)
 		}
 		var cerr error
 		if resp.Framing == h1.Chunked {

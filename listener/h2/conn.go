@@ -725,6 +725,7 @@ func (c *conn) closeStreamLocked(s *Stream, err error) {
 	if s.err == nil {
 		s.err = err
 	}
+	s.aborted.Store(true) // before the interrupt below: see Closed
 	c.forgetLocked(s)
 	if s.cancel != nil {
 		s.cancel()

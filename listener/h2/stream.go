@@ -8,6 +8,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -61,6 +62,10 @@ type Stream struct {
 	wake      chan struct{}
 	intr      interface{ SetReadDeadline(time.Time) error } // see SetInterrupt
 
+	// aborted: reset or its connection closed (closeStreamLocked), set before the interrupt's
+	// deadline moves; read without the lock by Closed, which a handler may call per read.
+	aborted atomic.Bool
+
 	// handler-side
 	headDone, ended bool
 	hasBody         bool
@@ -102,12 +107,10 @@ func (s *Stream) SetInterrupt(d interface{ SetReadDeadline(time.Time) error }) {
 	s.c.mu.Unlock()
 }
 
-// Closed reports whether the stream was reset or its connection closed.
-func (s *Stream) Closed() bool {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return s.state == stateClosed && s.err != nil
-}
+// Closed reports whether the stream was reset or its connection closed. It takes no lock: a
+// handler that sets its target connection's read deadline before every read checks it after
+// each (see SetInterrupt), and the connection's workers would otherwise contend on its mutex.
+func (s *Stream) Closed() bool { return s.aborted.Load() }
 
 // Context is cancelled when the stream is reset or its connection closes. It is created on
 // first use.
