@@ -38,6 +38,9 @@ type conn struct {
 	cfg *Config
 	nc  net.Conn
 	rf  *http2.Framer // reader's
+	hb  *headerBlock  // reader's
+	// reader's: where streams' request fields are kept (keepFields)
+	slab []hpack.HeaderField
 
 	mu      sync.Mutex
 	out     bytes.Buffer  // frames queued for the writer
@@ -101,8 +104,9 @@ func newConn(srv *Server, nc net.Conn) *conn {
 	c.rf = http2.NewFramer(nil, nc)
 	c.rf.SetReuseFrames()
 	c.rf.SetMaxReadFrameSize(srv.cfg.MaxFrameSize)
-	c.rf.MaxHeaderListSize = srv.cfg.MaxHeaderListSize
-	c.rf.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	// Header blocks are decoded here (headerBlock), not by the Framer (ReadMetaHeaders), so
+	// that a stream's head costs no allocation beyond its Stream.
+	c.hb = newHeaderBlock(srv.cfg.MaxHeaderListSize)
 	return c
 }
 
@@ -212,8 +216,19 @@ func (c *conn) control() error {
 
 func (c *conn) process(f http2.Frame) error {
 	switch f := f.(type) {
-	case *http2.MetaHeadersFrame:
-		return c.onHeaders(f)
+	case *http2.HeadersFrame:
+		done, err := c.hb.begin(f)
+		if !done || err != nil {
+			return err
+		}
+		return c.onHeaders(c.hb.frame())
+	case *http2.ContinuationFrame:
+		// The Framer lets through only CONTINUATION frames of the open block.
+		done, err := c.hb.more(f)
+		if !done || err != nil {
+			return err
+		}
+		return c.onHeaders(c.hb.frame())
 	case *http2.DataFrame:
 		return c.onData(f)
 	case *http2.SettingsFrame:
@@ -248,8 +263,6 @@ func (c *conn) process(f http2.Frame) error {
 		return nil
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(errCodeProtocol)
-	case *http2.ContinuationFrame:
-		return http2.ConnectionError(errCodeProtocol) // the Framer merges legal ones
 	}
 	return nil // unknown frame types are ignored (RFC 9113 section 4.1)
 }
@@ -417,7 +430,6 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	s.sendWin = c.peerInitWin
 	s.recvWin = int64(c.cfg.InitialWindowSize)
-	s.wake = make(chan struct{}, 1)
 	if len(c.streams) == 0 {
 		c.idle.Stop()
 	}
@@ -454,7 +466,7 @@ func (c *conn) onTrailersLocked(s *Stream, f *http2.MetaHeadersFrame) error {
 	if s.ContentLength >= 0 && s.received != s.ContentLength {
 		return http2.StreamError{StreamID: s.id, Code: errCodeProtocol}
 	}
-	s.trailers = f.RegularFields()
+	s.trailers = c.keepFields(f.RegularFields())
 	s.eof = true
 	c.remoteClosedLocked(s)
 	s.notify()

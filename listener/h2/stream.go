@@ -127,6 +127,16 @@ func (s *Stream) Context() context.Context {
 	return s.ctx
 }
 
+// waitChanLocked returns the channel notify wakes the handler with, made on the handler's first
+// wait: most streams (a GET answered at once) never wait and never need one. Called with c.mu
+// held, before the handler lets go of it to wait, so no notify can fall between.
+func (s *Stream) waitChanLocked() chan struct{} {
+	if s.wake == nil {
+		s.wake = make(chan struct{}, 1)
+	}
+	return s.wake
+}
+
 // notify wakes the stream's handler if it waits. Called with c.mu held.
 func (s *Stream) notify() {
 	if s.wake == nil {
@@ -196,7 +206,7 @@ func (s *Stream) parseRequest(f *http2.MetaHeadersFrame) error {
 			}
 		}
 	}
-	s.Header = regular
+	s.Header = s.c.keepFields(regular)
 	return nil
 }
 
@@ -236,6 +246,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 			}
 			return 0, err
 		}
+		s.waitChanLocked()
 		c.mu.Unlock()
 		if timer == nil {
 			timer = time.NewTimer(c.cfg.BodyTimeout)
@@ -393,7 +404,7 @@ func (s *Stream) write(p []byte, end bool) (int, error) {
 			continue
 		}
 		// Wait: for the stream's or the connection's window, or for the writer to drain.
-		var ch <-chan struct{} = s.wake
+		var ch <-chan struct{} = s.waitChanLocked()
 		if n > 0 { // output full
 			if c.drained == nil {
 				c.drained = make(chan struct{})
