@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -102,7 +103,8 @@ type h2Exchange struct {
 	trailAt   []int
 	onTrailer func(name, value []byte)
 
-	dl streamDeadline // the body reads' deadline setter (target_read_timeout)
+	dl   streamDeadline // the body reads' deadline setter (target_read_timeout)
+	sent int64          // body bytes written to the stream directly, not through bw
 }
 
 // streamDeadline sets the target connection's read deadline before each body read (h1.Reader's
@@ -130,6 +132,7 @@ func (x *h2Exchange) release() {
 	x.bw.Reset(nil)
 	x.s, x.st, x.held = nil, nil, nil
 	x.dl = streamDeadline{}
+	x.sent = 0
 	x.hdr.f = nil
 	x.rec = RequestRecord{}
 	x.out = h1.Outgoing{}
@@ -229,7 +232,7 @@ func (x *h2Exchange) serve(st *httpState, s *h2.Stream) bool {
 	x.forward(rule, g, pool, escaped, query, hasQuery, host)
 	x.releaseTarget()
 	rec.Duration = time.Since(rec.Time)
-	rec.BytesOut = x.bw.Written()
+	rec.BytesOut = x.bw.Written() + x.sent
 	if st.obs != nil {
 		st.obs.Request(rec)
 	}
@@ -434,6 +437,12 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 		return false
 	}
 
+	// The target needs a moment to answer, which the connection's other ready workers (and
+	// other connections) use to send their own requests: the first read of the answer then
+	// rarely finds nothing, saving an EAGAIN read, a park and a poller wake-up per stream, as
+	// the HTTP/1 engine does (h1serve.go). When nothing else is ready this returns at once.
+	runtime.Gosched()
+
 	// The response head; 1xx answers relayed as they come.
 	s.SetInterrupt(conn)
 	defer s.SetInterrupt(nil)
@@ -502,14 +511,15 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 	case resp.Framing == h1.NoBody:
 		err = s.WriteHead(resp.Status, x.fields, true)
 	case resp.Framing == h1.Sized && int64(len(body)) >= resp.ContentLength:
-		// The whole body is here: HEADERS and DATA in the same turn of the writer.
+		// The whole body is here: HEADERS and one DATA frame carrying END_STREAM in the same
+		// turn of the writer, straight from the target buffer (no copy through bw, no empty
+		// closing frame). WriteData splits what the windows or the frame size do not allow.
 		body = body[:resp.ContentLength]
 		if err = s.WriteHead(resp.Status, x.fields, false); err == nil {
-			x.bw.Write(body)
-			x.tr.Discard(len(body))
-			if err = x.bw.Flush(); err == nil {
-				err = s.WriteData(nil, true)
+			if err = s.WriteData(body, true); err == nil {
+				x.sent = int64(len(body))
 			}
+			x.tr.Discard(len(body))
 		}
 	default:
 		if err = s.WriteHead(resp.Status, x.fields, false); err != nil {
