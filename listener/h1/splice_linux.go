@@ -38,26 +38,45 @@ const (
 // spliced counts bytes moved by splice (tests check the zero-copy path is taken).
 var spliced atomic.Int64
 
-// pipes is a free list of empty pipes. Not a sync.Pool: a pipe is two descriptors, and a pool
-// that drops an entry would leak them. Past its capacity a pipe is closed.
-var pipes = make(chan *pipe, 256)
+// Pipes are held only while bytes are in them: a body whose source is quiet waits for data
+// without one (a slow upload or a stalled target pins no descriptors), and a pipe that has been
+// emptied goes back at once. A few empty ones are kept for the next round; not in a sync.Pool,
+// which would drop them without closing their descriptors. At most maxPipes are open at once
+// (HAProxy's maxpipes): past that, bodies are copied through the buffers, so a flood of slow
+// clients cannot turn every connection into three descriptors.
+const (
+	keptPipes = 8
+	maxPipes  = 1024
+)
+
+var (
+	pipes     = make(chan *pipe, keptPipes)
+	openPipes atomic.Int64
+)
 
 type pipe struct{ r, w int }
 
-func getPipe() (*pipe, error) {
+// getPipe returns an empty pipe, or nil when maxPipes are open or the process is out of
+// descriptors.
+func getPipe() *pipe {
 	select {
 	case p := <-pipes:
-		return p, nil
+		return p
 	default:
+	}
+	if openPipes.Add(1) > maxPipes {
+		openPipes.Add(-1)
+		return nil
 	}
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
-		return nil, err
+		openPipes.Add(-1)
+		return nil
 	}
-	return &pipe{r: fds[0], w: fds[1]}, nil
+	return &pipe{r: fds[0], w: fds[1]}
 }
 
-// putPipe keeps an empty pipe for the next body; a pipe that still holds bytes is closed.
+// putPipe keeps an empty pipe for the next round; a pipe that still holds bytes is closed.
 func putPipe(p *pipe, empty bool) {
 	if empty {
 		select {
@@ -68,13 +87,14 @@ func putPipe(p *pipe, empty bool) {
 	}
 	unix.Close(p.r)
 	unix.Close(p.w)
+	openPipes.Add(-1)
 }
 
 // spliceBody moves up to n body bytes from src's connection to dst's with splice(2). ok is
-// false when it cannot (not both plain TCP, bytes buffered on either side, a sticky error, no
-// descriptor for a pipe): the caller copies through the buffers instead. On failure the error
-// is recorded where the buffered copy records it: dst.Err() for the destination (sticky, as a
-// write error is), src.Err() for the source unless it is a timeout.
+// false when it moved nothing and cannot (not both plain TCP, bytes buffered on either side, a
+// sticky error, no pipe to be had): the caller copies through the buffers instead. On failure
+// the error is recorded where the buffered copy records it: dst.Err() for the destination
+// (sticky, as a write error is), src.Err() for the source unless it is a timeout.
 func spliceBody(dst *Writer, src *Reader, n int64) (moved int64, ok bool, err error) {
 	if n < spliceMin || dst.n != 0 || src.r != src.w || dst.err != nil || src.err != nil {
 		return 0, false, nil
@@ -92,46 +112,60 @@ func spliceBody(dst *Writer, src *Reader, n int64) (moved int64, ok bool, err er
 	if err != nil {
 		return 0, false, nil
 	}
-	p, err := getPipe()
-	if err != nil {
-		return 0, false, nil // out of descriptors: the buffered copy still works
+	readErr := func(serr error) error {
+		return &net.OpError{Op: "read", Net: "tcp", Source: sc.LocalAddr(), Addr: sc.RemoteAddr(), Err: os.NewSyscallError("splice", serr)}
 	}
-	inPipe := 0
-	defer func() { putPipe(p, inPipe == 0) }()
 
 	for moved < n {
-		// In: what the source has, up to a round, waiting for it under the read deadline.
 		if src.timeout > 0 {
 			src.dl.SetReadDeadline(src.pace.deadline(time.Now(), src.timeout))
 		}
+		p := getPipe()
+		if p == nil {
+			return moved, moved > 0, nil // the rest through the buffers
+		}
+		// In: what the source has now, up to a round, without waiting.
 		want := int(min(n-moved, spliceRound))
 		var in int
 		var serr error
-		rerr := src2.Read(func(fd uintptr) bool {
+		src2.Read(func(fd uintptr) bool {
 			in, serr = spliceRetry(int(fd), p.w, want)
-			return serr != unix.EAGAIN
+			return true
 		})
-		if rerr == nil && serr != nil {
-			rerr = &net.OpError{Op: "read", Net: "tcp", Source: sc.LocalAddr(), Addr: sc.RemoteAddr(), Err: os.NewSyscallError("splice", serr)}
-		}
-		if rerr != nil {
-			if !isTimeout(rerr) {
-				src.err = rerr
+		if serr == unix.EAGAIN {
+			// Nothing yet: give the pipe back and wait for data without it.
+			putPipe(p, true)
+			eof, werr := waitData(src2)
+			if werr == nil && eof {
+				src.err = io.EOF
+				return moved, true, ErrShortBody
 			}
+			if werr != nil {
+				if !isTimeout(werr) {
+					src.err = werr
+				}
+				return moved, true, werr
+			}
+			continue
+		}
+		if serr != nil {
+			putPipe(p, true) // a failed splice in leaves the pipe as it was: empty
+			rerr := readErr(serr)
+			src.err = rerr
 			return moved, true, rerr
 		}
 		if in == 0 {
+			putPipe(p, true)
 			src.err = io.EOF
 			return moved, true, ErrShortBody
 		}
-		inPipe = in
 		src.pace.bytes += int64(in)
 
 		// Out: all of it, waiting for room under the write deadline.
 		if dst.timeout > 0 {
 			dst.dl.SetWriteDeadline(dst.pace.deadline(time.Now(), dst.timeout))
 		}
-		for inPipe > 0 {
+		for inPipe := in; inPipe > 0; {
 			var out int
 			werr := drc.Write(func(fd uintptr) bool {
 				out, serr = spliceRetry(p.r, int(fd), inPipe)
@@ -141,6 +175,7 @@ func spliceBody(dst *Writer, src *Reader, n int64) (moved int64, ok bool, err er
 				werr = &net.OpError{Op: "write", Net: "tcp", Source: dc.LocalAddr(), Addr: dc.RemoteAddr(), Err: os.NewSyscallError("splice", serr)}
 			}
 			if werr != nil {
+				putPipe(p, false)
 				dst.err = werr
 				return moved, true, werr
 			}
@@ -148,10 +183,36 @@ func spliceBody(dst *Writer, src *Reader, n int64) (moved int64, ok bool, err er
 			dst.written += int64(out)
 			dst.pace.bytes += int64(out)
 		}
+		putPipe(p, true)
 		moved += int64(in)
 		spliced.Add(int64(in))
 	}
 	return moved, true, nil
+}
+
+// waitData blocks until c has bytes queued or is at EOF, under c's read deadline, with a
+// non-blocking peek: no pipe and no buffer while the source is quiet.
+func waitData(c syscall.RawConn) (eof bool, err error) {
+	var serr error
+	err = c.Read(func(fd uintptr) bool {
+		var b [1]byte
+		var n int
+		for range 8 { // EINTR, bounded
+			if n, _, serr = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT); serr != syscall.EINTR {
+				break
+			}
+		}
+		if serr == syscall.EAGAIN {
+			serr = nil
+			return false // wait in the poller
+		}
+		eof = serr == nil && n == 0
+		return true
+	})
+	if err == nil && serr != nil {
+		err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("recvfrom", serr)}
+	}
+	return eof, err
 }
 
 // RawTCP is a connection wrapper whose reads and writes go straight to a TCP socket (one that

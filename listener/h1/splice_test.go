@@ -134,3 +134,43 @@ func TestSpliceBodyStalledTarget(t *testing.T) {
 		t.Fatalf("dst.Err() = %v, src.Err() = %v; want both nil", dst.Err(), src.Err())
 	}
 }
+
+// Bodies whose source has gone quiet hold no pipe: a flood of slow uploads or stalled targets
+// costs no descriptors beyond their sockets.
+func TestSpliceQuietSourceHoldsNoPipe(t *testing.T) {
+	const n = 20
+	errs := make(chan error, n)
+	var ins []*net.TCPConn
+	for range n {
+		target, in, out, client := relay(t)
+		ins = append(ins, in)
+		go func() { target.Write(make([]byte, 100<<10)) }() // then nothing
+		received := make(chan struct{})
+		go func() {
+			io.ReadFull(client, make([]byte, 100<<10))
+			close(received)
+			io.Copy(io.Discard, client)
+		}()
+		go func() {
+			src, dst := NewReader(in), NewWriter(out)
+			src.SetTimeout(in, 30*time.Second, 0)
+			_, err := CopyBody(dst, src, Sized, 1<<20, Sized)
+			errs <- err
+		}()
+		<-received
+	}
+	// Every transfer has moved its 100 KiB and now waits for the rest.
+	if inUse := openPipes.Load() - int64(len(pipes)); inUse != 0 {
+		t.Fatalf("%d pipes held by transfers waiting for their source", inUse)
+	}
+	if open := openPipes.Load(); open > keptPipes {
+		t.Fatalf("%d pipes open, more than the %d kept", open, keptPipes)
+	}
+	// Closing the proxy's side ends every transfer.
+	for _, c := range ins {
+		c.Close()
+	}
+	for range n {
+		<-errs
+	}
+}
