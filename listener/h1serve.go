@@ -62,6 +62,7 @@ type h1Session struct {
 	extra [1]router.HeaderValue // Set-Cookie for stickiness
 
 	upload chan error // the running upload's result (exchange), nil when none
+	linger bool       // the client may still be sending: close with lingerClose
 	tmu    sync.Mutex // guards tconn (per session: contended only by a forced close)
 	tconn  net.Conn
 	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)              // the target connection in use, for abort
@@ -106,6 +107,9 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 	}
 	parked := false
 	defer func() {
+		if s.linger && !parked {
+			s.lingerClose() // still tracked: a forced close cuts it short
+		}
 		srv.untrack(s)
 		if !parked {
 			c.Close()
@@ -177,6 +181,7 @@ func (s *h1Session) release() {
 	s.tr.Reset(nil)
 	s.tw.Reset(nil)
 	s.srv, s.c, s.raw, s.tls = nil, nil, nil, nil
+	s.linger = false
 	s.rec = RequestRecord{}
 	s.out = h1.Outgoing{}
 	s.rout = h1.ResponseOut{}
@@ -239,6 +244,43 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 		return false, true
 	}
 	return err == nil, false
+}
+
+// Lingering close, with nginx's defaults (lingering_timeout, lingering_time): how long to wait
+// for each further read, and for all of them.
+const (
+	lingerTimeout = 5 * time.Second
+	lingerTime    = 30 * time.Second
+)
+
+// lingerClose prepares the close of a connection whose client may still be sending (its body
+// was cut short when the target answered first; RFC 9112 section 9.6): the answer is out, so
+// the write side is shut (close_notify over TLS, then FIN), and whatever still arrives is read
+// and dropped until the client closes or goes quiet. Closing with unread bytes would make the
+// kernel reset the connection: the client's pending writes fail (broken pipe) and the reset may
+// discard the answer from its receive buffer before it is read.
+func (s *h1Session) lingerClose() {
+	s.rd.Reset(s.c) // drops what is buffered and the cut upload's sticky timeout
+	if s.tls != nil {
+		s.tls.CloseWrite()
+		if cw, ok := s.tls.NetConn().(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite()
+		}
+	} else if cw, ok := s.c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	end := time.Now().Add(lingerTime)
+	for {
+		dl := time.Now().Add(lingerTimeout)
+		if dl.After(end) {
+			dl = end
+		}
+		s.c.SetReadDeadline(dl)
+		s.rd.Discard(len(s.rd.Buffered()))
+		if s.rd.Fill(64<<10) != nil {
+			return
+		}
+	}
 }
 
 // readHead reads until a complete head is buffered and parses it. The head timeout runs from
@@ -653,24 +695,33 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	bodyDone := true
 	s.upload = nil
 	buffered := s.rd.Buffered()
+	inline := 0
 	switch {
 	case r.Framing == h1.NoBody:
 	case r.Framing == h1.Sized && int64(len(buffered)) >= r.ContentLength && r.ContentLength <= 16<<10 && !r.Expect100:
 		b = append(b, buffered[:r.ContentLength]...)
-		s.rd.Discard(int(r.ContentLength))
-		rec.BytesIn = r.ContentLength
+		inline = int(r.ContentLength)
 	default:
 		bodyDone = false
 	}
 	s.tw.Commit(b)
 	if err := s.tw.Flush(); err != nil {
 		tc.Done(false)
-		if tc.Reused() && bodyDone {
+		// A kept-alive connection the target closed between the pool's peek and this write.
+		// Going again is safe when not a byte of the request left (the write itself found the
+		// connection reset: whatever the method, the target saw nothing), or when the request
+		// is idempotent. A body sent in part is never sent again.
+		if tc.Reused() && (s.tw.Written() == 0 || isIdempotent(r)) {
 			return false, true
 		}
 		target.ReportFailure()
 		s.targetFailed(err, closeAfter)
 		return false, false
+	}
+	if inline > 0 {
+		// Consumed only once written: a retry above finds the body still buffered.
+		s.rd.Discard(inline)
+		rec.BytesIn = r.ContentLength
 	}
 	startUpload := func() {
 		s.upload = make(chan error, 1)
@@ -854,6 +905,9 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		return false, false
 	}
 	uerr := endUpload(uploading)
+	// An answer that came before the end of the body leaves the client sending: the connection
+	// closes, lingering (lingerClose) so that what still arrives does not reset it.
+	s.linger = uploading
 	reuse := !resp.Close && !closeAfter && !uploading && uerr == nil && len(s.tr.Buffered()) == 0 && resp.Framing != h1.UntilClose
 	tc.Done(reuse)
 	if uerr != nil && !uploading {
