@@ -36,6 +36,7 @@ const (
 	sessIdle int32 = iota
 	sessActive
 	sessClosed
+	sessFresh // idle before its first request: a drain leaves it its grace (drainFirstGrace)
 )
 
 // h1Session is one client connection. Pooled: a warm session serves a request without
@@ -125,10 +126,21 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 			s.rd.Release()
 			s.wr.Release()
 			wait := cfg.IdleTimeoutDuration()
+			idle := sessIdle
 			if first {
 				wait = cfg.HeaderTimeoutDuration()
+				idle = sessFresh
+				if by := srv.firstBy(); !by.IsZero() {
+					// Draining: the first request may still come, within the grace.
+					if left := time.Until(by); wait <= 0 || left < wait {
+						wait = left
+					}
+					if wait <= 0 {
+						return
+					}
+				}
 			}
-			if !s.state.CompareAndSwap(sessActive, sessIdle) {
+			if !s.state.CompareAndSwap(sessActive, idle) {
 				return
 			}
 			var until time.Time
@@ -143,7 +155,7 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 			ok, timedOut := s.waitReadable(grace)
 			if timedOut && tryPark {
 				// Nothing came within the grace: park, unless Drain took the session.
-				if !s.state.CompareAndSwap(sessIdle, sessActive) {
+				if !s.state.CompareAndSwap(idle, sessActive) {
 					return
 				}
 				if srv.park(s, done, first, until) {
@@ -151,8 +163,11 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 					return
 				}
 				// Not parkable (or parking failed): wait out the rest here.
-				if !s.state.CompareAndSwap(sessActive, sessIdle) {
+				if !s.state.CompareAndSwap(sessActive, idle) {
 					return
+				}
+				if by := srv.firstBy(); first && !by.IsZero() && (until.IsZero() || by.Before(until)) {
+					until = by // a drain began meanwhile: park refused, the grace applies
 				}
 				rest := time.Duration(0)
 				if !until.IsZero() {
@@ -162,7 +177,7 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 				}
 				ok, _ = s.waitReadable(rest)
 			}
-			if !s.state.CompareAndSwap(sessIdle, sessActive) || !ok {
+			if !s.state.CompareAndSwap(idle, sessActive) || !ok {
 				return // Drain closed it, or the idle timeout passed, or the client left
 			}
 			st = srv.state.Load()
@@ -858,7 +873,8 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	}
 	close := closeAfter || uploading
 	ro := &s.rout
-	*ro = h1.ResponseOut{Ops: rule.ResponseHeaders, Close: close, Minor: r.Minor, Head: head}
+	// Draining: the connection closes after this answer, and says so.
+	*ro = h1.ResponseOut{Ops: rule.ResponseHeaders, Close: close || s.srv.isDraining(), Minor: r.Minor, Head: head}
 	if c, ok := g.StickySetCookie(target, resp); ok {
 		s.extra[0] = router.HeaderValue{Name: "Set-Cookie", Value: c}
 		ro.Extra = s.extra[:]

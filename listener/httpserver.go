@@ -42,6 +42,7 @@ type httpServer struct {
 	sessMu   sync.Mutex
 	sessions map[*h1Session]struct{}
 	draining atomic.Bool // set under sessMu; read per request without it
+	drainBy  atomic.Int64 // unix ns: until when a connection drained before its first request may send it
 
 	// Idle HTTP/1 connections parked without a goroutine (h1serve.go), started on first use.
 	parkMu  sync.Mutex
@@ -115,11 +116,13 @@ func (s *httpServer) ServeConn(c net.Conn, g *door.Generation, done func()) {
 	s.serveH1(c, done)
 }
 
-// track registers a new HTTP/1 session; false once Drain began.
+// track registers a new HTTP/1 session; false once Close began. While draining, sessions
+// are still taken: a connection accepted before the drain gets its first request served
+// (within drainFirstGrace), and one woken by its next request serves it; both then close.
 func (s *httpServer) track(h *h1Session) bool {
 	s.sessMu.Lock()
 	defer s.sessMu.Unlock()
-	if s.draining.Load() {
+	if s.ctx.Err() != nil {
 		return false
 	}
 	if s.sessions == nil {
@@ -135,17 +138,31 @@ func (s *httpServer) untrack(h *h1Session) {
 	s.sessMu.Unlock()
 }
 
+// drainFirstGrace is how long a drain lets a connection accepted before it send its first
+// request. A client sends it right after connecting, so it is usually on its way; closing such
+// a connection would make the client see an EOF it cannot tell from a failure (during a binary
+// upgrade, say), where nginx serves that request. Bounded, so a silent connection holds the
+// drain no longer than this.
+const drainFirstGrace = time.Second
+
 // closeSessions closes the idle HTTP/1 sessions (all of them when force) and the parked
 // connections, and reports how many are left. A busy session finishes its request and then
-// closes (draining is set).
+// closes (draining is set); one still waiting for its first request has drainFirstGrace.
 func (s *httpServer) closeSessions(force bool) int {
 	s.sessMu.Lock()
+	if !s.draining.Load() {
+		s.drainBy.Store(time.Now().Add(drainFirstGrace).UnixNano()) // before draining: readers see both
+	}
 	s.draining.Store(true)
 	for h := range s.sessions {
 		if h.state.CompareAndSwap(sessIdle, sessClosed) {
 			h.c.SetReadDeadline(time.Now()) // wakes its wait; it sees it was closed
 		} else if force {
 			h.abort()
+		} else if h.state.Load() == sessFresh {
+			// Its wait may run to the header timeout: bring it to the grace. Should its first
+			// request begin meanwhile, the head read gets this deadline too, still a bound.
+			h.c.SetReadDeadline(s.firstBy())
 		}
 	}
 	n := len(s.sessions)
@@ -153,10 +170,26 @@ func (s *httpServer) closeSessions(force bool) int {
 	// Parked after draining was set, a connection unparks itself (park); parked before, it is
 	// here. One being woken right now is tracked again, or refused by track, shortly.
 	if p := s.poller(false); p != nil {
-		p.ExpireAll()
+		if force {
+			p.ExpireAll()
+		} else {
+			p.ExpireExcept(func(h park.Handler) bool {
+				ph, ok := h.(*parkedH1)
+				return ok && ph.first
+			}, s.firstBy())
+		}
 		n += p.Len()
 	}
 	return n
+}
+
+// firstBy is when a drained connection's wait for its first request ends; zero when not
+// draining.
+func (s *httpServer) firstBy() time.Time {
+	if !s.draining.Load() {
+		return time.Time{}
+	}
+	return time.Unix(0, s.drainBy.Load())
 }
 
 // poller is the server's parking poller, started when start is set and none runs yet; nil
@@ -240,6 +273,15 @@ func (srv *httpServer) park(s *h1Session, done func(), first bool, until time.Ti
 	}
 	if srv.isDraining() && p.Unpark(t) {
 		// Drain began meanwhile and may have looked at the parked set before this one joined.
+		if first {
+			// Its grace for a first request is waited out on the session's goroutine.
+			*pc = parkedH1{}
+			parkedPool.Put(pc)
+			if !srv.track(s) {
+				s.state.Store(sessClosed) // Close began: the caller closes instead of waiting
+			}
+			return false
+		}
 		pc.Expire()
 	}
 	return true

@@ -212,6 +212,29 @@ func (p *Poller) ExpireAll() int {
 	return p.expire(func(*slot) bool { return true })
 }
 
+// ExpireExcept expires every parked connection now but those keep selects, whose deadline is
+// brought forward to by (if later): a drain that closes idle keep-alive connections at once but
+// gives a connection accepted a moment ago a short grace for its first request.
+func (p *Poller) ExpireExcept(keep func(Handler) bool, by time.Time) int {
+	dl := by.UnixNano()
+	n := p.expire(func(s *slot) bool {
+		if !keep(s.h) {
+			return true
+		}
+		if s.deadline == 0 || s.deadline > dl {
+			s.deadline = dl
+		}
+		return false
+	})
+	p.mu.Lock()
+	if !p.stopped && p.n > 0 && (p.next == 0 || dl < p.next) {
+		p.next = dl
+		p.ep.SetReadDeadline(time.Unix(0, dl))
+	}
+	p.mu.Unlock()
+	return n
+}
+
 // expire takes the parked connections match selects, deregisters them and calls Expire.
 func (p *Poller) expire(match func(*slot) bool) int {
 	var hs []Handler

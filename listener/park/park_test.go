@@ -211,6 +211,33 @@ func TestExpireAllAndStop(t *testing.T) {
 	p.Stop() // idempotent
 }
 
+// ExpireExcept expires all but the kept connections at once; a kept one with no deadline, or a
+// later one, expires at the given time instead, and one that is kept still wakes on bytes.
+func TestExpireExcept(t *testing.T) {
+	p := newPoller(t)
+	gone, graced, woken := newHandler(), newHandler(), newHandler()
+	s1, _ := pair(t)
+	s2, _ := pair(t)
+	s3, c3 := pair(t)
+	for _, x := range []struct {
+		s *net.TCPConn
+		h *handler
+	}{{s1, gone}, {s2, graced}, {s3, woken}} {
+		if _, err := p.Park(rawOf(t, x.s), time.Time{}, x.h); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := p.ExpireExcept(func(h Handler) bool { return h != Handler(gone) }, time.Now().Add(100*time.Millisecond))
+	if n != 1 {
+		t.Fatalf("ExpireExcept = %d, want 1", n)
+	}
+	await(t, gone.expired, "Expire by ExpireExcept")
+	quiet(t, graced)
+	c3.Write([]byte("x"))
+	await(t, woken.woke, "Wake of a kept connection")
+	await(t, graced.expired, "Expire of a kept connection at its new deadline")
+}
+
 // Parking many connections holds no goroutine per connection, and Stop leaves none behind.
 func TestNoGoroutinePerConnection(t *testing.T) {
 	before := runtime.NumGoroutine()
