@@ -43,8 +43,9 @@ const parkGrace = 50 * time.Millisecond
 // Parking: a direction whose source carried nothing for parkGrace (and whose source is a
 // socket, or TLS straight over one) gives its source to the Handler's parking poller and ends
 // its goroutine, returning any copy buffer first; bytes or EOF on the source start a fresh
-// goroutine that carries on. An idle relay then holds no goroutine at all. The watchdog still
-// ends an idle relay: abort takes parked directions back from the poller and finishes them.
+// goroutine that carries on. An idle relay then holds no goroutine at all, and no timer either:
+// the direction that parks second drops the watchdog and parks with the relay's idle deadline,
+// which the poller enforces; a direction that wakes arms a new watchdog.
 
 var errIdle = errors.New("l4: idle timeout")
 
@@ -57,9 +58,8 @@ type relay struct {
 	last       atomic.Int64 // monotonic nanoseconds (since epoch) of the last observed progress
 	aborted    atomic.Bool
 	idleClosed atomic.Bool
-	client     net.Conn
-	upstream   net.Conn
-	watchdog   atomic.Pointer[time.Timer]
+	client     net.Conn // as accepted (TLS in ModeTLS): abort closes it; halves[1].src is the upstream
+	watchdog   atomic.Pointer[time.Timer] // nil while both directions are parked
 
 	parker *park.Poller // nil: directions wait on their goroutines
 	mu     sync.Mutex   // guards the halves' parked/ticket against abort
@@ -96,7 +96,7 @@ func (r *relay) abort() {
 	}
 	r.mu.Unlock()
 	r.client.Close()
-	r.upstream.Close()
+	r.halves[1].src.Close() // the upstream
 	for _, h := range taken {
 		if h != nil {
 			h.end(nil)
@@ -117,6 +117,14 @@ func (r *relay) watch() {
 	if t := r.watchdog.Load(); t != nil {
 		t.Reset(r.idle + r.tick - quiet)
 	}
+}
+
+// other is the opposite direction of h.
+func (r *relay) other(h *half) *half {
+	if h == &r.halves[0] {
+		return &r.halves[1]
+	}
+	return &r.halves[0]
 }
 
 // half is one direction.
@@ -160,25 +168,43 @@ func (r *relay) finish() {
 		return
 	}
 	r.aborted.Store(true) // the watchdog must neither act nor re-arm from now on
-	r.watchdog.Load().Stop()
+	if t := r.watchdog.Load(); t != nil {
+		t.Stop()
+	}
 	up, down := &r.halves[0], &r.halves[1]
 	r.end.relayEnded(up.moved, down.moved, r.idleClosed.Load(), errors.Join(up.err, down.err))
 }
 
 // Wake implements park.Handler: the source has bytes or EOF.
 func (h *half) Wake() {
-	h.r.mu.Lock()
+	r := h.r
+	r.mu.Lock()
 	h.parked = false
-	h.r.mu.Unlock()
+	if r.watchdog.Load() == nil && !r.aborted.Load() {
+		// Both were parked: a running direction needs the watchdog again (it may block
+		// writing to a peer that does not read, where no deadline of ours would fire).
+		quiet := time.Duration(r.now() - r.last.Load())
+		r.watchdog.Store(time.AfterFunc(max(r.idle+r.tick-quiet, 0), r.watch))
+	}
+	r.mu.Unlock()
 	h.serve()
 }
 
-// Expire implements park.Handler: the poller stopped (the Handler closes).
+// Expire implements park.Handler: the relay's idle deadline passed while this direction was
+// parked, or the poller stopped (the Handler closes).
 func (h *half) Expire() {
-	h.r.mu.Lock()
+	r := h.r
+	r.mu.Lock()
 	h.parked = false
-	h.r.mu.Unlock()
-	h.r.abort()
+	r.mu.Unlock()
+	if time.Duration(r.now()-r.last.Load()) >= r.idle+r.tick {
+		r.idleClosed.Store(true)
+	} else if h.park() {
+		// Not idle: the other direction woke and moved bytes after this one parked with the
+		// deadline. Parked again (without it while the other runs); a stopped poller refuses.
+		return
+	}
+	r.abort()
 	h.end(nil)
 }
 
@@ -223,7 +249,14 @@ func (h *half) park() bool {
 	if r.aborted.Load() {
 		return false // the copy sees aborted and returns
 	}
-	t, err := r.parker.Park(raw, time.Time{}, h)
+	// The second direction to park takes over the watchdog's job: it parks with the relay's
+	// idle deadline and the timer goes, so an idle relay keeps none (TestIdleMemory).
+	both := r.other(h).parked
+	var deadline time.Time
+	if both {
+		deadline = relayEpoch.Add(time.Duration(r.last.Load()) + r.idle + r.tick)
+	}
+	t, err := r.parker.Park(raw, deadline, h)
 	if err != nil {
 		h.noPark = true
 		return false
@@ -231,6 +264,11 @@ func (h *half) park() bool {
 	// Under r.mu: abort (which sets aborted before it locks) finds the ticket, and Wake waits
 	// for it to be recorded before it clears parked.
 	h.parked, h.ticket = true, t
+	if both {
+		if w := r.watchdog.Swap(nil); w != nil {
+			w.Stop()
+		}
+	}
 	return true
 }
 
@@ -381,7 +419,7 @@ func closeWrite(c net.Conn) {
 // connection goes quiet.
 func startRelay(r *relay, st *State, parker *park.Poller, client, clientSrc, upstream net.Conn, viaWrapper bool, in, out *atomic.Uint64,
 	end relayEnd) {
-	*r = relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, upstream: upstream, parker: parker, end: end}
+	*r = relay{idle: st.cfg.IdleTimeout, tick: st.tick, client: client, parker: parker, end: end}
 	r.last.Store(r.now())
 	r.halves[0] = half{r: r, src: clientSrc, dst: upstream, viaWrapper: viaWrapper, counter: in}
 	// Writes to the client go to the socket under the PROXY layer (the header is consumed).

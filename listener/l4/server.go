@@ -140,10 +140,14 @@ func (h *Handler) ServeConn(c net.Conn, g *door.Generation, done func()) {
 
 // l4conn is one connection from accept to close: what its end needs, and its relay, in one
 // allocation (an idle relayed connection keeps nothing else of its own but its two sockets).
+// What only the end knows (outcome, duration, target address) is not kept here but put
+// together by cleanup: every idle relay pays for each byte of this struct (TestIdleMemory).
 type l4conn struct {
 	h        *Handler
 	c        net.Conn
-	info     ConnInfo
+	meta     ConnMeta
+	start    time.Time
+	replayed int64 // ClientHello bytes replayed to the target (ModeSNI), part of BytesIn
 	untrack  func()
 	upstream net.Conn
 	done     func()  // the dialer's: the target's connection ended
@@ -152,7 +156,9 @@ type l4conn struct {
 	r        relay
 }
 
-func (k *l4conn) cleanup() {
+// cleanup closes both ends and reports the connection; info holds its outcome (bytes moved,
+// Err, Reason, Idle), cleanup adds the rest.
+func (k *l4conn) cleanup(info ConnInfo) {
 	if k.done != nil {
 		k.done()
 	}
@@ -160,24 +166,25 @@ func (k *l4conn) cleanup() {
 		bufPool.Put(k.peekBuf)
 	}
 	if k.upstream != nil {
+		if k.h.opt.OnConn != nil {
+			info.Target = k.upstream.RemoteAddr().String()
+		}
 		k.upstream.Close()
 	}
 	k.c.Close()
 	// Reported before untrack: a shutdown waits for untrack, and whoever shuts down (the
 	// connection log's owner) must find every record already handed over.
 	if k.h.opt.OnConn != nil {
-		k.info.Duration = time.Since(k.info.Start)
-		k.h.opt.OnConn(k.info)
+		info.Meta, info.Start, info.Duration = k.meta, k.start, time.Since(k.start)
+		info.BytesIn += k.replayed
+		k.h.opt.OnConn(info)
 	}
 	k.untrack()
 }
 
 // relayEnded implements relayEnd.
 func (k *l4conn) relayEnded(in, out int64, idle bool, err error) {
-	info := &k.info
-	info.BytesIn += in
-	info.BytesOut = out
-	info.Idle = idle
+	info := ConnInfo{BytesIn: in, BytesOut: out, Idle: idle}
 	switch {
 	case idle:
 		k.h.idleClosed.Add(1)
@@ -189,20 +196,21 @@ func (k *l4conn) relayEnded(in, out int64, idle bool, err error) {
 		info.Reason = "relay"
 	}
 	info.Err = err
-	k.cleanup()
+	k.cleanup(info)
 }
 
 // serve runs one prepared connection: dial, relay. c is a *tls.Conn in ModeTLS.
 func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
-	k := &l4conn{h: h, c: c, info: ConnInfo{Start: time.Now()}, untrack: untrack}
-	info := &k.info
+	k := &l4conn{h: h, c: c, start: time.Now(), untrack: untrack}
+	var failure ConnInfo // why the connection ended before its relay began
+	info := &failure
 	defer func() {
 		if !k.relaying {
-			k.cleanup()
+			k.cleanup(failure)
 		}
 	}()
 	cfg := &st.cfg
-	meta := &info.Meta
+	meta := &k.meta
 	meta.Client, _ = inbound.AddrPort(c.RemoteAddr())
 	meta.Local, _ = inbound.AddrPort(c.LocalAddr())
 
@@ -253,14 +261,13 @@ func (h *Handler) serve(c net.Conn, st *State, untrack func()) {
 		return
 	}
 	k.done, k.upstream = doneFn, up
-	info.Target = up.RemoteAddr().String()
 	if len(replay) > 0 {
 		if _, err := up.Write(replay); err != nil {
 			info.Err, info.Reason = fmt.Errorf("l4: replay ClientHello: %w", err), "replay"
 			return
 		}
 		h.bytesIn.Add(uint64(len(replay)))
-		info.BytesIn += int64(len(replay))
+		k.replayed = int64(len(replay))
 		replay = nil
 		bufPool.Put(k.peekBuf)
 		k.peekBuf = nil
