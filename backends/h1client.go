@@ -12,6 +12,7 @@ import (
 	"net/http/httptrace"
 	"net/textproto"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -96,6 +97,8 @@ type h1Conn struct {
 	bw     *bufio.Writer
 	idleAt time.Time
 	reused bool
+	rc     syscall.RawConn // plain TCP: for the engine's raw reads and writes (TargetConn.RawConn)
+	noRaw  bool
 }
 
 var (

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"net"
+	"syscall"
 	"time"
 )
 
@@ -43,6 +44,19 @@ func (p H1Pool) Get(ctx context.Context, addr string, fresh, probe bool) (Target
 
 // Conn is the connection to read and write.
 func (c TargetConn) Conn() net.Conn { return c.pc.Conn }
+
+// RawConn is the connection's socket for raw reads and writes when it is plain TCP (made once
+// per connection, so borrowing stays free of allocations); nil for TLS.
+func (c TargetConn) RawConn() syscall.RawConn {
+	pc := c.pc
+	if pc.rc == nil && !pc.noRaw {
+		if tc, ok := pc.Conn.(*net.TCPConn); ok {
+			pc.rc, _ = tc.SyscallConn()
+		}
+		pc.noRaw = pc.rc == nil
+	}
+	return pc.rc
+}
 
 // Reused reports whether it came from the idle pool: a failure before the first response byte
 // may then mean the target had closed it, and an idempotent request may go again on a new one.

@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
@@ -57,6 +58,9 @@ type h1Session struct {
 	rout h1.ResponseOut
 	tr   h1.Reader // the target's side of the exchange
 	tw   h1.Writer
+	// Raw system calls for plain TCP sockets (h1.Raw), one per reader and writer; their
+	// callbacks are made once per pooled session.
+	rawRd, rawWr, rawTr, rawTw h1.Raw
 	path []byte // the decoded path, for routing
 	rec  RequestRecord
 
@@ -98,8 +102,16 @@ func (srv *httpServer) runH1(c net.Conn, done func(), client netip.AddrPort, fir
 		s.raw, _ = tc.SyscallConn()
 	}
 	s.client = client
-	s.rd.Reset(c)
-	s.wr.Reset(c)
+	if s.raw != nil {
+		tc := c.(*net.TCPConn) // s.raw is set for plain TCP only
+		s.rawRd.Set(tc, s.raw)
+		s.rawWr.Set(tc, s.raw)
+		s.rd.ResetRaw(&s.rawRd)
+		s.wr.ResetRaw(&s.rawWr)
+	} else {
+		s.rd.Reset(c)
+		s.wr.Reset(c)
+	}
 	if !srv.track(s) {
 		c.Close()
 		s.release()
@@ -195,6 +207,10 @@ func (s *h1Session) release() {
 	s.wr.Reset(nil)
 	s.tr.Reset(nil)
 	s.tw.Reset(nil)
+	s.rawRd.Set(nil, nil)
+	s.rawWr.Set(nil, nil)
+	s.rawTr.Set(nil, nil)
+	s.rawTw.Set(nil, nil)
 	s.srv, s.c, s.raw, s.tls = nil, nil, nil, nil
 	s.linger = false
 	s.rec = RequestRecord{}
@@ -230,7 +246,12 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 					return true // bytes are buffered already
 				}
 				for {
-					n, err := syscall.Read(int(fd), p)
+					// Raw: a non-blocking read need not tell the scheduler (see h1.Raw).
+					n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+					var err error
+					if e != 0 {
+						err = e
+					}
 					switch err {
 					case syscall.EINTR:
 						continue
@@ -242,7 +263,7 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 						n = 0
 						err = os.NewSyscallError("read", err)
 					}
-					s.rd.Advance(n, err)
+					s.rd.Advance(int(n), err)
 					return true
 				}
 			}
@@ -698,8 +719,16 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	conn := tc.Conn()
 	s.setTarget(conn)
 	defer s.setTarget(nil)
-	s.tw.Reset(conn)
-	s.tr.Reset(conn)
+	if rc := tc.RawConn(); rc != nil {
+		tcp := conn.(*net.TCPConn) // RawConn is set for plain TCP only
+		s.rawTw.Set(tcp, rc)
+		s.rawTr.Set(tcp, rc)
+		s.tw.ResetRaw(&s.rawTw)
+		s.tr.ResetRaw(&s.rawTr)
+	} else {
+		s.tw.Reset(conn)
+		s.tr.Reset(conn)
+	}
 	defer s.tr.Release()
 	b := s.tw.Buf()
 	b = s.out.AppendForwardHead(b, r)
@@ -782,12 +811,14 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	resp := &s.resp
 	head := bytes.Equal(r.Method, []byte("HEAD"))
 	var limit time.Time
+	now := time.Now() // one clock read for both deadlines of the first wait
 	if rt := pool.ResponseTimeout(); rt > 0 {
-		limit = time.Now().Add(rt)
+		limit = now.Add(rt)
 	}
 	got := false
 	for n1xx := 0; ; {
-		err := s.readResponseHead(conn, head, limit, s.upload == nil)
+		err := s.readResponseHead(conn, head, limit, s.upload == nil, now)
+		now = time.Time{}
 		if err != nil {
 			uerr := endUpload(true)
 			tc.Done(false)
@@ -995,7 +1026,9 @@ const clientCheck = 250 * time.Millisecond
 // (zero: none). While it waits, it looks every clientCheck whether the client left (watch; not
 // while an upload reads the client), and then gives up, so the target's work is cancelled by
 // the closed connection.
-func (s *h1Session) readResponseHead(conn net.Conn, head bool, limit time.Time, watch bool) error {
+//
+// now, when not zero, is the time to count the first wait from (the caller's clock read).
+func (s *h1Session) readResponseHead(conn net.Conn, head bool, limit time.Time, watch bool, now time.Time) error {
 	const max = 64 << 10
 	for {
 		if buf := s.tr.Buffered(); len(buf) > 0 {
@@ -1006,9 +1039,13 @@ func (s *h1Session) readResponseHead(conn net.Conn, head bool, limit time.Time, 
 		}
 		next := limit
 		if watch {
-			if n := time.Now().Add(clientCheck); limit.IsZero() || n.Before(limit) {
+			if now.IsZero() {
+				now = time.Now()
+			}
+			if n := now.Add(clientCheck); limit.IsZero() || n.Before(limit) {
 				next = n
 			}
+			now = time.Time{}
 		}
 		conn.SetReadDeadline(next)
 		err := s.tr.Fill(max)

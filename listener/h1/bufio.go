@@ -97,6 +97,12 @@ func (b *Reader) Reset(rd io.Reader) {
 	*b = Reader{rd: rd}
 }
 
+// ResetRaw is Reset for a plain TCP socket read through raw (see Raw), which the caller owns
+// and has Set to the socket's RawConn; deadlines are still set on the net.Conn.
+func (b *Reader) ResetRaw(raw *Raw) {
+	b.Reset(raw)
+}
+
 // Buffered returns the unread bytes (valid until the next Fill or Discard).
 func (b *Reader) Buffered() []byte {
 	if b.bp == nil {
@@ -265,6 +271,11 @@ func (w *Writer) Reset(wr io.Writer) {
 		putBuf(w.bp)
 	}
 	*w = Writer{wr: wr}
+}
+
+// ResetRaw is Reset for a plain TCP socket written through raw (see Raw).
+func (w *Writer) ResetRaw(raw *Raw) {
+	w.Reset(raw)
 }
 
 // Conn is what the writer writes to.
