@@ -282,11 +282,13 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 	return err == nil, false
 }
 
-// Lingering close, with nginx's defaults (lingering_timeout, lingering_time): how long to wait
-// for each further read, and for all of them.
+// Lingering close: how long to wait for each further read, and for all of them. Shorter than
+// nginx's lingering_timeout and lingering_time (5 s, 30 s): what it is for, the rest of an
+// upload already on its way, arrives within a round trip or two; a client that keeps sending
+// slowly (a slow-body attack) gains at most lingerTime (TestSlowClients bounds them).
 const (
-	lingerTimeout = 5 * time.Second
-	lingerTime    = 30 * time.Second
+	lingerTimeout = time.Second
+	lingerTime    = 2 * time.Second
 )
 
 // lingerClose prepares the close of a connection whose client may still be sending (its body
