@@ -38,13 +38,8 @@ var tsigAlgorithms = map[string]string{
 }
 
 func newDNSSolver(cfg *configs.Config, d *configs.ACMEDNS) (*dnsSolver, error) {
+	// ttl and propagation_timeout are defaulted and checked by configs.
 	s := &dnsSolver{server: d.Server, ttl: uint32(d.TTL), wait: d.PropagationTimeoutDuration(), poll: 500 * time.Millisecond}
-	if s.ttl == 0 {
-		s.ttl = 60
-	}
-	if s.wait <= 0 {
-		s.wait = 2 * time.Minute
-	}
 	if d.Zone != "" {
 		s.zone = dns.CanonicalName(d.Zone)
 	}

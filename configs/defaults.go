@@ -50,14 +50,17 @@ const (
 	// average once its first timeout has passed: a client trickling a byte per timeout interval
 	// is cut after about a timeout's length instead of never. 1 KiB/s is far below any real
 	// client (a 2G link does ~5 KiB/s), so only deliberate trickles meet it.
-	DefaultMinTransferRate  = 1024
-	DefaultMaxHeaderBytes   = 65536
-	DefaultXFF              = "append"
-	DefaultDesyncMitigation = "defensive"
-	DefaultTLSPolicy        = "recommended"
-	DefaultALPNPolicy       = "None"
-	DefaultFleetPrefix      = "/fulcrum/"
-	DefaultFleetLeaseTTL    = "10s"
+	DefaultMinTransferRate       = 1024
+	DefaultMaxHeaderBytes        = 65536
+	DefaultXFF                   = "append"
+	DefaultDesyncMitigation      = "defensive"
+	DefaultTLSPolicy             = "recommended"
+	DefaultALPNPolicy            = "None"
+	DefaultTSIGAlgorithm         = "hmac-sha256"
+	DefaultDNSPropagationTimeout = "2m"
+	DefaultDNSRecordTTL          = 60 // seconds, for the _acme-challenge TXT record
+	DefaultFleetPrefix           = "/fulcrum/"
+	DefaultFleetLeaseTTL         = "10s"
 	// A redirect keeps each part of the request it does not set, as ALB's do.
 	DefaultRedirectProtocol = "#{protocol}"
 	DefaultRedirectHost     = "#{host}"
@@ -114,10 +117,10 @@ func applyDefaults(c *Config) {
 			def(&ct.Lifetime, DefaultCertificateLifetime)
 		}
 		if d := ct.ACMEDNS; d != nil {
-			def(&d.TSIGAlgorithm, "hmac-sha256")
-			def(&d.PropagationTimeout, "2m")
+			def(&d.TSIGAlgorithm, DefaultTSIGAlgorithm)
+			def(&d.PropagationTimeout, DefaultDNSPropagationTimeout)
 			if d.TTL == 0 {
-				d.TTL = 60
+				d.TTL = DefaultDNSRecordTTL
 			}
 		}
 	}

@@ -117,8 +117,8 @@ func Open(ctx context.Context, o Options) (*Fleet, error) {
 	if o.Node == "" || strings.Contains(o.Node, "/") {
 		return nil, fmt.Errorf("fleet: bad node name %q", o.Node)
 	}
-	if o.LeaseTTL < 2*time.Second {
-		o.LeaseTTL = 10 * time.Second
+	if o.LeaseTTL < 2*time.Second { // configs defaults lease_ttl and refuses less
+		return nil, fmt.Errorf("fleet: lease TTL %v is under etcd's 2s minimum", o.LeaseTTL)
 	}
 	if o.OpTimeout <= 0 {
 		o.OpTimeout = 5 * time.Second
