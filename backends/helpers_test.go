@@ -1,7 +1,6 @@
 package backends
 
 import (
-	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -9,7 +8,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"fmt"
 	"math/big"
 	"net"
 	"net/netip"
@@ -20,9 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/BurntSushi/toml"
-
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 func newReg(t testing.TB, opts ...Option) *Registry {
@@ -40,28 +37,11 @@ func (c *fakeClock) advance(d time.Duration) { c.ns.Add(int64(d)) }
 
 func withClock(r *Registry, c *fakeClock) { c.ns.Store(int64(time.Hour)); r.clock = c.now }
 
-// conf validates groups the way the binary loads a file (written as TOML, read by
-// configs.Load), so backends only ever sees validated configuration. It panics on a group that
-// does not validate: tests of validation belong to configs.
+// conf validates groups the way the binary loads a file (configtest), so backends only ever
+// sees validated configuration. It panics on a group that does not validate: tests of
+// validation belong to configs.
 func conf(groups ...configs.TargetGroup) *configs.Config {
-	c, err := load(configs.Config{TargetGroups: groups})
-	if err != nil {
-		panic(err)
-	}
-	return c
-}
-
-// load validates a whole configuration written as a struct.
-func load(c configs.Config) (*configs.Config, error) {
-	var b bytes.Buffer
-	if err := toml.NewEncoder(&b).Encode(&c); err != nil {
-		return nil, err
-	}
-	loaded, err := configs.Load(filepath.Join(os.TempDir(), "backends-test.toml"), b.Bytes())
-	if err != nil {
-		return nil, fmt.Errorf("config: %w\n%s", err, b.String())
-	}
-	return loaded, nil
+	return configtest.Must("", configs.Config{TargetGroups: groups})
 }
 
 // noHC is a group whose targets need no server (Pick never dials).

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/net/http2/h2c"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 func protoEcho() http.Handler {
@@ -110,7 +111,7 @@ func TestTLSProviderAndTransportReuse(t *testing.T) {
 	r := newReg(t)
 	gc := httpsGroup(srv.Listener.Addr().String(), &configs.BackendTLS{Authority: "internal"}, false)
 	withAuthority := func(gc configs.TargetGroup) *configs.Config {
-		c, err := load(configs.Config{Authorities: []configs.Authority{{Name: "internal"}}, TargetGroups: []configs.TargetGroup{gc}})
+		c, err := configtest.Load("", configs.Config{Authorities: []configs.Authority{{Name: "internal"}}, TargetGroups: []configs.TargetGroup{gc}})
 		if err != nil {
 			t.Fatal(err)
 		}
