@@ -123,7 +123,7 @@ func adminHandler(d *daemon) *http.ServeMux {
 		}
 		w.Write([]byte("ready\n"))
 	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(d.obs.reg, promhttp.HandlerOpts{}))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.obs.Registry(), promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /admin/targets", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, targetsView(d.rt.Config(), d.rt.Registry().Targets()))
 	})

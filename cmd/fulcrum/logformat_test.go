@@ -42,17 +42,3 @@ func TestLogFormat(t *testing.T) {
 		t.Fatalf("log_level warn printed info: %q", buf.String())
 	}
 }
-
-// TestAccessLogDirectoryCreated: the demo's access log (configs/state/access.log) is in a
-// directory a fresh clone does not have; it is created as state_dir is.
-func TestAccessLogDirectoryCreated(t *testing.T) {
-	path := t.TempDir() + "/state/sub/access.log"
-	a, err := newAccessLog(nil, path, nil, 8)
-	if err != nil {
-		t.Fatalf("access log in a missing directory: %v", err)
-	}
-	a.close()
-	if _, err := os.Stat(path); err != nil {
-		t.Fatal(err)
-	}
-}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener"
+	"github.com/fulcrum-lb/fulcrum/listener/observe"
 )
 
 const runHelp = `Starts every listener of FILE and the admin endpoint, then serves until SIGTERM or SIGINT,
@@ -201,7 +202,7 @@ type daemon struct {
 	path  string
 	log   *slog.Logger
 	rt    *listener.Runtime
-	obs   *observer
+	obs   *observe.Observer
 	admin *adminServer
 
 	// notify tells systemd about state changes (no-op outside systemd; nil in tests that start
@@ -219,7 +220,7 @@ type daemon struct {
 // inh is what a predecessor handed over on a binary upgrade (nil otherwise): listeners and the
 // admin endpoint serve on its sockets where the addresses match.
 func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slog.Logger, inh *inheritance) (*daemon, error) {
-	obs, err := newObserver(cfg, log)
+	obs, err := observe.New(cfg, log)
 	if err != nil {
 		return nil, err
 	}
@@ -252,7 +253,7 @@ func startDaemon(ctx context.Context, path string, cfg *configs.Config, log *slo
 		return nil, err
 	}
 	d := &daemon{path: path, log: log, rt: rt, obs: obs}
-	obs.attach(rt)
+	obs.Attach(rt)
 	if err := d.startAdminAuth(cfg); err != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -338,10 +339,10 @@ func (d *daemon) reload(trigger string) reloadResult {
 	cfg, err := configs.LoadFile(d.path)
 	if err == nil {
 		old := d.rt.Config()
-		d.obs.bind(cfg) // before the swap, so the new generation's first requests are counted
+		d.obs.Bind(cfg) // before the swap, so the new generation's first requests are counted
 		var ch *listener.Changes
 		if ch, err = d.rt.Reload(context.Background(), cfg); err != nil {
-			d.obs.bind(old)
+			d.obs.Bind(old)
 		} else {
 			res.OK = true
 			res.Changes = diffConfigs(old, cfg)
@@ -349,7 +350,7 @@ func (d *daemon) reload(trigger string) reloadResult {
 		}
 	}
 	res.Took = time.Since(t0).Round(time.Microsecond).String()
-	d.obs.reloaded(res.OK)
+	d.obs.Reloaded(res.OK)
 	if res.OK {
 		d.log.Info("reloaded", "trigger", trigger, "took", time.Since(t0), "changes", res.Changes.summary())
 		if len(res.Changes.RestartRequired) > 0 {
@@ -391,7 +392,7 @@ func nonNil(s []string) []string {
 }
 
 func (d *daemon) reopenLogs() {
-	if err := d.obs.reopen(); err != nil {
+	if err := d.obs.Reopen(); err != nil {
 		d.log.Error("reopen access log", "err", err)
 		return
 	}

@@ -67,7 +67,7 @@ func statusView(d *daemon) statusResponse {
 		idx[l.Name] = len(out.Listeners)
 		out.Listeners = append(out.Listeners, ls)
 	}
-	if mfs, err := d.obs.reg.Gather(); err == nil {
+	if mfs, err := d.obs.Registry().Gather(); err == nil {
 		for _, mf := range mfs {
 			for _, m := range mf.GetMetric() {
 				var name, code string

@@ -1,6 +1,7 @@
-package main
+package observe
 
 import (
+	"log/slog"
 	"net/netip"
 	"path/filepath"
 	"runtime"
@@ -10,6 +11,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/fulcrum-lb/fulcrum/configs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener"
 )
 
@@ -29,11 +31,15 @@ func BenchmarkObserve(b *testing.B) {
 	for _, tc := range []struct{ name, log string }{{"metrics", ""}, {"metrics+accesslog", "file"}} {
 		b.Run(tc.name, func(b *testing.B) {
 			dir := b.TempDir()
-			cfg := &configs.Config{Listeners: []configs.Listener{{Name: "web"}}, TargetGroups: []configs.TargetGroup{{Name: "echo"}}}
-			if tc.log != "" {
-				cfg.Server.AccessLog = filepath.Join(dir, "access.log")
+			c := configs.Config{
+				Listeners: []configs.Listener{{Name: "web", Style: "application", Protocol: "http", Address: "127.0.0.1:8080",
+					DefaultAction: &configs.Action{Forward: configs.Forward{{Group: "echo", Weight: 1}}}}},
+				TargetGroups: []configs.TargetGroup{{Name: "echo", Protocol: "http", Targets: []configs.Target{{Address: "127.0.0.1:9101"}}}},
 			}
-			o, err := newObserver(cfg, testLogger(b))
+			if tc.log != "" {
+				c.Server.AccessLog = filepath.Join(dir, "access.log")
+			}
+			o, err := New(configtest.Must(dir, c), slog.New(slog.DiscardHandler))
 			if err != nil {
 				b.Fatal(err)
 			}
