@@ -11,24 +11,15 @@ package certs
 
 import (
 	"context"
-	"crypto"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"reflect"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -105,20 +96,6 @@ type entry struct {
 	kick   chan struct{}
 	cancel context.CancelFunc
 	done   chan struct{}
-}
-
-// storedCert is state_dir/certificates/NAME.json: the chain and a key reference, never a key.
-type storedCert struct {
-	Name        string   `json:"name"`
-	Kind        string   `json:"kind"`
-	Generation  int      `json:"generation"`
-	Key         string   `json:"key"`          // keystore key name
-	KeyLocation string   `json:"key_location"` // keystore description
-	KeyType     string   `json:"key_type"`
-	Domains     []string `json:"domains"`
-	Usage       Usage    `json:"usage"`
-	Issuer      string   `json:"issuer"`
-	Chain       string   `json:"chain"` // PEM certificates only
 }
 
 // NewManager opens the keystore, loads or creates the authorities and loads, issues or imports
@@ -475,150 +452,8 @@ func (m *Manager) load(ctx context.Context, cfg *configs.Config, e *entry) error
 	return nil
 }
 
-// setKey records the key behind cur. Writers hold e.mu (or own e exclusively).
-func (e *entry) setKey(gen int, keyName, location string) {
-	e.meta.Lock()
-	e.gen, e.keyName, e.location = gen, keyName, location
-	e.meta.Unlock()
-}
-
-// describeKey is where cur's key lives and its generation.
-func (m *Manager) describeKey(e *entry) (string, int) {
-	e.meta.Lock()
-	defer e.meta.Unlock()
-	return e.location, e.gen
-}
-
 // renewable: certificates the lifecycle loop renews (never imported ones).
 func (e *entry) renewable() bool { return e.kind == "issued" || e.kind == "acme" }
-
-// issuer is the certmagic.Issuer that signs e's CSRs.
-func (e *entry) issuer() certmagic.Issuer {
-	if e.kind == "acme" {
-		return e.acme
-	}
-	return e.auth.Issuer(e.lifetime, e.usage)
-}
-
-func (m *Manager) storedMatches(e *entry, st *storedCert, leaf *x509.Certificate) bool {
-	ok := st.Kind == e.kind &&
-		slices.Equal(normDomains(st.Domains), normDomains(e.spec.Domains)) &&
-		st.Issuer == e.issuer().IssuerKey() &&
-		st.KeyType == string(e.kt) &&
-		st.Usage == e.usage &&
-		time.Now().Before(leaf.NotAfter)
-	if e.kind == "issued" {
-		ok = ok && chainsTo(leaf, e.auth)
-	}
-	return ok
-}
-
-func chainsTo(leaf *x509.Certificate, a *Authority) bool {
-	return leaf.CheckSignatureFrom(a.Cert) == nil
-}
-
-// readStored loads state_dir/certificates/NAME.json and finds its key in the keystore.
-func (m *Manager) readStored(ctx context.Context, name string) (*storedCert, *tls.Certificate, error) {
-	b, err := m.readState(ctx, certKey(name))
-	if err != nil {
-		return nil, nil, err
-	}
-	var st storedCert
-	if err := json.Unmarshal(b, &st); err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", m.certPath(name), err)
-	}
-	chain, err := parseChainPEM([]byte(st.Chain))
-	if err != nil {
-		return nil, nil, err
-	}
-	leaf, err := x509.ParseCertificate(chain[0])
-	if err != nil {
-		return nil, nil, err
-	}
-	signer, err := m.ks.Signer(ctx, st.Key)
-	if err != nil {
-		return nil, nil, err
-	}
-	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
-		return nil, nil, fmt.Errorf("key %s does not match the stored certificate", st.Key)
-	}
-	return &st, &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}, nil
-}
-
-func (m *Manager) certPath(name string) string {
-	return filepath.Join(m.stateDir, "certificates", name+".json")
-}
-
-func (m *Manager) keyName(name string, gen int) string {
-	return m.prefix + "cert-" + name + "-" + strconv.Itoa(gen)
-}
-
-// issue generates generation gen's key in the keystore, has the CSR signed and stores the
-// result with a key reference.
-func (m *Manager) issue(ctx context.Context, e *entry, gen int) (*tls.Certificate, *storedCert, error) {
-	keyName := m.keyName(e.name, gen)
-	signer, err := m.ks.Generate(ctx, keyName, e.kt)
-	if err != nil {
-		return nil, nil, err
-	}
-	fail := func(err error) (*tls.Certificate, *storedCert, error) {
-		_ = m.ks.Delete(ctx, keyName)
-		return nil, nil, err
-	}
-	req := &x509.CertificateRequest{}
-	for _, d := range e.spec.Domains {
-		if ip := net.ParseIP(d); ip != nil {
-			req.IPAddresses = append(req.IPAddresses, ip)
-		} else {
-			req.DNSNames = append(req.DNSNames, strings.ToLower(d))
-		}
-	}
-	if len(e.spec.Domains) > 0 && len(e.spec.Domains[0]) <= 64 {
-		req.Subject = pkix.Name{CommonName: e.spec.Domains[0]}
-	}
-	csrDER, err := x509.CreateCertificateRequest(rand.Reader, req, signer)
-	if err != nil {
-		return fail(fmt.Errorf("csr signed by %s: %w", m.ks.Describe(), err))
-	}
-	csr, err := x509.ParseCertificateRequest(csrDER)
-	if err != nil {
-		return fail(err)
-	}
-	issuer := e.issuer()
-	ic, err := issuer.Issue(ctx, csr)
-	if err != nil {
-		return fail(fmt.Errorf("issue: %w", err))
-	}
-	chain, err := parseChainPEM(ic.Certificate)
-	if err != nil {
-		return fail(err)
-	}
-	leaf, err := x509.ParseCertificate(chain[0])
-	if err != nil {
-		return fail(err)
-	}
-	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
-		return fail(errors.New("issuer returned a certificate for another key"))
-	}
-	st := &storedCert{Name: e.name, Kind: e.kind, Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
-		KeyType: string(e.kt), Domains: e.spec.Domains, Usage: e.usage, Issuer: issuer.IssuerKey(), Chain: string(ic.Certificate)}
-	if err := m.writeStored(st); err != nil {
-		return fail(err)
-	}
-	m.log.Info("issued certificate", "certificate", e.name, "serial", serialHex(leaf), "not_after", leaf.NotAfter, "key", st.KeyLocation)
-	return &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}, st, nil
-}
-
-func (m *Manager) writeStored(st *storedCert) error {
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := m.writeState(m.ctx, certKey(st.Name), b, 0o600); err != nil {
-		return fmt.Errorf("store certificate %s: %w", st.Name, err)
-	}
-	return nil
-}
 
 // install puts tc into the certmagic cache (tagged with the certificate name) and removes the
 // previous hash only after the new one is in, so no handshake ever finds nothing.
@@ -739,208 +574,6 @@ func (m *Manager) renew(ctx context.Context, e *entry) error {
 	return nil
 }
 
-// WaitCertificate waits until the named certificate is served (an ACME certificate is pending
-// until its first order completes). It returns at once for every other certificate.
-func (m *Manager) WaitCertificate(ctx context.Context, name string) error {
-	e := m.snap.Load().certs[name]
-	if e == nil {
-		return fmt.Errorf("certs: unknown certificate %q", name)
-	}
-	select {
-	case <-e.ready:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("certs: waiting for %s: %w", name, ctx.Err())
-	case <-m.ctx.Done():
-		return errors.New("certs: manager closed")
-	}
-}
-
-// Renew renews a certificate now (issued certificates only).
-func (m *Manager) Renew(name string) error {
-	e := m.snap.Load().certs[name]
-	if e == nil {
-		return fmt.Errorf("certs: unknown certificate %q", name)
-	}
-	if !e.renewable() {
-		return fmt.Errorf("certs: %s is imported; imported certificates are never renewed", name)
-	}
-	if e.kind == "acme" && !m.acmeStarted() {
-		return fmt.Errorf("certs: %s is an ACME certificate: only a running fulcrum (whose listeners answer the challenges) renews it", name)
-	}
-	return m.renew(m.ctx, e)
-}
-
-// Import stores an externally issued certificate and key: the key goes into the keystore
-// (sealed, or created in the PKCS#11 token, never to leave it) and the chain into the state dir. A configured
-// certificate of that name with neither authority, acme nor cert_file serves it, immediately
-// if it is loaded.
-func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
-	pair, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		return fmt.Errorf("certs: import %s: %w", name, err)
-	}
-	signer, ok := pair.PrivateKey.(crypto.Signer)
-	if !ok {
-		return fmt.Errorf("certs: import %s: key is not a signer", name)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	gen := 1
-	if st, _, err := m.readStored(m.ctx, name); err == nil {
-		gen = st.Generation + 1
-	}
-	keyName := m.prefix + "import-" + name + "-" + strconv.Itoa(gen)
-	ks, err := m.ks.Import(m.ctx, keyName, signer)
-	if err != nil {
-		return fmt.Errorf("certs: import %s into %s: %w", name, m.ks.Describe(), err)
-	}
-	var chainPEM []byte
-	for _, der := range pair.Certificate {
-		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
-	}
-	st := &storedCert{Name: name, Kind: "imported", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
-		Domains: pair.Leaf.DNSNames, Issuer: pair.Leaf.Issuer.String(), Chain: string(chainPEM)}
-	if err := m.writeStored(st); err != nil {
-		return err
-	}
-	if e := m.snap.Load().certs[name]; e != nil && e.kind == "stored" {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		tc := &tls.Certificate{Certificate: pair.Certificate, PrivateKey: ks, Leaf: pair.Leaf}
-		if err := m.install(e, tc); err != nil {
-			return err
-		}
-		if e.keyName != "" && e.keyName != keyName {
-			_ = m.ks.Delete(m.ctx, e.keyName)
-		}
-		e.setKey(gen, keyName, st.KeyLocation)
-	}
-	return nil
-}
-
-// ImportKeystoreKey stores an externally issued certificate for a key that is already in the
-// keystore (one imported wrapped, with fulcrum keys import): the key is only referenced. A key
-// pending deletion cannot back a new certificate. Unlike Import, replacing the certificate
-// later never deletes the key: it is the operator's.
-func (m *Manager) ImportKeystoreKey(name string, certPEM []byte, keyName string) error {
-	var chain [][]byte
-	for rest := certPEM; ; {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		if b.Type == "CERTIFICATE" {
-			chain = append(chain, b.Bytes)
-		}
-	}
-	if len(chain) == 0 {
-		return fmt.Errorf("certs: import %s: no PEM certificate", name)
-	}
-	leaf, err := x509.ParseCertificate(chain[0])
-	if err != nil {
-		return fmt.Errorf("certs: import %s: %w", name, err)
-	}
-	signer, err := m.ks.Signer(m.ctx, keyName)
-	if err != nil {
-		return fmt.Errorf("certs: import %s: key %s: %w", name, keyName, err)
-	}
-	if !publicKeysEqual(signer.Public(), leaf.PublicKey) {
-		return fmt.Errorf("certs: import %s: the certificate is not for key %s", name, keyName)
-	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	gen := 1
-	if st, _, err := m.readStored(m.ctx, name); err == nil {
-		gen = st.Generation + 1
-	}
-	var chainPEM []byte
-	for _, der := range chain {
-		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
-	}
-	st := &storedCert{Name: name, Kind: "imported", Generation: gen, Key: keyName, KeyLocation: m.ks.Describe() + ": " + keyName,
-		Domains: leaf.DNSNames, Issuer: leaf.Issuer.String(), Chain: string(chainPEM)}
-	if err := m.writeStored(st); err != nil {
-		return err
-	}
-	if e := m.snap.Load().certs[name]; e != nil && e.kind == "stored" {
-		e.mu.Lock()
-		defer e.mu.Unlock()
-		if err := m.install(e, &tls.Certificate{Certificate: chain, PrivateKey: signer, Leaf: leaf}); err != nil {
-			return err
-		}
-		e.setKey(gen, keyName, st.KeyLocation)
-	}
-	return nil
-}
-
-// Export returns the served chain as PEM. Keys are never exported.
-func (m *Manager) Export(name string) ([]byte, error) {
-	e := m.snap.Load().certs[name]
-	if e == nil {
-		return nil, fmt.Errorf("certs: unknown certificate %q", name)
-	}
-	tc := e.cur.Load()
-	if tc == nil {
-		return nil, fmt.Errorf("certs: %s is not issued yet (ACME pending)", name)
-	}
-	var out []byte
-	for _, der := range tc.Certificate {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
-	}
-	return out, nil
-}
-
-// CertInfo describes a managed certificate for the CLI and the admin endpoint.
-type CertInfo struct {
-	Name          string
-	Kind          string // issued | acme | imported | stored
-	Domains       []string
-	Issuer        string
-	Serial        string // hex
-	NotBefore     time.Time
-	NotAfter      time.Time
-	RenewAt       time.Time // zero for imported certificates
-	KeyLocation   string
-	Generation    int
-	RenewFailures int64
-	Pending       bool // ACME certificate not obtained yet: the certificate fields are empty
-	// Expiring: within ExpiryWarning of not-after with nothing about to renew it (imported, or
-	// its renewals failing). What the "certificate expires soon" warning says, as a flag.
-	Expiring bool
-}
-
-// List describes every certificate, sorted by name.
-func (m *Manager) List() []CertInfo {
-	s := m.snap.Load()
-	out := make([]CertInfo, 0, len(s.certs))
-	for _, e := range s.certs {
-		// Not under e.mu: a renewal holds it for the whole issuance (an ACME order can take
-		// minutes), and List feeds the admin endpoint and metrics.
-		tc := e.cur.Load()
-		ci := CertInfo{Name: e.name, Kind: e.kind, RenewFailures: e.failures.Load()}
-		if tc == nil {
-			ci.Pending, ci.Domains, ci.Issuer = true, slices.Clone(e.spec.Domains), e.spec.ACME
-			out = append(out, ci)
-			continue
-		}
-		ci.Domains, ci.Issuer = slices.Clone(tc.Leaf.DNSNames), tc.Leaf.Issuer.CommonName
-		ci.Serial, ci.NotBefore, ci.NotAfter = serialHex(tc.Leaf), tc.Leaf.NotBefore, tc.Leaf.NotAfter
-		ci.KeyLocation, ci.Generation = m.describeKey(e)
-		for _, ip := range tc.Leaf.IPAddresses {
-			ci.Domains = append(ci.Domains, ip.String())
-		}
-		if e.renewable() {
-			ci.RenewAt = renewAt(tc.Leaf)
-		}
-		ci.Expiring = e.expiring(tc.Leaf, time.Now())
-		out = append(out, ci)
-	}
-	slices.SortFunc(out, func(a, b CertInfo) int { return strings.Compare(a.Name, b.Name) })
-	return out
-}
-
 // Close stops every background loop and releases the keystore. Safe to call twice.
 func (m *Manager) Close() {
 	m.mu.Lock()
@@ -997,61 +630,7 @@ func (e *entry) expiring(leaf *x509.Certificate, now time.Time) bool {
 type refuseIssuer struct{}
 
 func (refuseIssuer) IssuerKey() string { return "fulcrum-none" }
+
 func (refuseIssuer) Issue(context.Context, *x509.CertificateRequest) (*certmagic.IssuedCertificate, error) {
 	return nil, errors.New("certmagic issuance is disabled in Fulcrum")
-}
-
-func instancePrefix(stateDir string) (string, error) {
-	p := filepath.Join(stateDir, "instance-id")
-	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) == 8 {
-		return "f" + strings.TrimSpace(string(b)) + "-", nil
-	}
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		return "", err
-	}
-	id := hex.EncodeToString(b)
-	if err := keystore.WriteFileAtomic(p, []byte(id+"\n"), 0o600); err != nil {
-		return "", fmt.Errorf("certs: instance id: %w", err)
-	}
-	return "f" + id + "-", nil
-}
-
-func serialHex(c *x509.Certificate) string {
-	if c == nil {
-		return ""
-	}
-	return hex.EncodeToString(c.SerialNumber.Bytes())
-}
-
-func normDomains(d []string) []string {
-	out := make([]string, len(d))
-	for i, s := range d {
-		out[i] = strings.TrimSuffix(strings.ToLower(s), ".")
-	}
-	slices.Sort(out)
-	return out
-}
-
-// KeyUsers maps each keystore key that a served certificate or an authority uses to who uses
-// it ("certificate NAME", "authority NAME"): such keys cannot be scheduled for deletion.
-func (m *Manager) KeyUsers() map[string]string {
-	s := m.snap.Load()
-	out := make(map[string]string, len(s.certs)+len(s.auths))
-	for _, a := range s.auths {
-		out[a.keyName] = "authority " + a.Name
-	}
-	for _, e := range s.certs {
-		e.meta.Lock()
-		if e.keyName != "" {
-			out[e.keyName] = "certificate " + e.name
-		}
-		e.meta.Unlock()
-	}
-	m.sticky.mu.Lock()
-	for _, g := range m.sticky.gens {
-		out[g.Key] = "sticky cookies"
-	}
-	m.sticky.mu.Unlock()
-	return out
 }
