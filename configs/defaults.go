@@ -26,7 +26,7 @@ const (
 	DefaultAuditLogName        = "audit.log" // under state_dir
 	DefaultDataKeyCacheMaxAge  = "5m"        // applies once data_key_cache_max_uses > 0
 	DefaultDataKeyCacheMaxUses = 0           // data-key caching is off
-	DefaultAlgorithm           = "round_robin"
+	DefaultAlgorithm           = RoundRobin
 	DefaultDeregistrationDelay = "30s"
 	DefaultConnectTimeout      = "5s"
 	DefaultResponseTimeout     = "60s"
@@ -330,7 +330,7 @@ func groupDefaults(g *TargetGroup) {
 		g.MaxInFlight = DefaultMaxInFlight
 	}
 	targetDefaults(g.Targets)
-	if st := g.Stickiness; st != nil && (st.Type == "lb_cookie" || st.Type == "app_cookie") {
+	if st := g.Stickiness; st != nil && (st.Type == StickyLBCookie || st.Type == StickyAppCookie) {
 		def(&st.Duration, DefaultStickinessDuration)
 	}
 	if g.HealthCheck == nil {

@@ -270,6 +270,29 @@ type WeightedGroup struct {
 // Forward is a forward action. In TOML it is either "group" or [{ group = "a", weight = 90 }, ...].
 type Forward []WeightedGroup
 
+// Balancing algorithms (target_groups.algorithm). Algorithms lists them; backends maps each to
+// its policy by these constants, so a name is written once.
+const (
+	RoundRobin               = "round_robin"
+	LeastOutstandingRequests = "least_outstanding_requests"
+	WeightedRandom           = "weighted_random"
+	LeastConnections         = "least_connections"
+	SourceIPHash             = "source_ip_hash"
+)
+
+// Algorithms are the valid values of algorithm.
+var Algorithms = []string{RoundRobin, LeastOutstandingRequests, WeightedRandom, LeastConnections, SourceIPHash}
+
+// Stickiness types (target_groups.stickiness.type).
+const (
+	StickyLBCookie  = "lb_cookie"
+	StickyAppCookie = "app_cookie"
+	StickySourceIP  = "source_ip"
+)
+
+// StickinessTypes are the valid values of stickiness.type.
+var StickinessTypes = []string{StickyLBCookie, StickyAppCookie, StickySourceIP}
+
 // Redirect is an ALB redirect action; empty fields keep the request's value ("#{host}" etc. allowed).
 type Redirect struct {
 	Protocol string `toml:"protocol"`

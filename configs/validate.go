@@ -61,6 +61,25 @@ func (v *validator) line(path string) int {
 }
 
 // errf records a problem with field (relative to the scope, e.g. "rules[0].paths[1]").
+// setting is a key and whether the operator wrote it, for the "applies to" checks.
+type setting struct {
+	key string
+	set bool
+}
+
+// misplaced reports each written setting when none of them applies here: "<key> <msg>". The
+// checks of what applies where are tables of settings, one call per condition.
+func (s scope) misplaced(applies bool, msg string, settings ...setting) {
+	if applies {
+		return
+	}
+	for _, f := range settings {
+		if f.set {
+			s.errf(f.key, "%s %s", f.key, msg)
+		}
+	}
+}
+
 func (s scope) errf(field, format string, args ...any) {
 	if s.v.quiet > 0 {
 		return
@@ -540,50 +559,39 @@ func validDomain(d string) bool {
 
 // ---- target groups
 
-var algorithms = []string{"round_robin", "least_outstanding_requests", "weighted_random", "least_connections", "source_ip_hash"}
-
 func (v *validator) group(s scope, g *TargetGroup) {
 	if !v.enum(s, "protocol", g.Protocol, "http", "https", "tcp", "tls") {
 		return
 	}
 	l7 := g.Protocol == "http" || g.Protocol == "https"
 	v.targets(s, "targets", g.Targets)
-	v.enum(s, "algorithm", g.Algorithm, algorithms...)
-	if g.HTTP2 && !l7 {
-		s.errf("http2", "http2 applies to http and https groups, not %q", g.Protocol)
-	}
-	if g.ProxyProtocol != "" {
-		if l7 {
-			s.errf("proxy_protocol", "proxy_protocol applies to tcp and tls groups, not %q (HTTP groups get X-Forwarded-For)", g.Protocol)
-		} else {
-			v.enum(s, "proxy_protocol", g.ProxyProtocol, "v1", "v2")
-		}
-	}
-	if g.ResponseTimeout != "" && !l7 {
-		s.errf("response_timeout", "response_timeout applies to http and https groups, not %q", g.Protocol)
-	}
-	if g.TargetReadTimeout != "" && !l7 {
-		s.errf("target_read_timeout", "target_read_timeout applies to http and https groups, not %q (network listeners use idle_timeout)", g.Protocol)
+	v.enum(s, "algorithm", g.Algorithm, Algorithms...)
+	s.misplaced(l7, fmt.Sprintf("applies to http and https groups, not %q", g.Protocol),
+		setting{"http2", g.HTTP2}, setting{"response_timeout", g.ResponseTimeout != ""}, setting{"max_in_flight", g.MaxInFlight > 0})
+	s.misplaced(l7, fmt.Sprintf("applies to http and https groups, not %q (network listeners use idle_timeout)", g.Protocol),
+		setting{"target_read_timeout", g.TargetReadTimeout != ""})
+	s.misplaced(!l7, fmt.Sprintf("applies to tcp and tls groups, not %q (HTTP groups get X-Forwarded-For)", g.Protocol),
+		setting{"proxy_protocol", g.ProxyProtocol != ""})
+	if g.ProxyProtocol != "" && !l7 {
+		v.enum(s, "proxy_protocol", g.ProxyProtocol, "v1", "v2")
 	}
 	if g.MaxIdleConns < 0 {
 		s.errf("max_idle_conns", "max_idle_conns %d must not be negative", g.MaxIdleConns)
 	}
 	if g.MaxInFlight < 0 {
 		s.errf("max_in_flight", "max_in_flight %d must not be negative", g.MaxInFlight)
-	} else if g.MaxInFlight > 0 && !l7 {
-		s.errf("max_in_flight", "max_in_flight applies to http and https groups, not %q", g.Protocol)
 	}
 	if st := g.Stickiness; st != nil {
-		if v.enum(s, "stickiness.type", st.Type, "lb_cookie", "app_cookie", "source_ip") {
+		if v.enum(s, "stickiness.type", st.Type, StickinessTypes...) {
 			switch {
-			case st.Type != "source_ip" && !l7:
+			case st.Type != StickySourceIP && !l7:
 				s.errf("stickiness.type", "stickiness type %q needs an http or https group (use \"source_ip\" for %s groups)", st.Type, g.Protocol)
-			case st.Type == "app_cookie" && !isToken(st.Cookie):
+			case st.Type == StickyAppCookie && !isToken(st.Cookie):
 				s.errf("stickiness.cookie", "app_cookie stickiness needs cookie, the application's cookie name")
-			case st.Type != "app_cookie" && st.Cookie != "":
+			case st.Type != StickyAppCookie && st.Cookie != "":
 				s.errf("stickiness.cookie", "cookie applies to app_cookie stickiness only")
 			}
-			if st.Type == "source_ip" {
+			if st.Type == StickySourceIP {
 				if st.Duration != "" {
 					s.errf("stickiness.duration", "duration applies to cookie stickiness; source_ip stickiness lasts as long as the target is healthy")
 				}
@@ -645,11 +653,10 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 	}
 	web := h.Protocol == "http" || h.Protocol == "https"
 	if !classic {
-		switch {
-		case web && !strings.HasPrefix(h.Path, "/"):
+		s.misplaced(web, fmt.Sprintf("applies to http and https health checks, not %q", h.Protocol),
+			setting{f + "path", h.Path != ""}, setting{f + "matcher", h.Matcher != ""}, setting{f + "grpc_code", h.GRPCCode != ""})
+		if web && !strings.HasPrefix(h.Path, "/") {
 			s.errf(f+"path", "health_check.path %q must start with \"/\"", h.Path)
-		case !web && h.Path != "":
-			s.errf(f+"path", "health_check.path applies to http and https health checks, not %q", h.Protocol)
 		}
 		if h.Port < 0 || h.Port > 65535 {
 			s.errf(f+"port", "health_check.port %d is out of range 1-65535 (0 = the target's port)", h.Port)
@@ -660,15 +667,10 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 				s.errf(f+"matcher", "health_check.matcher %q: %v (e.g. \"200\", \"200-399\" or \"200,204\")", h.Matcher, err)
 			}
 			h.matcher = m
-		} else if h.Matcher != "" {
-			s.errf(f+"matcher", "health_check.matcher applies to http and https health checks, not %q", h.Protocol)
 		}
-		if h.GRPCCode != "" {
+		if h.GRPCCode != "" && web {
 			m, err := ParseGRPCCodes(h.GRPCCode)
-			switch {
-			case !web:
-				s.errf(f+"grpc_code", "health_check.grpc_code applies to http and https health checks, not %q", h.Protocol)
-			case err != nil:
+			if err != nil {
 				s.errf(f+"grpc_code", "health_check.grpc_code %q: %v (e.g. \"0\", \"0-99\" or \"0,12\")", h.GRPCCode, err)
 			}
 			h.grpcCodes = m
@@ -836,14 +838,10 @@ func (v *validator) listener(s scope, l *Listener, binds map[uint16][]bind, prio
 			s.errf("certificates", "protocol %q needs certificates (names of [[certificates]]; the first is the default for clients without SNI)", l.Protocol)
 		}
 		v.enum(s, "tls_policy", l.TLSPolicy, "recommended", "tls13", "compatible")
-	} else {
-		if len(l.Certificates) > 0 {
-			s.errf("certificates", "certificates apply to TLS listeners, not %q (use protocol = %q to terminate TLS)", l.Protocol, tlsName(l))
-		}
-		if l.TLSPolicy != "" {
-			s.errf("tls_policy", "tls_policy applies to TLS listeners, not %q", l.Protocol)
-		}
+	} else if len(l.Certificates) > 0 {
+		s.errf("certificates", "certificates apply to TLS listeners, not %q (use protocol = %q to terminate TLS)", l.Protocol, tlsName(l))
 	}
+	s.misplaced(tlsOn, fmt.Sprintf("applies to TLS listeners, not %q", l.Protocol), setting{"tls_policy", l.TLSPolicy != ""})
 	seen := make(map[string]bool, len(l.Certificates))
 	for i, name := range l.Certificates {
 		if _, ok := v.certs[name]; !ok {
@@ -853,14 +851,12 @@ func (v *validator) listener(s scope, l *Listener, binds map[uint16][]bind, prio
 		}
 		seen[name] = true
 	}
-	if l.Style == "network" && l.Protocol == "tls" {
+	networkTLS := l.Style == "network" && l.Protocol == "tls"
+	s.misplaced(networkTLS, "applies to network tls listeners (application https listeners use http2)", setting{"alpn_policy", l.ALPNPolicy != ""})
+	if networkTLS {
 		v.enum(s, "alpn_policy", l.ALPNPolicy, "HTTP1Only", "HTTP2Only", "HTTP2Optional", "HTTP2Preferred", "None")
-	} else if l.ALPNPolicy != "" {
-		s.errf("alpn_policy", "alpn_policy applies to network tls listeners (application https listeners use http2)")
 	}
-	if l.HTTP2 != nil && !(l.Style == "application" && l.Protocol == "https") {
-		s.errf("http2", "http2 applies to application https listeners")
-	}
+	s.misplaced(l.Style == "application" && l.Protocol == "https", "applies to application https listeners", setting{"http2", l.HTTP2 != nil})
 	if ca := l.ClientAuth; ca != nil && v.enum(s, "client_auth.mode", ca.Mode, "off", "verify", "passthrough") {
 		switch {
 		case ca.Mode != "off" && !tlsOn:
@@ -900,38 +896,24 @@ func (v *validator) listener(s scope, l *Listener, binds map[uint16][]bind, prio
 			l.trustedForwarders = v.prefixes(s, "trusted_forwarders", l.TrustedForwarders)
 		}
 	} else {
-		for _, f := range []struct {
-			key string
-			set bool
-		}{{"xff", l.XFF != ""}, {"desync_mitigation", l.DesyncMitigation != ""}, {"header_timeout", l.HeaderTimeout != ""},
-			{"max_header_bytes", l.MaxHeaderBytes != 0}, {"drop_invalid_header_fields", l.DropInvalidHeaderFields},
-			{"client_body_timeout", l.ClientBodyTimeout != ""}, {"send_timeout", l.SendTimeout != ""},
-			{"min_transfer_rate", l.MinTransferRate != 0}, {"trusted_forwarders", l.TrustedForwarders != nil}} {
-			if f.set {
-				s.errf(f.key, "%s applies to http and https listeners, not %q", f.key, l.Protocol)
-			}
-		}
 		// No header_timeout key here, but a TLS handshake or ClientHello peek still needs a
 		// bound: the same default, given here so the runtime holds no default of its own.
 		l.headerTimeout = v.duration(s, "header_timeout", DefaultHeaderTimeout, true)
 	}
+	s.misplaced(l7, fmt.Sprintf("applies to http and https listeners, not %q", l.Protocol),
+		setting{"xff", l.XFF != ""}, setting{"desync_mitigation", l.DesyncMitigation != ""}, setting{"header_timeout", l.HeaderTimeout != ""},
+		setting{"max_header_bytes", l.MaxHeaderBytes != 0}, setting{"drop_invalid_header_fields", l.DropInvalidHeaderFields},
+		setting{"client_body_timeout", l.ClientBodyTimeout != ""}, setting{"send_timeout", l.SendTimeout != ""},
+		setting{"min_transfer_rate", l.MinTransferRate != 0}, setting{"trusted_forwarders", l.TrustedForwarders != nil})
 	l.idleTimeout = v.duration(s, "idle_timeout", l.IdleTimeout, true)
 	if l.MaxConnections < 0 {
 		s.errf("max_connections", "max_connections %d must not be negative (0 = unlimited)", l.MaxConnections)
 	}
 
-	if l.Style != "classic" {
-		for _, f := range []struct {
-			key string
-			set bool
-		}{{"backend_protocol", l.BackendProtocol != ""}, {"instances", l.Instances != nil}, {"proxy_protocol", l.ProxyProtocol},
-			{"health_check", l.HealthCheck != nil}, {"backend_tls", l.BackendTLS != nil}, {"request_headers", l.RequestHeaders != nil},
-			{"response_headers", l.ResponseHeaders != nil}, {"algorithm", l.Algorithm != ""}} {
-			if f.set {
-				s.errf(f.key, "%s applies to classic listeners; %s listeners use target groups", f.key, l.Style)
-			}
-		}
-	}
+	s.misplaced(l.Style == "classic", fmt.Sprintf("applies to classic listeners; %s listeners use target groups", l.Style),
+		setting{"backend_protocol", l.BackendProtocol != ""}, setting{"instances", l.Instances != nil}, setting{"proxy_protocol", l.ProxyProtocol},
+		setting{"health_check", l.HealthCheck != nil}, setting{"backend_tls", l.BackendTLS != nil}, setting{"request_headers", l.RequestHeaders != nil},
+		setting{"response_headers", l.ResponseHeaders != nil}, setting{"algorithm", l.Algorithm != ""})
 
 	switch l.Style {
 	case "application":
@@ -1092,10 +1074,8 @@ func (v *validator) classic(s scope, l *Listener) {
 		}
 	}
 	v.targets(s, "instances", l.Instances)
-	v.enum(s, "algorithm", l.Algorithm, algorithms...)
-	if l.ProxyProtocol && l7 {
-		s.errf("proxy_protocol", "proxy_protocol applies to tcp and ssl classic listeners (HTTP back ends get X-Forwarded-For)")
-	}
+	v.enum(s, "algorithm", l.Algorithm, Algorithms...)
+	s.misplaced(!l7, "applies to tcp and ssl classic listeners (HTTP back ends get X-Forwarded-For)", setting{"proxy_protocol", l.ProxyProtocol})
 	if h := l.HealthCheck; h != nil {
 		if _, _, _, ok := parseClassicTarget(h.Target); !ok {
 			s.errf("health_check.target", "health_check.target %q is not PROTOCOL:PORT[/path] (HTTP:80/ping, HTTPS:443/, TCP:7001 or SSL:443; a path only for HTTP and HTTPS)", h.Target)
@@ -1104,14 +1084,15 @@ func (v *validator) classic(s scope, l *Listener) {
 	if l7 {
 		v.headerOps(s, "request_headers", l.RequestHeaders)
 		v.headerOps(s, "response_headers", l.ResponseHeaders)
-	} else {
-		if l.RequestHeaders != nil {
-			s.errf("request_headers", "request_headers apply to http and https classic listeners")
-		}
-		if l.ResponseHeaders != nil {
-			s.errf("response_headers", "response_headers apply to http and https classic listeners")
-		}
 	}
+	s.misplaced(l7, "apply to http and https classic listeners", setting{"request_headers", l.RequestHeaders != nil}, setting{"response_headers", l.ResponseHeaders != nil})
+}
+
+// conditions are a rule's conditions, each written or not: the one list of their names. hosts
+// comes first (the only one a network listener's rules take).
+func (r *Rule) conditions() []setting {
+	return []setting{{"hosts", len(r.Hosts) > 0}, {"paths", len(r.Paths) > 0}, {"methods", len(r.Methods) > 0},
+		{"headers", len(r.Headers) > 0}, {"query", len(r.Query) > 0}, {"source_ips", len(r.SourceIPs) > 0}}
 }
 
 // rules checks an application listener's rules, or a network tcp listener's SNI rules.
@@ -1133,24 +1114,25 @@ func (v *validator) rules(s scope, l *Listener, prio map[int]int) {
 			if len(r.Hosts) == 0 {
 				rs.errf("hosts", "a network listener's rule routes by SNI and needs hosts")
 			}
-			for _, f := range []struct {
-				key string
-				set bool
-			}{{"paths", r.Paths != nil}, {"methods", r.Methods != nil}, {"headers", r.Headers != nil}, {"query", r.Query != nil},
-				{"source_ips", r.SourceIPs != nil}, {"redirect", r.Redirect != nil}, {"fixed_response", r.FixedResponse != nil},
-				{"request_headers", r.RequestHeaders != nil}, {"response_headers", r.ResponseHeaders != nil}} {
-				if f.set {
-					rs.errf(f.key, "%s is not available on a network listener: its rules match hosts (SNI) and forward", f.key)
-				}
-			}
+			conds := r.conditions()
+			rs.misplaced(false, "is not available on a network listener: its rules match hosts (SNI) and forward",
+				append(conds[1:], setting{"redirect", r.Redirect != nil}, setting{"fixed_response", r.FixedResponse != nil},
+					setting{"request_headers", r.RequestHeaders != nil}, setting{"response_headers", r.ResponseHeaders != nil})...)
 			if r.Forward == nil {
 				rs.errf("forward", "rule needs forward (a tcp target group)")
 			} else {
 				v.forward(rs, "forward", l, r.Forward)
 			}
 		} else {
-			if len(r.Hosts)+len(r.Paths)+len(r.Methods)+len(r.Headers)+len(r.Query)+len(r.SourceIPs) == 0 {
-				rs.errf("", "a rule needs at least one condition (hosts, paths, methods, headers, query or source_ips); use default_action for everything else")
+			var names []string
+			written := false
+			for _, c := range r.conditions() {
+				names = append(names, c.key)
+				written = written || c.set
+			}
+			if !written {
+				rs.errf("", "a rule needs at least one condition (%s or %s); use default_action for everything else",
+					strings.Join(names[:len(names)-1], ", "), names[len(names)-1])
 			}
 			v.action(rs, "", l, r.Forward, r.Redirect, r.FixedResponse)
 			v.headerOps(rs, "request_headers", r.RequestHeaders)
