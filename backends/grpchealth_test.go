@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -46,17 +48,17 @@ func TestGRPCHealthCheck(t *testing.T) {
 	bad := set.Group("unimpl-bad").Targets()[0]
 	ok := set.Group("unimpl-ok").Targets()[0]
 
-	waitFor(t, "Unimplemented outside grpc_code marks the target unhealthy", 15*time.Second, func() bool { return !bad.Healthy() })
+	configtest.WaitFor(t, 15*time.Second, "Unimplemented outside grpc_code marks the target unhealthy", func() bool { return !bad.Healthy() })
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
-	waitFor(t, "NOT_SERVING marks the target unhealthy", 15*time.Second, func() bool { return !svc.Healthy() })
+	configtest.WaitFor(t, 15*time.Second, "NOT_SERVING marks the target unhealthy", func() bool { return !svc.Healthy() })
 	if st := svc.Status(); st.Reason == "" {
 		t.Errorf("no reason for the failure: %+v", st)
 	}
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	waitFor(t, "SERVING marks the target healthy again", 15*time.Second, svc.Healthy)
+	configtest.WaitFor(t, 15*time.Second, "SERVING marks the target healthy again", svc.Healthy)
 	// On a loaded machine a check may time out now and then; what must never happen is a
 	// status mismatch for the code grpc_code lists.
-	waitFor(t, "Unimplemented inside grpc_code keeps the target healthy", 15*time.Second, ok.Healthy)
+	configtest.WaitFor(t, 15*time.Second, "Unimplemented inside grpc_code keeps the target healthy", ok.Healthy)
 	if st := ok.Status(); strings.Contains(st.Reason, "does not match") {
 		t.Errorf("grpc_code 12 target failed on its status: %+v", st)
 	}

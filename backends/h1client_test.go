@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
@@ -309,7 +311,7 @@ func TestH1ResponseTimeoutAndCancel(t *testing.T) {
 	if !errors.Is(err, context.Canceled) || time.Since(start) > 10*time.Second {
 		t.Fatalf("canceled request: %v after %v, want context.Canceled", err, time.Since(start))
 	}
-	waitFor(t, "target sees both connections closed", 5*time.Second, func() bool { return srv.closed.Load() == 2 })
+	configtest.WaitFor(t, 5*time.Second, "target sees both connections closed", func() bool { return srv.closed.Load() == 2 })
 }
 
 // TestH1EarlyAnswer: a target that answers before the upload ends gets its answer through, and
@@ -434,11 +436,11 @@ func TestH1IdleLimits(t *testing.T) {
 		}
 	}
 	// One idle connection is kept, two closed at once; the kept one idles out.
-	waitFor(t, "two of three closed", 5*time.Second, func() bool { return srv.closed.Load() == 2 })
+	configtest.WaitFor(t, 5*time.Second, "two of three closed", func() bool { return srv.closed.Load() == 2 })
 	if srv.closed.Load() != 2 {
 		t.Fatalf("%d closed, want 2", srv.closed.Load())
 	}
-	waitFor(t, "idle connection swept", 5*time.Second, func() bool { return srv.closed.Load() == 3 })
+	configtest.WaitFor(t, 5*time.Second, "idle connection swept", func() bool { return srv.closed.Load() == 3 })
 	h.host(srv.Listener.Addr().String()).mu.Lock()
 	left := len(h.host(srv.Listener.Addr().String()).idle)
 	h.host(srv.Listener.Addr().String()).mu.Unlock()

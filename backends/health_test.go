@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
@@ -49,7 +51,7 @@ func TestActiveHTTPHealth(t *testing.T) {
 	}
 	down.Store(true)
 	// interval*unhealthy_threshold = 40ms; allow generous slack under -race.
-	waitFor(t, "target marked unhealthy", 2*time.Second, func() bool { return !tg.Healthy() })
+	configtest.WaitFor(t, 2*time.Second, "target marked unhealthy", func() bool { return !tg.Healthy() })
 	if st := tg.Status(); st.Reason == "" || st.Healthy {
 		t.Errorf("status after failure: %+v", st)
 	}
@@ -59,17 +61,19 @@ func TestActiveHTTPHealth(t *testing.T) {
 		}
 	}
 	down.Store(false)
-	waitFor(t, "target healthy again", 2*time.Second, tg.Healthy)
-	waitFor(t, "target picked again", time.Second, func() bool { return g.Pick(netip.Addr{}, nil) == tg })
+	configtest.WaitFor(t, 2*time.Second, "target healthy again", tg.Healthy)
+	configtest.WaitFor(t, time.Second, "target picked again", func() bool { return g.Pick(netip.Addr{}, nil) == tg })
 }
 
 func TestActiveTCPHealthServerClosed(t *testing.T) {
 	r := newReg(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	// A port below the ephemeral range: once closed, nothing but an explicit bind can take it,
+	// so listening on it again must work and the test fails if it does not.
+	address := configtest.Addr(t)
+	ln, err := net.Listen("tcp", address)
 	if err != nil {
 		t.Fatal(err)
 	}
-	address := ln.Addr().String()
 	go acceptAndClose(ln)
 	gc := configs.TargetGroup{Name: "db", Protocol: "tcp", HealthCheck: fastHC("tcp"),
 		Targets: []configs.Target{{Address: address, Weight: 1}}}
@@ -77,18 +81,18 @@ func TestActiveTCPHealthServerClosed(t *testing.T) {
 	tg := g.Targets()[0]
 	start := time.Now()
 	ln.Close()
-	waitFor(t, "closed server marked down", 2*time.Second, func() bool { return !tg.Healthy() })
+	configtest.WaitFor(t, 2*time.Second, "closed server marked down", func() bool { return !tg.Healthy() })
 	t.Logf("closed server detected after %v (interval 20ms x 2)", time.Since(start).Round(time.Millisecond))
 	if g.Pick(netip.Addr{}, nil) != nil {
 		t.Error("Pick returned a target with every target down")
 	}
 	ln2, err := net.Listen("tcp", address)
 	if err != nil {
-		t.Skipf("cannot re-listen on %s: %v", address, err)
+		t.Fatalf("listen again on %s: %v", address, err)
 	}
 	defer ln2.Close()
 	go acceptAndClose(ln2)
-	waitFor(t, "restarted server marked up", 2*time.Second, tg.Healthy)
+	configtest.WaitFor(t, 2*time.Second, "restarted server marked up", tg.Healthy)
 }
 
 func acceptAndClose(ln net.Listener) {
@@ -116,7 +120,7 @@ func TestReloadKeepsHealthAndDrains(t *testing.T) {
 	s1 := build(t, r, mk("0s", a))
 	t1 := s1.Group("web").Targets()[0]
 	down.Store(true)
-	waitFor(t, "unhealthy", 2*time.Second, func() bool { return !t1.Healthy() })
+	configtest.WaitFor(t, 2*time.Second, "unhealthy", func() bool { return !t1.Healthy() })
 	t1.Acquire() // a request in flight across the reload
 
 	s2 := build(t, r, mk("100ms", a, b))
@@ -139,7 +143,7 @@ func TestReloadKeepsHealthAndDrains(t *testing.T) {
 		t.Fatalf("removed target status: %+v", st)
 	}
 	t1.Release()
-	waitFor(t, "drained target forgotten", 2*time.Second, func() bool { return findStatus(r, a) == nil })
+	configtest.WaitFor(t, 2*time.Second, "drained target forgotten", func() bool { return findStatus(r, a) == nil })
 	if st := findStatus(r, b); st == nil || st.Draining || len(st.Groups) != 1 {
 		t.Errorf("kept target: %+v", st)
 	}
@@ -165,7 +169,7 @@ func TestCloseStopsCheckers(t *testing.T) {
 	r.Close()
 	s.Release()
 	srv.CloseClientConnections()
-	waitFor(t, "goroutines back to baseline", 2*time.Second, func() bool { return runtime.NumGoroutine() <= before+2 })
+	configtest.WaitFor(t, 2*time.Second, "goroutines back to baseline", func() bool { return runtime.NumGoroutine() <= before+2 })
 }
 
 func TestReleaseStopsChecker(t *testing.T) {
@@ -176,7 +180,7 @@ func TestReleaseStopsChecker(t *testing.T) {
 	gc := configs.TargetGroup{Name: "web", Protocol: "http", HealthCheck: fastHC(""), DeregistrationDelay: "0s",
 		Targets: []configs.Target{{Address: srv.Listener.Addr().String(), Weight: 1}}}
 	s := build(t, r, conf(gc))
-	waitFor(t, "first check", 2*time.Second, func() bool { return hits.Load() > 0 })
+	configtest.WaitFor(t, 2*time.Second, "first check", func() bool { return hits.Load() > 0 })
 	s.Release()
 	if len(r.Targets()) != 0 {
 		t.Fatal("target kept after release with no delay")

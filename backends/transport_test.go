@@ -223,7 +223,7 @@ func TestHTTPSHealthCheckUsesGroupTLS(t *testing.T) {
 			gc.HealthCheck = &configs.HealthCheck{Path: "/", Interval: "20s", Timeout: "10s", HealthyThreshold: 1, UnhealthyThreshold: 1}
 			g := build(t, r, conf(gc)).Group("secure")
 			tg := g.Targets()[0]
-			waitFor(t, "the first check's verdict", 15*time.Second, func() bool { return !tg.Status().Initial })
+			configtest.WaitFor(t, 15*time.Second, "the first check's verdict", func() bool { return !tg.Status().Initial })
 			st := tg.Status()
 			if tc.healthy {
 				if !st.Healthy || st.Reason != "" {

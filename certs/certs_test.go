@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
@@ -636,7 +638,7 @@ func TestHSMOutageRecovery(t *testing.T) {
 	wg := handshakeLoad(addr, clientCfg(m, "www.example.test", tls.VersionTLS13), 2, stop,
 		func(*tls.ConnectionState) { ok.Add(1) }, func(error) { failed.Add(1) })
 	defer func() { close(stop); wg.Wait() }()
-	waitFor(t, 5*time.Second, "handshakes before the outage", func() bool { return ok.Load() > 5 })
+	configtest.WaitFor(t, 5*time.Second, "handshakes before the outage", func() bool { return ok.Load() > 5 })
 
 	if err := token.Remove(); err != nil {
 		t.Fatal(err)
@@ -647,29 +649,18 @@ func TestHSMOutageRecovery(t *testing.T) {
 			token.Restore()
 		}
 	}()
-	waitFor(t, 5*time.Second, "failures during the outage", func() bool { return failed.Load() > 3 })
+	configtest.WaitFor(t, 5*time.Second, "failures during the outage", func() bool { return failed.Load() > 3 })
 	if err := token.Restore(); err != nil {
 		t.Fatal(err)
 	}
 	restored = true
 	start := time.Now()
 	okAt := ok.Load()
-	waitFor(t, 5*time.Second, "recovery after restore", func() bool { return ok.Load() > okAt+3 })
+	configtest.WaitFor(t, 5*time.Second, "recovery after restore", func() bool { return ok.Load() > okAt+3 })
 	t.Logf("recovered %v after restore; failed during outage %d; rebuilds %d", time.Since(start), failed.Load(), m.Keystore().Stats().Rebuilds.Load())
 	// Renewal works again too (the authority signs through the rebuilt context).
 	if err := m.Renew("www"); err != nil {
 		t.Fatal(err)
-	}
-}
-
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 

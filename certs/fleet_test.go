@@ -7,20 +7,17 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/hex"
 	"log/slog"
-	"math/big"
-	"net"
-	"os"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 
 	"github.com/fulcrum-lb/fulcrum/certs/fleet"
 	"github.com/fulcrum-lb/fulcrum/certs/fleet/etcdtest"
@@ -483,34 +480,10 @@ func TestFleetHSM(t *testing.T) {
 func TestFleetEtcdTLS(t *testing.T) {
 	etcdtest.Need(t)
 	dir := t.TempDir()
-	caKey, _ := ecdsaKey()
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "etcd test CA"}, NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	write := func(name string, b []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	leaf := func(name string, serial int64, ips []net.IP, eku ...x509.ExtKeyUsage) (string, string) {
-		k, _ := ecdsaKey()
-		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: name}, NotBefore: time.Now().Add(-time.Hour),
-			NotAfter: time.Now().Add(time.Hour), IPAddresses: ips, ExtKeyUsage: eku, KeyUsage: x509.KeyUsageDigitalSignature}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, k.Public(), caKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return write(name+".pem", pemCert(der)), write(name+".key", pemKey(t, k))
-	}
-	caFile := write("ca.pem", pemCert(caDER))
-	srvCert, srvKey := leaf("etcd", 2, []net.IP{net.IPv4(127, 0, 0, 1)}, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth)
-	cliCert, cliKey := leaf("node-a", 3, nil, x509.ExtKeyUsageClientAuth)
+	ca := configtest.NewCA(t, "etcd test CA")
+	caFile := ca.WriteCA(t, dir, "ca.pem")
+	srvCert, srvKey := configtest.WritePair(t, dir, "etcd", ca.Issue(t, []string{"etcd", "127.0.0.1"}, x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth))
+	cliCert, cliKey := configtest.WritePair(t, dir, "node-a", ca.Issue(t, []string{"node-a"}, x509.ExtKeyUsageClientAuth))
 	c := etcdtest.StartTLS(t, 1, &etcdtest.TLSFiles{CA: caFile, Cert: srvCert, Key: srvKey})
 
 	key := make([]byte, 32)
@@ -531,9 +504,7 @@ func TestFleetEtcdTLS(t *testing.T) {
 	}
 
 	// Without a client certificate etcd answers nothing.
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	f, err := fleet.Open(context.Background(), fleet.Options{Endpoints: c.Endpoints(), TLS: &tls.Config{RootCAs: pool}, Prefix: cfg.Fleet.Prefix,
+	f, err := fleet.Open(context.Background(), fleet.Options{Endpoints: c.Endpoints(), TLS: &tls.Config{RootCAs: ca.Pool()}, Prefix: cfg.Fleet.Prefix,
 		Node: "intruder", LeaseTTL: 2 * time.Second, OpTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)

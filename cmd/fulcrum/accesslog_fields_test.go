@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // rawRequest sends one request as raw bytes on a new connection and returns the status code.
@@ -43,7 +45,7 @@ func TestAccessLogClassificationAndActions(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
-	web, webTLS, admin := freeAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, admin := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), configHead(dir, admin, logPath)+fmt.Sprintf(`
 [[authorities]]
 name = "test-ca"

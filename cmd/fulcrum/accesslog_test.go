@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 )
 
@@ -167,11 +169,11 @@ func TestAccessLogLines(t *testing.T) {
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
 	fragile := newKillableBackend(t)
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"),
 		accessConfig(dir, admin, web, webTLS, hostOf(good), fragile.addr(), hostOf(good), dead, logPath))
 	c := httpClient()
-	waitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
+	configtest.WaitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
 		var tv targetsResponse
 		fetchJSON(t, c, "GET", d.admin+"/admin/targets", &tv)
 		return tv.Groups[3].Healthy == 0
@@ -323,7 +325,7 @@ func TestAccessLogReopen(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"),
 		accessConfig(dir, admin, web, webTLS, hostOf(good), hostOf(good), hostOf(good), dead, logPath))
 	c := httpClient()
@@ -352,7 +354,7 @@ func TestAccessLogReopen(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, 10*time.Second, "some load", func() bool { return seq.Load() > 200 })
+	configtest.WaitFor(t, 10*time.Second, "some load", func() bool { return seq.Load() > 200 })
 	rotated := logPath + ".1"
 	if err := os.Rename(logPath, rotated); err != nil {
 		t.Fatal(err)
@@ -360,7 +362,7 @@ func TestAccessLogReopen(t *testing.T) {
 	d.reopenLogs()
 	phase.Store(1)
 	mark := seq.Load()
-	waitFor(t, 10*time.Second, "load after the reopen", func() bool { return seq.Load() > mark+200 })
+	configtest.WaitFor(t, 10*time.Second, "load after the reopen", func() bool { return seq.Load() > mark+200 })
 	close(stop)
 	wg.Wait()
 	d.stop()
@@ -391,7 +393,7 @@ func TestConnectionLog(t *testing.T) {
 	dir := t.TempDir()
 	logPath := filepath.Join(dir, "access.log")
 	good := echoBackend(t, "good")
-	tcpAddr, tlsAddr, brokenAddr, dead := freeAddr(t), freeAddr(t), freeAddr(t), deadAddr(t)
+	tcpAddr, tlsAddr, brokenAddr, dead := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), configHead(dir, "", logPath)+fmt.Sprintf(`
 [[authorities]]
 name = "test-ca"
@@ -451,7 +453,7 @@ forward = "gone"
 		t.Fatal("a listener whose only target refuses answered")
 	}
 	// Each connection is logged when it ends, which the client's close starts.
-	waitFor(t, 5*time.Second, "three connections ended", func() bool {
+	configtest.WaitFor(t, 5*time.Second, "three connections ended", func() bool {
 		var n int
 		for _, s := range d.rt.Stats() {
 			if s.Kind == "l4" {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // adminConfig is an HTTP and an HTTPS listener in front of one echo back end, a group whose only
@@ -68,7 +70,7 @@ default_action = { forward = "echo" }
 func TestAdminEndpoints(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	d := startTestDaemon(t, path, adminConfig(dir, admin, web, webTLS, hostOf(b), dead, ""))
 	c := httpClient()
@@ -87,7 +89,7 @@ func TestAdminEndpoints(t *testing.T) {
 
 	t.Run("targets", func(t *testing.T) {
 		var tv targetsResponse
-		waitFor(t, 5*time.Second, "dead target reported unhealthy", func() bool {
+		configtest.WaitFor(t, 5*time.Second, "dead target reported unhealthy", func() bool {
 			fetchJSON(t, c, "GET", d.admin+"/admin/targets", &tv)
 			for _, g := range tv.Groups {
 				if g.Name == "down" && len(g.Targets) == 1 && g.Targets[0].State == "unhealthy" {
@@ -252,7 +254,7 @@ func TestAdminRefusesPublicBind(t *testing.T) {
 	// With admin_allow_public the bind goes ahead (every address, port 0).
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web := freeAddr(t)
+	web := configtest.Addr(t)
 	text := configHead(dir, "", "") + fmt.Sprintf(`
 [[target_groups]]
 name = "echo"
@@ -286,7 +288,7 @@ default_action = { forward = "echo" }
 func TestReloadOnTakenPort(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, admin := freeAddr(t), freeAddr(t)
+	web, admin := configtest.Addr(t), configtest.Addr(t)
 	taken, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -2,65 +2,26 @@ package main
 
 import (
 	"bufio"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
-// testCA is an operator's own authority for admin client certificates.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newTestCA(t testing.TB, cn string) *testCA {
+// clientCert issues an admin client certificate from ca and writes it and its key as PEM files.
+func clientCert(t testing.TB, ca *configtest.CA, dir, cn string) tls.Certificate {
 	t.Helper()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return &testCA{cert: c, key: k, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-// client issues a client certificate and writes it and its key as PEM files.
-func (ca *testCA) client(t testing.TB, dir, cn string) (tls.Certificate, string, string) {
-	t.Helper()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &k.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kd, _ := x509.MarshalPKCS8PrivateKey(k)
-	cf, kf := filepath.Join(dir, cn+".crt"), filepath.Join(dir, cn+".key")
-	os.WriteFile(cf, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(kf, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600)
-	kp, err := tls.LoadX509KeyPair(cf, kf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kp, cf, kf
+	c := ca.Issue(t, []string{cn}, x509.ExtKeyUsageClientAuth)
+	configtest.WritePair(t, dir, cn, c)
+	return c
 }
 
 // authConfig is an HTTPS admin endpoint with three bearer tokens and two client certificates.
@@ -154,17 +115,17 @@ func readAudit(t testing.TB, path string) []auditRecord {
 
 func TestAdminRoles(t *testing.T) {
 	dir := t.TempDir()
-	ca := newTestCA(t, "Ops Clients CA")
-	os.WriteFile(filepath.Join(dir, "clients-ca.pem"), ca.pem, 0o600)
-	admin := freeAddr(t)
+	ca := configtest.NewCA(t, "Ops Clients CA")
+	ca.WriteCA(t, dir, "clients-ca.pem")
+	admin := configtest.Addr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	d := startTestDaemon(t, path, authConfig(t, dir, admin, ""))
 	base := "https://" + admin
 	pool := caPool(t, dir, "test-ca")
 
-	alice, _, _ := ca.client(t, dir, "alice")
-	bob, _, _ := ca.client(t, dir, "bob")
-	carol, _, _ := ca.client(t, dir, "carol") // the right authority, but not in admin_clients
+	alice := clientCert(t, ca, dir, "alice")
+	bob := clientCert(t, ca, dir, "bob")
+	carol := clientCert(t, ca, dir, "carol") // the right authority, but not in admin_clients
 	client := func(cert *tls.Certificate) *http.Client {
 		tc := &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}
 		if cert != nil {
@@ -228,7 +189,7 @@ func TestAdminRoles(t *testing.T) {
 		}
 	}
 	// A certificate from another authority with a configured name authenticates nobody.
-	stranger, _, _ := newTestCA(t, "Other CA").client(t, dir, "alice")
+	stranger := clientCert(t, configtest.NewCA(t, "Other CA"), dir, "alice")
 	if resp, err := client(&stranger).Get(base + "/admin/keys"); err == nil {
 		resp.Body.Close()
 		if resp.StatusCode != 401 {
@@ -280,7 +241,7 @@ func TestAdminRoles(t *testing.T) {
 // An admin endpoint without credentials answers health probes only, and says why.
 func TestAdminNoCredentials(t *testing.T) {
 	dir := t.TempDir()
-	admin := freeAddr(t)
+	admin := configtest.Addr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), fmt.Sprintf(`[server]
 admin = %q
 state_dir = %q

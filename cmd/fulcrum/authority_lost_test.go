@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestAuthorityKeyLostReported: when an authority's key leaves the keystore, a reload keeps
@@ -18,7 +20,7 @@ import (
 func TestAuthorityKeyLostReported(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	text := adminConfig(dir, admin, web, webTLS, hostOf(b), dead, "")
 	d := startTestDaemon(t, path, text)

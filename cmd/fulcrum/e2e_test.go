@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 )
 
@@ -157,7 +159,7 @@ func TestBinaryReloadAndDrain(t *testing.T) {
 	dir := t.TempDir()
 	b1 := echoBackend(t, "b1")
 	b2 := newKillableBackend(t) // counts /delay arrivals
-	web, admin := freeAddr(t), freeAddr(t)
+	web, admin := configtest.Addr(t), configtest.Addr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	cfg := func(extra string) string {
 		return configHead(dir, admin, "") + fmt.Sprintf(`
@@ -208,7 +210,7 @@ forward = "two"
 	})
 	c := httpClient()
 	c.Timeout = 5 * time.Second
-	waitFor(t, 20*time.Second, "fulcrum ready", func() bool {
+	configtest.WaitFor(t, 20*time.Second, "fulcrum ready", func() bool {
 		select {
 		case <-exited:
 			t.Fatalf("fulcrum exited: %v\n%s", exitErr, logs.String())
@@ -246,7 +248,7 @@ forward = "two"
 			}
 		}()
 	}
-	waitFor(t, 10*time.Second, "load running", func() bool { return ok.Load() > 100 })
+	configtest.WaitFor(t, 10*time.Second, "load running", func() bool { return ok.Load() > 100 })
 	writeConfig(t, path, cfg(`
 [[listeners.rules]]
 priority = 2
@@ -256,7 +258,7 @@ fixed_response = { status = 200, content_type = "text/plain", body = "new route"
 	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "new route served after SIGHUP", func() bool {
+	configtest.WaitFor(t, 10*time.Second, "new route served after SIGHUP", func() bool {
 		resp, err := c.Get("http://" + web + "/new")
 		if err != nil {
 			return false
@@ -267,7 +269,7 @@ fixed_response = { status = 200, content_type = "text/plain", body = "new route"
 		return resp.StatusCode == 200 && b.String() == "new route"
 	})
 	mark := ok.Load()
-	waitFor(t, 10*time.Second, "load after the reload", func() bool { return ok.Load() > mark+100 })
+	configtest.WaitFor(t, 10*time.Second, "load after the reload", func() bool { return ok.Load() > mark+100 })
 	cancel()
 	wg.Wait()
 	if failed.Load() != 0 {

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/certs/fleet/etcdtest"
 )
 
@@ -23,7 +25,7 @@ func TestFleetStickyAndAdmin(t *testing.T) {
 	var webs []string
 	for _, n := range []string{"a", "b"} {
 		dir := t.TempDir()
-		web := freeAddr(t)
+		web := configtest.Addr(t)
 		text := fmt.Sprintf(`[server]
 admin = %q
 admin_auth = "none"
@@ -52,7 +54,7 @@ style = "application"
 protocol = "http"
 address = %q
 default_action = { forward = "web" }
-`, freeAddr(t), dir, shared, c.Endpoints()[0], n, hostOf(b1), hostOf(b2), web)
+`, configtest.Addr(t), dir, shared, c.Endpoints()[0], n, hostOf(b1), hostOf(b2), web)
 		nodes = append(nodes, startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), text))
 		webs = append(webs, web)
 	}
@@ -101,7 +103,7 @@ default_action = { forward = "web" }
 			Locks []struct{ Name, Holder string } `json:"locks"`
 		} `json:"status"`
 	}
-	waitFor(t, 20*time.Second, "both nodes in /admin/fleet", func() bool {
+	configtest.WaitFor(t, 20*time.Second, "both nodes in /admin/fleet", func() bool {
 		if code := fetchJSON(t, client, "GET", nodes[0].admin+"/admin/fleet", &view); code != 200 {
 			t.Fatalf("/admin/fleet: %d", code)
 		}
@@ -127,7 +129,7 @@ default_action = { forward = "web" }
 		}
 	}
 	c.StartAll(t)
-	waitFor(t, 30*time.Second, "both nodes back in /admin/fleet", func() bool {
+	configtest.WaitFor(t, 30*time.Second, "both nodes back in /admin/fleet", func() bool {
 		view.Status.Nodes = nil
 		fetchJSON(t, client, "GET", nodes[1].admin+"/admin/fleet", &view)
 		return len(view.Status.Nodes) == 2

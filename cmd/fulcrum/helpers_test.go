@@ -16,41 +16,12 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/configs"
-	"github.com/fulcrum-lb/fulcrum/listener/porttest"
 )
-
-// freeAddr reserves a loopback port. Listeners are keyed by their configured address, so each
-// gets a concrete port.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	return porttest.Unused(t, "tcp", "127.0.0.1")
-}
-
-// deadAddr is a loopback address that refuses connections for the whole test: a socket bound
-// to it but never listening, so the kernel answers SYN with RST and no other test (or process)
-// can start listening there, as could happen on a port freeAddr released.
-func deadAddr(t testing.TB) string {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	sa, err := syscall.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("127.0.0.1:%d", sa.(*syscall.SockaddrInet4).Port)
-}
 
 // echoBackend is the project's echo server on a real socket.
 func echoBackend(t testing.TB, name string) *httptest.Server {
@@ -164,18 +135,6 @@ func fetchJSON(t testing.TB, c *http.Client, method, url string, v any) int {
 		t.Fatalf("%s %s: %v\n%s", method, url, err, body)
 	}
 	return status
-}
-
-// waitFor polls a condition that has no event to wait on (health state, log flush), bounded.
-func waitFor(t testing.TB, limit time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, limit)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // sample is one Prometheus series.

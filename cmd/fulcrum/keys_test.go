@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/certs/softhsmtest"
 )
 
@@ -101,7 +103,7 @@ func TestKeysEndToEnd(t *testing.T) {
 		t.Fatal("pkcs11-tool (opensc) is not installed")
 	}
 	dir := t.TempDir()
-	admin, web := freeAddr(t), freeAddr(t)
+	admin, web := configtest.Addr(t), configtest.Addr(t)
 	path := filepath.Join(dir, "fulcrum.toml")
 	d := startTestDaemon(t, path, keysConfig(t, dir, admin, web, false))
 

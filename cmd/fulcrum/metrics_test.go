@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // driveLoad sends n GETs to url over c concurrent connections, with hey when it is installed
@@ -67,10 +69,10 @@ func driveLoad(t *testing.T, url string, n, c int) map[int]int {
 func TestMetricsMatchTraffic(t *testing.T) {
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t)
+	web, webTLS, dead, admin := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), adminConfig(dir, admin, web, webTLS, hostOf(b), dead, ""))
 	c := httpClient()
-	waitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
+	configtest.WaitFor(t, 5*time.Second, "dead target out of rotation", func() bool {
 		var tv targetsResponse
 		fetchJSON(t, c, "GET", d.admin+"/admin/targets", &tv)
 		return tv.Groups[1].Healthy == 0

@@ -11,6 +11,8 @@ import (
 	"sort"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestMonitoringKit: the alert rules pass `promtool check rules` (Debian package prometheus,
@@ -46,7 +48,7 @@ func TestMonitoringKit(t *testing.T) {
 
 	dir := t.TempDir()
 	b := echoBackend(t, "b1")
-	web, webTLS, dead, admin, tcp := freeAddr(t), freeAddr(t), deadAddr(t), freeAddr(t), freeAddr(t)
+	web, webTLS, dead, admin, tcp := configtest.Addr(t), configtest.Addr(t), configtest.DeadAddr(t), configtest.Addr(t), configtest.Addr(t)
 	text := adminConfig(dir, admin, web, webTLS, hostOf(b), dead, "") + fmt.Sprintf(`
 [[target_groups]]
 name = "relay"

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestMasterKeyRotationUnderLoad rotates the software keystore's master key (with curl, as an
@@ -25,7 +27,7 @@ func TestMasterKeyRotationUnderLoad(t *testing.T) {
 		t.Fatal("curl is not installed")
 	}
 	dir := t.TempDir()
-	admin, web := freeAddr(t), freeAddr(t)
+	admin, web := configtest.Addr(t), configtest.Addr(t)
 	os.WriteFile(filepath.Join(dir, "key_admin.token"), []byte(keyAdminToken), 0o600)
 	os.WriteFile(filepath.Join(dir, "operator.token"), []byte(operatorToken), 0o600)
 	d := startTestDaemon(t, filepath.Join(dir, "fulcrum.toml"), fmt.Sprintf(`[server]
@@ -102,14 +104,14 @@ default_action = { fixed_response = { status = 200, content_type = "text/plain",
 			}
 		}()
 	}
-	waitFor(t, 30*time.Second, "handshakes before the rotation", func() bool { return ok.Load() > 20 })
+	configtest.WaitFor(t, 30*time.Second, "handshakes before the rotation", func() bool { return ok.Load() > 20 })
 	out, err := exec.Command("curl", "-sS", "-f", "-X", "POST", "-H", "Authorization: Bearer "+keyAdminToken,
 		d.admin+"/admin/keystore/rotate-master-key").CombinedOutput()
 	if err != nil {
 		t.Fatalf("rotate: %v\n%s", err, out)
 	}
 	before := ok.Load()
-	waitFor(t, 30*time.Second, "handshakes after the rotation", func() bool { return ok.Load() > before+20 })
+	configtest.WaitFor(t, 30*time.Second, "handshakes after the rotation", func() bool { return ok.Load() > before+20 })
 	close(stop)
 	wg.Wait()
 	if failed.Load() != 0 {

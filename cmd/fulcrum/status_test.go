@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/chromedp/chromedp"
 )
 
@@ -41,7 +43,7 @@ func TestStatusPageBrowser(t *testing.T) {
 	dir := t.TempDir()
 	live := echoBackend(t, "live")
 	victim := echoBackend(t, "victim")
-	web, admin := freeAddr(t), freeAddr(t)
+	web, admin := configtest.Addr(t), configtest.Addr(t)
 	text := configHead(dir, admin, "") + fmt.Sprintf(`
 [[target_groups]]
 name = "pool"
@@ -99,16 +101,16 @@ fixed_response = { status = 200, content_type = "text/plain", body = "fixed" }
 			resp.Body.Close()
 		}
 	}
-	waitFor(t, 30*time.Second, "request counter moving on the page", func() bool {
+	configtest.WaitFor(t, 30*time.Second, "request counter moving on the page", func() bool {
 		n, _ := strconv.ParseFloat(text1(`tr[data-listener="web"] .requests`), 64)
 		return n >= before+20
 	})
 
 	// Kill a target: its row turns unhealthy in place.
 	sel := fmt.Sprintf(`tr[data-target="%s"] .state`, hostOf(victim))
-	waitFor(t, 30*time.Second, "victim listed healthy", func() bool { return text1(sel) == "healthy" })
+	configtest.WaitFor(t, 30*time.Second, "victim listed healthy", func() bool { return text1(sel) == "healthy" })
 	victim.Close()
-	waitFor(t, 30*time.Second, "killed target shown unhealthy", func() bool { return text1(sel) == "unhealthy" })
+	configtest.WaitFor(t, 30*time.Second, "killed target shown unhealthy", func() bool { return text1(sel) == "unhealthy" })
 	if s := text1(fmt.Sprintf(`tr[data-target="%s"] .state`, hostOf(live))); s != "healthy" {
 		t.Fatalf("live target shown %q", s)
 	}

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestStickyCookieSurvivesRestart: without a fleet, a cookie set by one process still routes to
@@ -14,7 +16,7 @@ import (
 func TestStickyCookieSurvivesRestart(t *testing.T) {
 	dir := t.TempDir()
 	b1, b2 := echoBackend(t, "one"), echoBackend(t, "two")
-	web, admin := freeAddr(t), freeAddr(t)
+	web, admin := configtest.Addr(t), configtest.Addr(t)
 	text := configHead(dir, admin, "") + fmt.Sprintf(`
 [[target_groups]]
 name = "web"

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
@@ -44,7 +46,7 @@ func TestBinaryUpgrade(t *testing.T) {
 
 	web := echoBackend(t, "web")
 	relayTarget := tcpEchoServer(t)
-	admin, httpAddr, relayAddr, extraAddr := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+	admin, httpAddr, relayAddr, extraAddr := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	base := configHead(dir, admin, "") + fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -160,7 +162,7 @@ default_action = { forward = "web" }
 	})
 	c := httpClient()
 	// Traffic flows before the first upgrade: the listener has answered some of hey's requests.
-	waitFor(t, time.Minute, "hey's requests to be answered", func() bool {
+	configtest.WaitFor(t, time.Minute, "hey's requests to be answered", func() bool {
 		n := 0.0
 		for _, s := range scrape(t, c, "http://"+admin) {
 			if s.name == "fulcrum_http_requests_total" {

@@ -1,6 +1,8 @@
-// Package configtest turns configurations that tests write as Go structs into what the binary
-// runs: the struct is written as TOML and read back by configs.Load, so packages other than
-// configs only ever see validated configuration with its defaults applied.
+// Package configtest is Fulcrum's one test-helper package: configurations that tests write as
+// Go structs turned into what the binary runs (the struct is written as TOML and read back by
+// configs.Load, so packages other than configs only ever see validated configuration with its
+// defaults applied), loopback ports, a wait for state that announces nothing, and a test
+// certificate authority. It imports only configs, so every package's tests may use it.
 package configtest
 
 import (
@@ -17,16 +19,16 @@ import (
 // Load validates c as the binary would load it from a file in dir ("" for the temporary
 // directory; relative paths in c are relative to it).
 func Load(dir string, c configs.Config) (*configs.Config, error) {
-	var b bytes.Buffer
-	if err := toml.NewEncoder(&b).Encode(&c); err != nil {
-		return nil, fmt.Errorf("configtest: encode: %w", err)
+	text, err := TOML(c)
+	if err != nil {
+		return nil, err
 	}
 	if dir == "" {
 		dir = os.TempDir()
 	}
-	loaded, err := configs.Load(filepath.Join(dir, "test.toml"), b.Bytes())
+	loaded, err := configs.Load(filepath.Join(dir, "test.toml"), []byte(text))
 	if err != nil {
-		return nil, fmt.Errorf("config: %w\n%s", err, b.String())
+		return nil, fmt.Errorf("config: %w\n%s", err, text)
 	}
 	return loaded, nil
 }
@@ -39,4 +41,13 @@ func Must(dir string, c configs.Config) *configs.Config {
 		panic(err)
 	}
 	return loaded
+}
+
+// TOML is c written as a configuration file, for tests that hand a file to the binary.
+func TOML(c configs.Config) (string, error) {
+	var b bytes.Buffer
+	if err := toml.NewEncoder(&b).Encode(&c); err != nil {
+		return "", fmt.Errorf("configtest: encode: %w", err)
+	}
+	return b.String(), nil
 }
