@@ -102,19 +102,9 @@ func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
 // pending deletion cannot back a new certificate. Unlike Import, replacing the certificate
 // later never deletes the key: it is the operator's.
 func (m *Manager) ImportKeystoreKey(name string, certPEM []byte, keyName string) error {
-	var chain [][]byte
-	for rest := certPEM; ; {
-		var b *pem.Block
-		b, rest = pem.Decode(rest)
-		if b == nil {
-			break
-		}
-		if b.Type == "CERTIFICATE" {
-			chain = append(chain, b.Bytes)
-		}
-	}
-	if len(chain) == 0 {
-		return fmt.Errorf("certs: import %s: no PEM certificate", name)
+	chain, err := parseChainPEM(certPEM)
+	if err != nil {
+		return fmt.Errorf("certs: import %s: %w", name, err)
 	}
 	leaf, err := x509.ParseCertificate(chain[0])
 	if err != nil {

@@ -61,6 +61,19 @@ func (v *validator) line(path string) int {
 }
 
 // errf records a problem with field (relative to the scope, e.g. "rules[0].paths[1]").
+// unique records x under its name in m, reporting a name that is invalid or already taken
+// (the first of two duplicates keeps the name).
+func unique[T any](v *validator, s scope, kind, name string, m map[string]*T, x *T) {
+	if !v.name(s, name) {
+		return
+	}
+	if _, dup := m[name]; dup {
+		s.errf("name", "duplicate %s name %q: names must be unique", kind, name)
+		return
+	}
+	m[name] = x
+}
+
 // setting is a key and whether the operator wrote it, for the "applies to" checks.
 type setting struct {
 	key string
@@ -119,26 +132,12 @@ func (v *validator) run() {
 	v.auths = make(map[string]*Authority, len(c.Authorities))
 	for i := range c.Authorities {
 		a := &c.Authorities[i]
-		s := scope{v: v, path: idx("authorities", i), name: a.Name}
-		if v.name(s, a.Name) {
-			if _, dup := v.auths[a.Name]; dup {
-				s.errf("name", "duplicate authority name %q: names must be unique", a.Name)
-			} else {
-				v.auths[a.Name] = a
-			}
-		}
+		unique(v, scope{v: v, path: idx("authorities", i), name: a.Name}, "authority", a.Name, v.auths, a)
 	}
 	v.certs = make(map[string]*Certificate, len(c.Certificates))
 	for i := range c.Certificates {
 		ct := &c.Certificates[i]
-		s := scope{v: v, path: idx("certificates", i), name: ct.Name}
-		if v.name(s, ct.Name) {
-			if _, dup := v.certs[ct.Name]; dup {
-				s.errf("name", "duplicate certificate name %q: names must be unique", ct.Name)
-			} else {
-				v.certs[ct.Name] = ct
-			}
-		}
+		unique(v, scope{v: v, path: idx("certificates", i), name: ct.Name}, "certificate", ct.Name, v.certs, ct)
 	}
 	v.groups = make(map[string]*TargetGroup, len(c.TargetGroups))
 	for i := range c.TargetGroups {
@@ -147,14 +146,7 @@ func (v *validator) run() {
 			v.groups[g.Name] = g
 			continue
 		}
-		s := scope{v: v, path: idx("target_groups", i), name: g.Name}
-		if v.name(s, g.Name) {
-			if _, dup := v.groups[g.Name]; dup {
-				s.errf("name", "duplicate target group name %q: names must be unique", g.Name)
-			} else {
-				v.groups[g.Name] = g
-			}
-		}
+		unique(v, scope{v: v, path: idx("target_groups", i), name: g.Name}, "target group", g.Name, v.groups, g)
 	}
 
 	for i := range c.Authorities {
@@ -166,19 +158,14 @@ func (v *validator) run() {
 	v.adminRefs()
 
 	listenerOK := make(map[string]bool, len(c.Listeners))
-	names := make(map[string]bool, len(c.Listeners))
+	names := make(map[string]*Listener, len(c.Listeners))
 	binds := make(map[uint16][]bind, len(c.Listeners))
 	prio := make(map[int]int)
 	for i := range c.Listeners {
 		l := &c.Listeners[i]
 		s := scope{v: v, path: idx("listeners", i), name: l.Name}
 		before := len(v.probs)
-		if v.name(s, l.Name) {
-			if names[l.Name] {
-				s.errf("name", "duplicate listener name %q: names must be unique", l.Name)
-			}
-			names[l.Name] = true
-		}
+		unique(v, s, "listener", l.Name, names, l)
 		v.listener(s, l, binds, prio)
 		listenerOK[l.Name] = len(v.probs) == before
 	}

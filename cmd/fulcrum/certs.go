@@ -152,14 +152,9 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "fulcrum certs import: -cert and one of -key or -keystore-key are required")
 		return 2
 	}
-	path, ok := cf.resolve(fs, pos, stderr)
-	if !ok {
-		return 2
-	}
-	cfg, err := configs.LoadFile(path)
-	if err != nil {
-		printConfigError(stderr, err)
-		return 1
+	path, cfg, code := cf.load(fs, pos, stderr)
+	if cfg == nil {
+		return code
 	}
 	if sub == "renew" && cfg.Server.Admin != "" {
 		if done, err := renewViaAdmin(cfg, name); done {

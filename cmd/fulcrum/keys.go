@@ -246,14 +246,9 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "fulcrum keys import: -wrapped and -token are required")
 		return 2
 	}
-	path, ok := cf.resolve(fs, pos, stderr)
-	if !ok {
-		return 2
-	}
-	cfg, err := configs.LoadFile(path)
-	if err != nil {
-		printConfigError(stderr, err)
-		return 1
+	_, cfg, code := cf.load(fs, pos, stderr)
+	if cfg == nil {
+		return code
 	}
 	c, err := newAdminClient(cfg, af)
 	if err != nil {

@@ -229,6 +229,21 @@ func addConfig(fs *flag.FlagSet) *configArg {
 	return c
 }
 
+// load resolves the configuration path and loads the file. On failure it has printed why and
+// cfg is nil; code is the exit status (2 for a usage error, 1 for an invalid file).
+func (c *configArg) load(fs *flag.FlagSet, pos []string, stderr io.Writer) (path string, cfg *configs.Config, code int) {
+	path, ok := c.resolve(fs, pos, stderr)
+	if !ok {
+		return "", nil, 2
+	}
+	cfg, err := configs.LoadFile(path)
+	if err != nil {
+		printConfigError(stderr, err)
+		return "", nil, 1
+	}
+	return path, cfg, 0
+}
+
 // resolve picks the configuration path: -config FILE or a positional FILE (both only if they
 // agree). It never falls back silently: with neither, ./fulcrum.toml must exist.
 func (c *configArg) resolve(fs *flag.FlagSet, pos []string, stderr io.Writer) (string, bool) {
@@ -267,14 +282,9 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return code
 	}
-	path, ok := cf.resolve(fs, pos, stderr)
-	if !ok {
-		return 2
-	}
-	cfg, err := configs.LoadFile(path)
-	if err != nil {
-		printConfigError(stderr, err)
-		return 1
+	path, cfg, code := cf.load(fs, pos, stderr)
+	if cfg == nil {
+		return code
 	}
 	if probs := preflight(cfg); len(probs) > 0 {
 		for _, p := range probs {

@@ -44,14 +44,9 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return code
 	}
-	path, ok := cf.resolve(fs, pos, stderr)
-	if !ok {
-		return 2
-	}
-	cfg, err := configs.LoadFile(path)
-	if err != nil {
-		printConfigError(stderr, err)
-		return 1
+	path, cfg, code := cf.load(fs, pos, stderr)
+	if cfg == nil {
+		return code
 	}
 	log := newLogger(stderr, cfg.Server.LogLevel, cfg.Server.LogFormat)
 	notify := newNotifier()
