@@ -9,8 +9,8 @@ import (
 	"time"
 )
 
-// ErrNotLayer4 is returned by Dial on an http/https group.
-var ErrNotLayer4 = errors.New("backends: Dial needs a tcp or tls target group")
+// errNotLayer4 is returned by Dial on an http/https group.
+var errNotLayer4 = errors.New("backends: Dial needs a tcp or tls target group")
 
 // Dial connects to t for a tcp/tls group within connect_timeout: it writes the group's PROXY header
 // (v1 or v2; pi nil means "no client": UNKNOWN / LOCAL) as the very first bytes in one write, then
@@ -21,7 +21,7 @@ var ErrNotLayer4 = errors.New("backends: Dial needs a tcp or tls target group")
 // connection as a success. A failed Dial sent no client byte, so the caller may retry elsewhere.
 func (g *Group) Dial(ctx context.Context, t *Target, pi *ProxyInfo) (net.Conn, error) {
 	if g.proto != "tcp" && g.proto != "tls" {
-		return nil, ErrNotLayer4
+		return nil, errNotLayer4
 	}
 	ctx, cancel := context.WithTimeout(ctx, g.connect)
 	defer cancel()
@@ -37,8 +37,8 @@ func (g *Group) Dial(ctx context.Context, t *Target, pi *ProxyInfo) (net.Conn, e
 		var buf [256]byte
 		hdr := buf[:0]
 		if g.proxyProto == "v1" {
-			hdr = AppendProxyV1(hdr, pi)
-		} else if hdr, err = AppendProxyV2(hdr, pi); err != nil {
+			hdr = appendProxyV1(hdr, pi)
+		} else if hdr, err = appendProxyV2(hdr, pi); err != nil {
 			c.Close()
 			return nil, fmt.Errorf("target %s: %w", t.spec.address, err)
 		}

@@ -40,7 +40,7 @@ func TestProxyV1(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := string(AppendProxyV1(nil, tc.pi))
+			got := string(appendProxyV1(nil, tc.pi))
 			if got != tc.want {
 				t.Fatalf("got %q want %q", got, tc.want)
 			}
@@ -99,7 +99,7 @@ func TestProxyV2Bytes(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := AppendProxyV2([]byte("prefix"), tc.pi)
+			got, err := appendProxyV2([]byte("prefix"), tc.pi)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -182,7 +182,7 @@ func FuzzProxyV2(f *testing.F) {
 		if a, ok := netip.AddrFromSlice(d); ok {
 			pi.Dst = netip.AddrPortFrom(a, dp)
 		}
-		hdr, err := AppendProxyV2(nil, pi)
+		hdr, err := appendProxyV2(nil, pi)
 		if err != nil {
 			if len(alpn)+len(sni) < 60000 {
 				t.Fatalf("unexpected error %v", err)
@@ -193,7 +193,7 @@ func FuzzProxyV2(f *testing.F) {
 			return // truncated TLV values; length overflow reported elsewhere
 		}
 		checkDecoded(t, hdr, pi)
-		v1 := AppendProxyV1(nil, pi)
+		v1 := appendProxyV1(nil, pi)
 		if _, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(v1))); err != nil {
 			t.Fatalf("v1 %q rejected: %v", v1, err)
 		}
@@ -236,7 +236,7 @@ func TestDialTCPWithProxyV2(t *testing.T) {
 	_ = tc.CloseWrite()
 	b := <-got
 	tc.Close()
-	want, _ := AppendProxyV2(nil, pi)
+	want, _ := appendProxyV2(nil, pi)
 	want = append(want, "hello"...)
 	if !bytes.Equal(b, want) {
 		t.Fatalf("target read\n% x\nwant\n% x", b, want)
@@ -309,7 +309,7 @@ func TestDialFailureReportsPassive(t *testing.T) {
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	address := ln.Addr().String()
 	ln.Close() // nothing listens: connection refused
-	r := newReg(t, WithPassiveHealth(2, time.Minute))
+	r := newReg(t, withPassiveHealth(2, time.Minute))
 	gc := configs.TargetGroup{Name: "db", Protocol: "tcp", HealthCheck: &configs.HealthCheck{Disabled: true},
 		Targets: []configs.Target{{Address: address, Weight: 1}, {Address: "127.0.0.1:1", Weight: 1}}}
 	g := build(t, r, conf(gc)).Group("db")
@@ -322,7 +322,7 @@ func TestDialFailureReportsPassive(t *testing.T) {
 	if tg.Healthy() {
 		t.Error("refused dials did not eject the target")
 	}
-	if _, err := build(t, r, conf(httpsGroup("127.0.0.1:1", nil, false))).Group("secure").Dial(context.Background(), tg, nil); err != ErrNotLayer4 {
+	if _, err := build(t, r, conf(httpsGroup("127.0.0.1:1", nil, false))).Group("secure").Dial(context.Background(), tg, nil); err != errNotLayer4 {
 		t.Errorf("Dial on an https group: %v", err)
 	}
 }

@@ -92,8 +92,8 @@ func newPKI(t testing.TB) *testPKI {
 		caPEM:   ca.PEM,
 		caFile:  ca.WriteCA(t, t.TempDir(), "ca.pem"),
 		leaf:    leaf,
-		leafPin: PinOf(leaf.Leaf),
-		caPin:   PinOf(ca.Cert),
+		leafPin: pinOf(leaf.Leaf),
+		caPin:   pinOf(ca.Cert),
 	}
 }
 

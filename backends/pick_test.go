@@ -254,7 +254,7 @@ func TestSlowStart(t *testing.T) {
 }
 
 func TestPassiveEjection(t *testing.T) {
-	r := newReg(t, WithPassiveHealth(3, 100*time.Millisecond))
+	r := newReg(t, withPassiveHealth(3, 100*time.Millisecond))
 	clk := &fakeClock{}
 	withClock(r, clk)
 	g := build(t, r, conf(noHC("g", "round_robin", 1, 1))).Group("g")

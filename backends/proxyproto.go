@@ -56,9 +56,9 @@ func (pi *ProxyInfo) addrs() (src, dst netip.AddrPort, v4, ok bool) {
 	return netip.AddrPortFrom(s, pi.Src.Port()), netip.AddrPortFrom(d, pi.Dst.Port()), s.Is4(), true
 }
 
-// AppendProxyV1 appends a PROXY protocol v1 (text) header: "PROXY TCP4 src dst sport dport\r\n",
+// appendProxyV1 appends a PROXY protocol v1 (text) header: "PROXY TCP4 src dst sport dport\r\n",
 // TCP6 for IPv6, or "PROXY UNKNOWN\r\n" when pi is nil or lacks addresses.
-func AppendProxyV1(b []byte, pi *ProxyInfo) []byte {
+func appendProxyV1(b []byte, pi *ProxyInfo) []byte {
 	src, dst, v4, ok := pi.addrs()
 	if !ok {
 		return append(b, "PROXY UNKNOWN\r\n"...)
@@ -78,10 +78,10 @@ func AppendProxyV1(b []byte, pi *ProxyInfo) []byte {
 	return append(b, "\r\n"...)
 }
 
-// AppendProxyV2 appends a PROXY protocol v2 (binary) header. A nil pi gives the LOCAL command
+// appendProxyV2 appends a PROXY protocol v2 (binary) header. A nil pi gives the LOCAL command
 // (health checks, no client); missing addresses give LOCAL with AF_UNSPEC plus TLVs. TLVs: ALPN and
 // AUTHORITY (SNI) when set, and SSL (client bits, verify, version and cipher sub-TLVs) when HasTLS.
-func AppendProxyV2(b []byte, pi *ProxyInfo) ([]byte, error) {
+func appendProxyV2(b []byte, pi *ProxyInfo) ([]byte, error) {
 	start := len(b)
 	b = append(b, pp2Sig...)
 	if pi == nil {

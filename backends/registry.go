@@ -86,9 +86,9 @@ type fixedKey []byte
 
 func (k fixedKey) StickyKeys() ([]byte, [][]byte) { return k, [][]byte{k} }
 
-// WithPassiveHealth sets how many consecutive failures eject a target and for how long (the
+// withPassiveHealth sets how many consecutive failures eject a target and for how long (the
 // cool-down doubles on repeated ejections). failures <= 0 disables passive ejection.
-func WithPassiveHealth(failures int, cooldown time.Duration) Option {
+func withPassiveHealth(failures int, cooldown time.Duration) Option {
 	return func(r *Registry) {
 		r.ejectFailures = int32(failures)
 		if cooldown > 0 {
@@ -109,10 +109,10 @@ type Registry struct {
 	clock func() int64        // test hook; nil = real monotonic clock
 	epoch atomic.Uint64       // bumped on every health change; groups rebuild their snapshot
 	ctx   context.Context     // cancelled by Close; parent of every checker
-	stop  context.CancelFunc  //
+	stop  context.CancelFunc  // cancels ctx
 	wg    sync.WaitGroup      // checkers
 	mu    sync.Mutex          // guards the maps and reference counts below
-	tgts  map[string]*Target  // by targetKey
+	tgts  map[string]*Target  // by key: group protocol | address | health-check fingerprint (see buildGroup)
 	trans map[string]*poolRef // by group name + transport fingerprint
 	dead  bool
 

@@ -9,7 +9,7 @@ import (
 // TestReloadUnderPicks rebuilds and releases generations while pickers run (run with -race):
 // every pick finds a target, and in-flight counts return to zero.
 func TestReloadUnderPicks(t *testing.T) {
-	r := newReg(t, WithPassiveHealth(3, 1))
+	r := newReg(t, withPassiveHealth(3, 1))
 	var cur atomic.Pointer[Set]
 	cur.Store(build(t, r, conf(noHC("g", "least_outstanding_requests", 1, 1, 1))))
 	stop := make(chan struct{})

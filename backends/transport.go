@@ -80,8 +80,8 @@ func clientTLS(cfg *configs.Config, g *configs.TargetGroup, tlsp TLSProvider) (*
 	return c, hex.EncodeToString(fp.Sum(nil)), nil
 }
 
-// PinOf returns the "sha256/BASE64" pin of a certificate's public key.
-func PinOf(cert *x509.Certificate) string {
+// pinOf returns the "sha256/BASE64" pin of a certificate's public key.
+func pinOf(cert *x509.Certificate) string {
 	sum := sha256.Sum256(cert.RawSubjectPublicKeyInfo)
 	return "sha256/" + base64.StdEncoding.EncodeToString(sum[:])
 }

@@ -38,8 +38,8 @@ import (
 // challenges are answered by Fulcrum's own listeners through the manager (HTTP-01 with
 // HandleHTTPChallenge, TLS-ALPN-01 in the TLS configurations ServerTLS returns).
 
-// HTTPChallengePrefix is the path under which HTTP-01 challenges are served.
-const HTTPChallengePrefix = "/.well-known/acme-challenge/"
+// httpChallengePrefix is the path under which HTTP-01 challenges are served.
+const httpChallengePrefix = "/.well-known/acme-challenge/"
 
 // ACME retry pacing: failed validations count against the CA's rate limits (Let's Encrypt
 // allows 5 per account, hostname and hour), so retries start slow and back off to hours.
@@ -357,7 +357,7 @@ func (m *Manager) HandleHTTPChallenge(w http.ResponseWriter, r *http.Request) bo
 	if m.chal.pending.Load() == 0 && m.fleet == nil {
 		return false
 	}
-	token, ok := strings.CutPrefix(r.URL.Path, HTTPChallengePrefix)
+	token, ok := strings.CutPrefix(r.URL.Path, httpChallengePrefix)
 	if !ok || token == "" || (r.Method != http.MethodGet && r.Method != http.MethodHead) {
 		return false
 	}

@@ -656,7 +656,7 @@ func TestHandleHTTPChallenge(t *testing.T) {
 		w := httptest.NewRecorder()
 		return w, m.HandleHTTPChallenge(w, r)
 	}
-	if _, ok := req("GET", "www.example.test", HTTPChallengePrefix+"tok"); ok {
+	if _, ok := req("GET", "www.example.test", httpChallengePrefix+"tok"); ok {
 		t.Fatal("answered with nothing pending")
 	}
 	ch := acme.Challenge{Type: acme.ChallengeTypeHTTP01, Token: "tok", KeyAuthorization: "tok.thumb",
@@ -666,12 +666,12 @@ func TestHandleHTTPChallenge(t *testing.T) {
 		name, method, host, path string
 		want                     bool
 	}{
-		{"match", "GET", "www.example.test", HTTPChallengePrefix + "tok", true},
-		{"host with port and case", "GET", "WWW.example.test:8080", HTTPChallengePrefix + "tok", true},
-		{"head", "HEAD", "www.example.test", HTTPChallengePrefix + "tok", true},
-		{"other host", "GET", "evil.example.test", HTTPChallengePrefix + "tok", false},
-		{"unknown token", "GET", "www.example.test", HTTPChallengePrefix + "nope", false},
-		{"post", "POST", "www.example.test", HTTPChallengePrefix + "tok", false},
+		{"match", "GET", "www.example.test", httpChallengePrefix + "tok", true},
+		{"host with port and case", "GET", "WWW.example.test:8080", httpChallengePrefix + "tok", true},
+		{"head", "HEAD", "www.example.test", httpChallengePrefix + "tok", true},
+		{"other host", "GET", "evil.example.test", httpChallengePrefix + "tok", false},
+		{"unknown token", "GET", "www.example.test", httpChallengePrefix + "nope", false},
+		{"post", "POST", "www.example.test", httpChallengePrefix + "tok", false},
 		{"other path", "GET", "www.example.test", "/tok", false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
@@ -685,7 +685,7 @@ func TestHandleHTTPChallenge(t *testing.T) {
 		})
 	}
 	httpSolver{&m.chal}.CleanUp(context.Background(), ch)
-	if _, ok := req("GET", "www.example.test", HTTPChallengePrefix+"tok"); ok || m.chal.pending.Load() != 0 {
+	if _, ok := req("GET", "www.example.test", httpChallengePrefix+"tok"); ok || m.chal.pending.Load() != 0 {
 		t.Fatal("answered after CleanUp")
 	}
 }

@@ -89,19 +89,19 @@ func (l *Listener) SendTimeoutDuration() time.Duration       { return l.sendTime
 func (l *Listener) IdleTimeoutDuration() time.Duration   { return l.idleTimeout }
 func (l *Listener) HeaderTimeoutDuration() time.Duration { return l.headerTimeout }
 
-// NetworkHandshakeTimeout bounds a network listener's TLS handshake or ClientHello peek. It is
+// networkHandshakeTimeout bounds a network listener's TLS handshake or ClientHello peek. It is
 // not a configuration key (NLB has none); it lives here so that no runtime package holds a
 // default of its own.
-const NetworkHandshakeTimeout = 10 * time.Second
+const networkHandshakeTimeout = 10 * time.Second
 
 // HandshakeTimeoutDuration bounds the TLS handshake (and, for network tcp listeners, the
-// ClientHello peek): header_timeout on http and https listeners, NetworkHandshakeTimeout on
+// ClientHello peek): header_timeout on http and https listeners, networkHandshakeTimeout on
 // network listeners.
 func (l *Listener) HandshakeTimeoutDuration() time.Duration {
 	if l.Layer7() {
 		return l.headerTimeout
 	}
-	return NetworkHandshakeTimeout
+	return networkHandshakeTimeout
 }
 
 // HTTP2Enabled reports whether the listener offers HTTP/2 (ALPN h2); application https only.

@@ -25,7 +25,6 @@ const (
 	DefaultAdminAuth           = "required"
 	DefaultAuditLogName        = "audit.log" // under state_dir
 	DefaultDataKeyCacheMaxAge  = "5m"        // applies once data_key_cache_max_uses > 0
-	DefaultDataKeyCacheMaxUses = 0           // data-key caching is off
 	DefaultAlgorithm           = RoundRobin
 	DefaultDeregistrationDelay = "30s"
 	DefaultConnectTimeout      = "5s"

@@ -91,7 +91,7 @@ func (f *Fleet) CheckMasterKey(ctx context.Context, s *Sealer) error {
 // SecretRing is a rotating set of 32-byte secrets shared by the fleet (newest first, the
 // previous one still accepted): session-ticket keys, sticky-cookie keys. One node at a time
 // (the holder of the lease-held leadership PREFIX/leaders/NAME) rotates; every node watches
-// the sealed value and hands each new ring to OnChange. While etcd is unreachable nodes keep
+// the sealed value and hands each new ring to the onChange callback given to Ring. While etcd is unreachable nodes keep
 // the ring they have.
 type SecretRing struct {
 	f        *Fleet

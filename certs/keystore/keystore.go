@@ -131,7 +131,7 @@ func Open(ctx context.Context, cfg configs.Keystore, opt Options) (Keystore, err
 		if err != nil {
 			return nil, fmt.Errorf("keystore: pkcs11 pin: %w", err)
 		}
-		k, err := OpenPKCS11(ctx, PKCS11Config{
+		k, err := openPKCS11(ctx, pkcs11Config{
 			Module:      opt.Resolve(cfg.Module),
 			TokenLabel:  cfg.TokenLabel,
 			Pin:         pin,

@@ -18,9 +18,9 @@ import (
 	"github.com/miekg/pkcs11"
 )
 
-// PKCS11Config selects a token. The token is always chosen by label, never by slot number,
+// pkcs11Config selects a token. The token is always chosen by label, never by slot number,
 // because slot numbers move when tokens are added or removed.
-type PKCS11Config struct {
+type pkcs11Config struct {
 	Module          string
 	TokenLabel      string
 	Pin             string
@@ -39,7 +39,7 @@ const poolWaitTimeout = 2 * time.Second
 // to the module goes away). Signers handed out are wrappers that look their key up again by
 // label and id after each rebuild.
 type p11 struct {
-	cfg   PKCS11Config
+	cfg   pkcs11Config
 	log   *slog.Logger
 	stats Stats
 
@@ -60,8 +60,8 @@ type p11State struct {
 	gen uint64
 }
 
-// OpenPKCS11 logs into the token and starts the reconnect owner goroutine.
-func OpenPKCS11(ctx context.Context, cfg PKCS11Config, log *slog.Logger) (Keystore, error) {
+// openPKCS11 logs into the token and starts the reconnect owner goroutine.
+func openPKCS11(ctx context.Context, cfg pkcs11Config, log *slog.Logger) (Keystore, error) {
 	if cfg.MaxSessions < 2 {
 		// configs refuses fewer: crypto11 keeps one session for the login.
 		return nil, fmt.Errorf("keystore: pkcs11 max_sessions %d: at least 2 (one is the login's)", cfg.MaxSessions)

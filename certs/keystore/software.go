@@ -332,7 +332,7 @@ func (s *software) dataKeyLocked() (*cachedDEK, error) {
 // aadDEK2 binds a version-2 wrapped data key to its purpose (not to a key name: it is shared).
 var aadDEK2 = []byte("fulcrum/dek/v2")
 
-// openDEK unwraps a sealed key's data key, from the cache when it holds it (s.mu held).
+// openDEKLocked unwraps a sealed key's data key, from the cache when it holds it (s.mu held).
 func (s *software) openDEKLocked(sk *sealedKey) ([]byte, error) {
 	if len(sk.DEKNonce) != s.master.NonceSize() {
 		return nil, errors.New("bad data-key nonce")
