@@ -89,21 +89,6 @@ func (l *Listener) SendTimeoutDuration() time.Duration       { return l.sendTime
 func (l *Listener) IdleTimeoutDuration() time.Duration   { return l.idleTimeout }
 func (l *Listener) HeaderTimeoutDuration() time.Duration { return l.headerTimeout }
 
-// networkHandshakeTimeout bounds a network listener's TLS handshake or ClientHello peek. It is
-// not a configuration key (NLB has none); it lives here so that no runtime package holds a
-// default of its own.
-const networkHandshakeTimeout = 10 * time.Second
-
-// HandshakeTimeoutDuration bounds the TLS handshake (and, for network tcp listeners, the
-// ClientHello peek): header_timeout on http and https listeners, networkHandshakeTimeout on
-// network listeners.
-func (l *Listener) HandshakeTimeoutDuration() time.Duration {
-	if l.Layer7() {
-		return l.headerTimeout
-	}
-	return networkHandshakeTimeout
-}
-
 // HTTP2Enabled reports whether the listener offers HTTP/2 (ALPN h2); application https only.
 func (l *Listener) HTTP2Enabled() bool {
 	return l.Style == "application" && l.Protocol == "https" && (l.HTTP2 == nil || *l.HTTP2)

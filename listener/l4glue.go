@@ -116,7 +116,7 @@ func (rt *Runtime) buildL4(lc *configs.Listener, set *backends.Set, tlsSrc serve
 		Mode:             l4.ModeTCP,
 		Dialer:           dialers[0],
 		IdleTimeout:      lc.IdleTimeoutDuration(),
-		HandshakeTimeout: lc.HandshakeTimeoutDuration(),
+		HandshakeTimeout: lc.HeaderTimeoutDuration(),
 		ConnectTimeout:   dialAttempts * connect,
 	}
 	switch {

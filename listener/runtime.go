@@ -319,7 +319,7 @@ func (rt *Runtime) buildHTTP(lc *configs.Listener, set *backends.Set, tlsSrc ser
 	if !ok {
 		srv = newHTTPServer(lc.Address, budget, rt.log)
 	}
-	return &door.Generation{Name: lc.Name, Front: rt.front(lc, tc, lc.HandshakeTimeoutDuration()), Server: srv, State: st}, nil
+	return &door.Generation{Name: lc.Name, Front: rt.front(lc, tc, lc.HeaderTimeoutDuration()), Server: srv, State: st}, nil
 }
 
 func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*httpState, error) {
