@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
@@ -87,8 +88,10 @@ default_action = { forward = "web" }
 				t.Fatalf("certs show: exit %d\n%s%s", code, out, errs)
 			}
 			wantLoc := map[string]string{"software": "software", "pkcs11": "pkcs11 token " + softhsmtest.Label}[ks]
-			if ci.Kind != "stored" || ci.Serial != fmt.Sprintf("%x", leaf.SerialNumber) || !strings.HasPrefix(ci.KeyLocation, wantLoc) {
-				t.Fatalf("certs show legacy: kind %q serial %q key %q, want stored, %x, in %q", ci.Kind, ci.Serial, ci.KeyLocation, leaf.SerialNumber, wantLoc)
+			// The serial is shown as its big-endian bytes in hex (even length, as openssl prints it).
+			wantSerial := hex.EncodeToString(leaf.SerialNumber.Bytes())
+			if ci.Kind != "stored" || ci.Serial != wantSerial || !strings.HasPrefix(ci.KeyLocation, wantLoc) {
+				t.Fatalf("certs show legacy: kind %q serial %q key %q, want stored, %s, in %q", ci.Kind, ci.Serial, ci.KeyLocation, wantSerial, wantLoc)
 			}
 			if code, out, errs := cli("export", "legacy"); code != 0 || out != string(certPEM) {
 				t.Fatalf("certs export: exit %d, chain equal %v\n%s", code, out == string(certPEM), errs)
