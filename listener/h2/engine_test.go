@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -287,16 +286,4 @@ func TestConnectReachesHandler(t *testing.T) {
 	if status != "501" {
 		t.Fatalf("CONNECT answered %q", status)
 	}
-}
-
-var errTimeout = errors.New("timeout")
-
-// waitFor polls cond every 10 ms up to d.
-func waitFor(d time.Duration, cond func() bool) error {
-	for end := time.Now().Add(d); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
-		if cond() {
-			return nil
-		}
-	}
-	return errTimeout
 }
