@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // selfSigned is a certificate that is its own issuer, as an ELB Classic back end may present.
@@ -53,12 +54,12 @@ func pinOf(c *x509.Certificate) string {
 // A wrong pin fails in each.
 func TestBackendTLSAuthentication(t *testing.T) {
 	dir := t.TempDir()
-	ca := newTestCA(t, "Back-end CA")
-	caFile := filepath.Join(dir, "backend-ca.pem")
-	if err := os.WriteFile(caFile, ca.pem, 0o600); err != nil {
+	ca := configtest.NewCA(t, "Back-end CA")
+	caFile := filepath.Join(dir, "backend-ca.PEM")
+	if err := os.WriteFile(caFile, ca.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	self, signed := selfSigned(t, "target.test"), ca.leaf(t, "target.test")
+	self, signed := selfSigned(t, "target.test"), leaf(t, ca, "target.test")
 	var selfPtr, signedPtr atomic.Pointer[tls.Certificate]
 	selfPtr.Store(self)
 	signedPtr.Store(signed)
@@ -77,7 +78,7 @@ func TestBackendTLSAuthentication(t *testing.T) {
 	cases := []*tc{
 		{name: "pins-only", tls: fmt.Sprintf(`{ server_name = "target.test", pin_public_keys = [%q] }`, pinOf(self.Leaf)), http: httpSelf, l4: l4Self, ok: true},
 		{name: "ca-only", tls: fmt.Sprintf(`{ server_name = "target.test", ca_file = %q }`, caFile), http: httpSigned, l4: l4Signed, ok: true},
-		{name: "ca-and-pins", tls: fmt.Sprintf(`{ server_name = "target.test", ca_file = %q, pin_public_keys = [%q, %q] }`, caFile, wrongPin, pinOf(ca.cert)), http: httpSigned, l4: l4Signed, ok: true},
+		{name: "ca-and-pins", tls: fmt.Sprintf(`{ server_name = "target.test", ca_file = %q, pin_public_keys = [%q, %q] }`, caFile, wrongPin, pinOf(ca.Cert)), http: httpSigned, l4: l4Signed, ok: true},
 		{name: "wrong-pin", tls: fmt.Sprintf(`{ server_name = "target.test", pin_public_keys = [%q] }`, wrongPin), http: httpSelf, l4: l4Self},
 		{name: "ca-and-wrong-pin", tls: fmt.Sprintf(`{ server_name = "target.test", ca_file = %q, pin_public_keys = [%q] }`, caFile, wrongPin), http: httpSigned, l4: l4Signed},
 		{name: "self-signed-ca-only", tls: fmt.Sprintf(`{ server_name = "target.test", ca_file = %q }`, caFile), http: httpSelf, l4: l4Self},
@@ -92,7 +93,7 @@ domains = ["edge.test"]
 authority = "internal"
 `
 	for _, c := range cases {
-		c.l7Addr, c.l4L = freeAddr(t), freeAddr(t)
+		c.l7Addr, c.l4L = configtest.Addr(t), configtest.Addr(t)
 		text += fmt.Sprintf(`
 [[target_groups]]
 name = "h-%[1]s"
@@ -142,7 +143,7 @@ forward = "t-%[1]s"
 	// groups must be healthy at some point, failing ones must go down and stay down.
 	for _, c := range cases {
 		for _, g := range []string{"h-" + c.name, "t-" + c.name} {
-			waitFor(t, 20*time.Second, func() bool { h, _ := status(g); return h == c.ok })
+			configtest.WaitFor(t, 20*time.Second, fmt.Sprintf("group %s healthy=%v", g, c.ok), func() bool { h, _ := status(g); return h == c.ok })
 		}
 	}
 	edgeRoots := x509.NewCertPool()

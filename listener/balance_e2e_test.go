@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestBalancingAlgorithms runs every algorithm and source-IP stickiness over real sockets.
@@ -68,7 +69,7 @@ func TestBalancingAlgorithms(t *testing.T) {
 	}
 	text := header(dir)
 	for _, c := range cases {
-		c.addr = freeAddr(t)
+		c.addr = configtest.Addr(t)
 		targets := fmt.Sprintf("[%q, %q]", hostOf(a), hostOf(b))
 		if c.name == "weighted_random" {
 			targets = fmt.Sprintf("[{ address = %q, weight = 3 }, { address = %q, weight = 1 }]", hostOf(a), hostOf(b))
@@ -137,7 +138,7 @@ func TestLeastConnectionsCountsConnections(t *testing.T) {
 			}))
 			defer busy.Close()
 			fresh := backend(t, "fresh")
-			addr := freeAddr(t)
+			addr := configtest.Addr(t)
 			conf := func(targets string) string {
 				return header(dir) + fmt.Sprintf(`
 [[target_groups]]

@@ -12,6 +12,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // BenchmarkProxyH2 is BenchmarkProxyHTTP over HTTP/2 with TLS: each op is one GET stream through
@@ -26,7 +28,7 @@ import (
 func BenchmarkProxyH2(b *testing.B) {
 	be := rawBackend(b)
 	dir := b.TempDir()
-	addr := freeAddr(b)
+	addr := configtest.Addr(b)
 	cfg := loadConfig(b, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 )
 
@@ -150,7 +151,7 @@ func (o *benchObserver) Desync(string, desync.Tier, desync.Reason) {}
 func BenchmarkProxyHTTP(b *testing.B) {
 	be := rawBackend(b)
 	dir := b.TempDir()
-	addr := freeAddr(b)
+	addr := configtest.Addr(b)
 	cfg := loadConfig(b, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

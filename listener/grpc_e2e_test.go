@@ -23,6 +23,8 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // grpcTarget is a gRPC server with the health service and three raw methods:
@@ -100,7 +102,7 @@ func TestGRPCThroughH2Listener(t *testing.T) {
 			}
 			return nil, fmt.Errorf("no certificate yet")
 		}}))
-	h2cLn, tlsLn := freeAddr(t), freeAddr(t)
+	h2cLn, tlsLn := configtest.Addr(t), configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "grpc-h2c"
@@ -209,7 +211,7 @@ func TestH2ConnectIs501(t *testing.T) {
 	var hits atomic.Int64
 	be := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { hits.Add(1) }))
 	t.Cleanup(be.Close)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

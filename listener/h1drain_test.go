@@ -11,6 +11,8 @@ import (
 	"net/http/httptest"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestDrainServesFirstRequest: a drain (shutdown, binary upgrade) closes an HTTP/1 connection
@@ -24,7 +26,7 @@ func TestDrainServesFirstRequest(t *testing.T) {
 	}))
 	defer target.Close()
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/h2"
 )
 
@@ -58,7 +59,7 @@ func TestH2ResetFreesStalledWorker(t *testing.T) {
 			}))
 			t.Cleanup(tgt.Close)
 			t.Cleanup(func() { close(stop) })
-			addr := freeAddr(t)
+			addr := configtest.Addr(t)
 			cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

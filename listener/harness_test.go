@@ -19,15 +19,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/door"
-	"github.com/fulcrum-lb/fulcrum/listener/porttest"
 )
-
-// freeAddr reserves a loopback port for a listener address. Listeners are keyed by their
-// configured address, so tests give each one a concrete port.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	return porttest.Unused(t, "tcp", "127.0.0.1")
-}
 
 // backend is a real HTTP back end that says who it is (the project's echo server).
 func backend(t testing.TB, name string) *httptest.Server {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/certs"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // echoFrom sends req with c and decodes what the echo back end saw.
@@ -56,7 +57,7 @@ func parseChainHeader(t *testing.T, v string) []*x509.Certificate {
 func TestClientCertHeaders(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	passAddr, verAddr, plainAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	passAddr, verAddr, plainAddr := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	rt := startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[authorities]]
 name = "internal"
@@ -102,9 +103,8 @@ default_action = { forward = "be" }
 	roots := rt.Certs().Authority("internal").Pool()
 	issued := authorityLeaf(t, rt, "internal", certs.UsageClient, "client.example.test")
 	// A certificate from an authority Fulcrum does not know, sent with its CA: a chain of two.
-	strangerCA := newTestCA(t, "Stranger CA")
-	stranger := strangerCA.leaf(t, "stranger.example.test")
-	stranger.Certificate = append(stranger.Certificate, strangerCA.cert.Raw)
+	strangerCA := configtest.NewCA(t, "Stranger CA")
+	stranger := leaf(t, strangerCA, "stranger.example.test")
 
 	client := func(cert *tls.Certificate, h2 bool) *http.Client {
 		tc := &tls.Config{RootCAs: roots, ServerName: "site.example.test"}
@@ -188,7 +188,7 @@ default_action = { forward = "be" }
 func TestDropInvalidHeaderFields(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	dropAddr, keepAddr := freeAddr(t), freeAddr(t)
+	dropAddr, keepAddr := configtest.Addr(t), configtest.Addr(t)
 	startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "be"

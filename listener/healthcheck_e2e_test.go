@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestHealthCheckIntervalOnly: a group that sets only a short health-check interval loads, and
@@ -28,7 +29,7 @@ func TestHealthCheckIntervalOnly(t *testing.T) {
 	}))
 	defer late.Close()
 	defer close(release)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	rt := startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -54,7 +55,7 @@ default_action = { forward = "web" }
 		}
 		return false
 	}
-	waitFor(t, 10*time.Second, func() bool { return !healthy(hostOf(late)) && healthy(hostOf(prompt)) })
+	configtest.WaitFor(t, 10*time.Second, "the late target down and the prompt one up", func() bool { return !healthy(hostOf(late)) && healthy(hostOf(prompt)) })
 	c := clientFrom("127.0.0.1")
 	for range 10 {
 		if s, who, _ := get(t, c, newReq(t, "GET", "http://"+addr+"/")); s != 200 || who != "prompt" {

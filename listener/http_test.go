@@ -11,13 +11,15 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestApplicationRouting drives every rule condition through a real listener to real back ends.
 func TestApplicationRouting(t *testing.T) {
 	dir := t.TempDir()
 	web, api, canary, admin, v2 := backend(t, "web"), backend(t, "api"), backend(t, "canary"), backend(t, "admin"), backend(t, "v2")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -200,7 +202,7 @@ func (e echoReply) header(k string) string {
 func TestWeightedForward(t *testing.T) {
 	dir := t.TempDir()
 	a, b := backend(t, "a"), backend(t, "b")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "a"
@@ -236,7 +238,7 @@ default_action = { forward = [{ group = "a", weight = 90 }, { group = "b", weigh
 func TestXForwardedFor(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	addrs := map[string]string{"append": freeAddr(t), "preserve": freeAddr(t), "remove": freeAddr(t)}
+	addrs := map[string]string{"append": configtest.Addr(t), "preserve": configtest.Addr(t), "remove": configtest.Addr(t)}
 	text := header(dir) + fmt.Sprintf(`
 [[target_groups]]
 name = "be"
@@ -309,7 +311,7 @@ default_action = { forward = "be" }
 // alive but fails its health check, so any request that reached it would be counted.
 func TestNoHealthyTarget503IsFast(t *testing.T) {
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	var reached atomic.Int64
 	sick := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/healthz" {
@@ -333,7 +335,7 @@ default_action = { forward = "down" }
 `, hostOf(sick), addr))
 	rt := startRuntime(t, cfg, nil)
 	g := rt.set.Group("down")
-	waitFor(t, 5*time.Second, func() bool { return g.Pick(clientAddrPort("127.0.0.1:1").Addr(), nil) == nil })
+	configtest.WaitFor(t, 5*time.Second, "the sick target marked down", func() bool { return g.Pick(clientAddrPort("127.0.0.1:1").Addr(), nil) == nil })
 	c := clientFrom("127.0.0.1")
 	var worst time.Duration
 	for i := 0; i < 50; i++ {
@@ -353,24 +355,12 @@ default_action = { forward = "down" }
 	}
 }
 
-// waitFor polls a condition that has no event to wait on (health state), bounded in time.
-func waitFor(t testing.TB, limit time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %v", limit)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // TestMaxConnections: over max_connections a new connection is closed at once, and served
 // again once a slot frees up.
 func TestMaxConnections(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "be"
@@ -398,7 +388,7 @@ default_action = { forward = "be" }
 		t.Fatalf("rejections %+v, want exactly the one over max_connections", r)
 	}
 	first.CloseIdleConnections()
-	waitFor(t, 5*time.Second, func() bool {
+	configtest.WaitFor(t, 5*time.Second, "a second connection served once the first closed", func() bool {
 		resp, err := second.Get("http://" + addr + "/")
 		if err != nil {
 			return false

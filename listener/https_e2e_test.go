@@ -29,6 +29,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/h2"
 )
 
@@ -116,7 +117,7 @@ func l7Decode(t testing.TB, resp *http.Response) echoReply {
 func TestHTTPSListeners(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	app, classic := freeAddr(t), freeAddr(t)
+	app, classic := configtest.Addr(t), configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -310,7 +311,7 @@ func TestBackendProtocols(t *testing.T) {
 	t.Cleanup(untrusted.Close)
 	h2cSrv := httptest.NewServer(h2c.NewHandler(echo.Handler("h2c"), &http2.Server{}))
 	t.Cleanup(h2cSrv.Close)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "secure"
@@ -439,7 +440,7 @@ func TestHTTP2RapidReset(t *testing.T) {
 	}))
 	t.Cleanup(be.Close)
 	t.Cleanup(func() { close(release) })
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -527,7 +528,7 @@ default_action = { forward = "web" }
 			break
 		}
 	}
-	waitFor(t, 10*time.Second, func() bool { return curHeld.Load() >= limit })
+	configtest.WaitFor(t, 10*time.Second, "the back end to hold the limit of streams", func() bool { return curHeld.Load() >= limit })
 	time.Sleep(200 * time.Millisecond) // would more arrive? nothing to wait on
 	t.Logf("held streams: peak %d concurrent at the back end", peakHeld.Load())
 	if p := peakHeld.Load(); p > limit {

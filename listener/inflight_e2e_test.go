@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestMaxInFlight: a target group's max_in_flight caps the requests a target has at once, for
@@ -35,7 +37,7 @@ func TestMaxInFlight(t *testing.T) {
 	t.Cleanup(be.Close)
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -100,7 +102,7 @@ default_action = { forward = "web" }
 				t.Fatalf("answers while 2 were held: %v, want %d × 503", count, n-2)
 			}
 			// The two under the cap may still be on their way to the target.
-			waitFor(t, 20*time.Second, func() bool { return cur.Load() == 2 })
+			configtest.WaitFor(t, 20*time.Second, "both requests under the cap at the target", func() bool { return cur.Load() == 2 })
 			release <- struct{}{} // let the two held ones finish
 			release <- struct{}{}
 			wg.Wait()

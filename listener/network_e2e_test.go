@@ -14,14 +14,11 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/binary"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -38,7 +35,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
-	"github.com/fulcrum-lb/fulcrum/listener/porttest"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // ---------------------------------------------------------------------------------------------
@@ -52,12 +49,6 @@ func haveIPv6() bool {
 	}
 	ln.Close()
 	return true
-}
-
-// freeAddr6 is freeAddr on ::1.
-func freeAddr6(t testing.TB) string {
-	t.Helper()
-	return porttest.Unused(t, "tcp6", "::1")
 }
 
 // peerBinary finds an interoperability peer (nginx, haproxy, curl). Missing, it skips the test
@@ -146,7 +137,7 @@ func startNginxPP(t testing.TB) string {
 	t.Helper()
 	bin := peerBinary(t, "nginx")
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	conf := fmt.Sprintf(`master_process off;
 pid %[1]s/nginx.pid;
 error_log %[1]s/error.log warn;
@@ -179,7 +170,7 @@ func startHAProxyPP(t testing.TB) string {
 	t.Helper()
 	bin := peerBinary(t, "haproxy")
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	conf := fmt.Sprintf(`global
 	pidfile %s/haproxy.pid
 defaults
@@ -581,52 +572,11 @@ func tlsEchoBackend(t testing.TB, name string, cert *atomic.Pointer[tls.Certific
 	return serveListener(t, tls.NewListener(ln, cfg), lineEcho(name))
 }
 
-// testCA issues certificates for test back ends (not the runtime's authorities).
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-	pem  []byte
-}
-
-func newTestCA(t testing.TB, cn string) *testCA {
+// leaf is a server certificate for names from ca, its chain holding ca.
+func leaf(t testing.TB, ca *configtest.CA, names ...string) *tls.Certificate {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
-}
-
-func (ca *testCA) leaf(t testing.TB, names ...string) *tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: names[0]},
-		DNSNames: names, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, _ := x509.ParseCertificate(der)
-	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+	c := ca.Issue(t, names, x509.ExtKeyUsageServerAuth)
+	return &c
 }
 
 // authorityLeaf has the runtime's authority sign a fresh key for names.
@@ -770,9 +720,9 @@ health_check = { disabled = true }
 		for _, fam := range families {
 			for _, kind := range []string{"network-v1", "network-v2", "classic"} {
 				name := fmt.Sprintf("%s-%s-%s", p.name, kind, fam)
-				addr := freeAddr(t)
+				addr := configtest.Addr(t)
 				if fam == "ipv6" {
-					addr = freeAddr6(t)
+					addr = configtest.AddrOn(t, "tcp6", "::1")
 				}
 				listeners[name] = addr
 				if kind == "classic" {
@@ -852,10 +802,10 @@ var opensslVersion = map[uint16]string{tls.VersionTLS12: "TLSv1.2", tls.VersionT
 func TestTLSListenerPROXYv2Strict(t *testing.T) {
 	dir := t.TempDir()
 	be, seen := ppBackend(t, 2)
-	tlsAddr, mtlsAddr, tcpAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	tlsAddr, mtlsAddr, tcpAddr := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	tcp6Addr := ""
 	if haveIPv6() {
-		tcp6Addr = freeAddr6(t)
+		tcp6Addr = configtest.AddrOn(t, "tcp6", "::1")
 	}
 	text := header(dir) + fmt.Sprintf(`
 [[authorities]]
@@ -987,7 +937,7 @@ func TestAcceptProxyProtocol(t *testing.T) {
 	dir := t.TempDir()
 	web := backend(t, "web")
 	raw, seen := ppBackend(t, 2)
-	httpAddr, tcpAddr := freeAddr(t), freeAddr(t)
+	httpAddr, tcpAddr := configtest.Addr(t), configtest.Addr(t)
 	text := header(dir) + fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -1083,7 +1033,7 @@ forward = "raw"
 			}
 			// Counted, for fulcrum_connections_rejected_total{reason="untrusted_proxy"}. The
 			// accept loop counts right after closing, so curl may see the close first.
-			waitFor(t, 5*time.Second, func() bool { return rejectedOf(t, rt, l.name).UntrustedProxy > before.UntrustedProxy })
+			configtest.WaitFor(t, 5*time.Second, "the untrusted connection counted", func() bool { return rejectedOf(t, rt, l.name).UntrustedProxy > before.UntrustedProxy })
 			if after := rejectedOf(t, rt, l.name); after.UntrustedProxy != before.UntrustedProxy+1 {
 				t.Fatalf("untrusted rejections %d -> %d, want exactly one more", before.UntrustedProxy, after.UntrustedProxy)
 			}
@@ -1186,12 +1136,12 @@ forward = "raw"
 // the back end it was routed to.
 func TestSNIPassThroughRuntime(t *testing.T) {
 	dir := t.TempDir()
-	caA, caB := newTestCA(t, "CA A"), newTestCA(t, "CA B")
+	caA, caB := configtest.NewCA(t, "CA A"), configtest.NewCA(t, "CA B")
 	var certA, certB atomic.Pointer[tls.Certificate]
-	certA.Store(caA.leaf(t, "a.example.test", "*.wild.example.test"))
-	certB.Store(caB.leaf(t, "b.example.test"))
+	certA.Store(leaf(t, caA, "a.example.test", "*.wild.example.test"))
+	certB.Store(leaf(t, caB, "b.example.test"))
 	beA, beB := tlsEchoBackend(t, "A", &certA), tlsEchoBackend(t, "B", &certB)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	text := header(dir) + fmt.Sprintf(`
 [[target_groups]]
 name = "a"
@@ -1244,10 +1194,10 @@ forward = "a"
 		pool *x509.CertPool
 		want string
 	}{
-		{"a.example.test", caA.pool, "A:hello\n"},
-		{"A.Example.TEST", caA.pool, "A:hello\n"},
-		{"x.wild.example.test", caA.pool, "A:hello\n"},
-		{"b.example.test", caB.pool, "B:hello\n"},
+		{"a.example.test", caA.Pool(), "A:hello\n"},
+		{"A.Example.TEST", caA.Pool(), "A:hello\n"},
+		{"x.wild.example.test", caA.Pool(), "A:hello\n"},
+		{"b.example.test", caB.Pool(), "B:hello\n"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.sni, func(t *testing.T) {
@@ -1260,7 +1210,7 @@ forward = "a"
 	t.Run("no-sni-goes-to-default", func(t *testing.T) {
 		// No ServerName: no SNI extension. Check the certificate by hand: it must be B's.
 		got, err := talk(t, &tls.Config{InsecureSkipVerify: true, VerifyConnection: func(cs tls.ConnectionState) error {
-			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: caB.pool, DNSName: "b.example.test"})
+			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: caB.Pool(), DNSName: "b.example.test"})
 			return err
 		}})
 		if err != nil || got != "B:hello\n" {
@@ -1269,7 +1219,7 @@ forward = "a"
 	})
 	t.Run("wrong-trust-fails", func(t *testing.T) {
 		// Routed to A, so a client trusting only B's authority must refuse the certificate.
-		_, err := talk(t, &tls.Config{ServerName: "a.example.test", RootCAs: caB.pool})
+		_, err := talk(t, &tls.Config{ServerName: "a.example.test", RootCAs: caB.Pool()})
 		var unknown x509.UnknownAuthorityError
 		if !errors.As(err, &unknown) {
 			t.Fatalf("err = %v, want x509.UnknownAuthorityError", err)
@@ -1286,21 +1236,21 @@ forward = "a"
 func TestClassicL4Listeners(t *testing.T) {
 	dir := t.TempDir()
 	plain := serveTCP(t, "127.0.0.1:0", lineEcho("plain"))
-	beCA, otherCA := newTestCA(t, "back-end CA"), newTestCA(t, "other CA")
-	caFile := filepath.Join(dir, "be-ca.pem")
-	if err := os.WriteFile(caFile, beCA.pem, 0o600); err != nil {
+	beCA, otherCA := configtest.NewCA(t, "back-end CA"), configtest.NewCA(t, "other CA")
+	caFile := filepath.Join(dir, "be-ca.PEM")
+	if err := os.WriteFile(caFile, beCA.PEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	var certCA, certAuth, certWrong atomic.Pointer[tls.Certificate]
-	certCA.Store(beCA.leaf(t, "be.internal"))
-	certWrong.Store(otherCA.leaf(t, "be.internal"))
+	certCA.Store(leaf(t, beCA, "be.internal"))
+	certWrong.Store(leaf(t, otherCA, "be.internal"))
 	tlsCA := tlsEchoBackend(t, "tls-cafile", &certCA)
 	tlsAuth := tlsEchoBackend(t, "tls-authority", &certAuth) // certificate issued once the authority exists
 	tlsWrong := tlsEchoBackend(t, "tls-wrong", &certWrong)
 
 	addrs := map[string]string{}
 	for _, n := range []string{"ssl-tcp", "ssl-ssl-cafile", "ssl-ssl-authority", "ssl-ssl-wrong-ca", "tcp-tcp"} {
-		addrs[n] = freeAddr(t)
+		addrs[n] = configtest.Addr(t)
 	}
 	port := func(a string) string { _, p, _ := net.SplitHostPort(a); return p }
 	text := header(dir) + `
@@ -1447,7 +1397,7 @@ func TestL4ReloadKeepsStreamsAndShutdownDrains(t *testing.T) {
 	dir := t.TempDir()
 	beA := serveTCP(t, "127.0.0.1:0", lineEcho("A"))
 	beB := serveTCP(t, "127.0.0.1:0", lineEcho("B"))
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := func(target string) *configs.Config {
 		return loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
@@ -1533,7 +1483,7 @@ forward = "g"
 func TestL4ShutdownBudgetCutsStreams(t *testing.T) {
 	dir := t.TempDir()
 	be := serveTCP(t, "127.0.0.1:0", lineEcho("A"))
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	rt := startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "g"

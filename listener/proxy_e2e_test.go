@@ -21,6 +21,7 @@ import (
 
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 	"github.com/fulcrum-lb/fulcrum/listener/h1"
 )
@@ -165,7 +166,7 @@ func TestStickiness(t *testing.T) {
 		lb = append(lb, fmt.Sprintf("%q", newL7Backend(t, n, nil).Listener.Addr().String()))
 		app = append(app, fmt.Sprintf("%q", newL7Backend(t, "app-"+n, setSession(n)).Listener.Addr().String()))
 	}
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "lb"
@@ -274,7 +275,7 @@ func TestErrorStatuses(t *testing.T) {
 	garbage := l7RawServer(t, "this is not HTTP\r\n\r\n")
 	midHead := l7RawServer(t, "HTTP/1.1 200 OK\r\nContent-Le")
 	midBody := l7RawServer(t, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
-	def, strict := freeAddr(t), freeAddr(t)
+	def, strict := configtest.Addr(t), configtest.Addr(t)
 	rec := newL7Recorder()
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
@@ -469,7 +470,7 @@ default_action = { forward = "web" }
 func TestStreamingAndDrain(t *testing.T) {
 	dir := t.TempDir()
 	old, repl := newL7Backend(t, "old", nil), newL7Backend(t, "new", nil)
-	plain, secure := freeAddr(t), freeAddr(t)
+	plain, secure := configtest.Addr(t), configtest.Addr(t)
 	text := func(target string) string {
 		return l7PKI(dir) + fmt.Sprintf(`
 [[target_groups]]
@@ -673,7 +674,7 @@ targets = [%q]
 health_check = { disabled = true }
 `, web.Listener.Addr().String())
 	for _, m := range modes {
-		addrs[m] = freeAddr(t)
+		addrs[m] = configtest.Addr(t)
 		text += fmt.Sprintf(`
 [[listeners]]
 name = %q
@@ -779,7 +780,7 @@ func TestEarlyAnswerDuringUpload(t *testing.T) {
 		io.WriteString(w, "ok")
 	}))
 	t.Cleanup(early.Close)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"

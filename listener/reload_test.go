@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // load sends requests at about rate per second until ctx ends, and counts outcomes.
@@ -68,7 +69,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	dir := t.TempDir()
 	b1, b2 := backend(t, "b1"), backend(t, "b2")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfgText := func(i int) string {
 		// Each generation changes something real: a header value, and every other one the targets.
 		targets := fmt.Sprintf("[%q, %q]", hostOf(b1), hostOf(b2))
@@ -172,7 +173,7 @@ func TestTargetKilledUnderLoad(t *testing.T) {
 	dir := t.TempDir()
 	b1 := backend(t, "b1")
 	b2 := backend(t, "b2")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "web"
@@ -210,7 +211,7 @@ default_action = { forward = "web" }
 	wg := runLoad(ctx, c, "http://"+addr+"/", 500, 10, &l)
 	g := rt.set.Group("web")
 	var b2Target string = hostOf(b2)
-	waitFor(t, 3*time.Second, func() bool {
+	configtest.WaitFor(t, 3*time.Second, "the killed target marked down", func() bool {
 		for _, tg := range g.Targets() {
 			if st := tg.Status(); st.Address == b2Target {
 				return !st.Healthy
@@ -231,7 +232,7 @@ default_action = { forward = "web" }
 func TestRefusedReloadKeepsCertificates(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	conf := func(cert, extra string) string {
 		return header(dir) + fmt.Sprintf(`
 [[authorities]]
@@ -318,7 +319,7 @@ func TestReloadAddsAndRemovesListeners(t *testing.T) {
 	}))
 	defer slow.Close()
 	fast := backend(t, "fast")
-	oldAddr, newAddr := freeAddr(t), freeAddr(t)
+	oldAddr, newAddr := configtest.Addr(t), configtest.Addr(t)
 	conf := func(name, addr, group string) string {
 		return header(dir) + fmt.Sprintf(`
 [[target_groups]]

@@ -14,6 +14,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/h2c"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // The slow-peer bounds: client_body_timeout, send_timeout, min_transfer_rate and
@@ -96,7 +98,7 @@ func TestSlowClientsAreCut(t *testing.T) {
 		}
 	}))
 	t.Cleanup(big.Close)
-	addr, bigAddr := freeAddr(t), freeAddr(t)
+	addr, bigAddr := configtest.Addr(t), configtest.Addr(t)
 	obs := newL7Recorder()
 	text := slowPeerConfig(dir, addr, hostOf(be.Server), false) + fmt.Sprintf(`
 [[target_groups]]
@@ -188,7 +190,7 @@ default_action = { forward = "big" }
 		if rec.BytesOut >= 8<<20 {
 			t.Errorf("slow reader was sent the whole response")
 		}
-		waitFor(t, 1*time.Second+slowSlack, func() bool { return activeHTTP(t, rt, "big") == 0 })
+		configtest.WaitFor(t, 1*time.Second+slowSlack, "the slow reader's connection to close", func() bool { return activeHTTP(t, rt, "big") == 0 })
 		t.Logf("slow reader's request ended after %v (%s), connection closed after %v", rec.Duration, rec.Reason, time.Since(start))
 	})
 	t.Run("normal requests still work", func(t *testing.T) {
@@ -234,7 +236,7 @@ func TestTargetStallMidBody(t *testing.T) {
 		t.Run(fmt.Sprintf("http2=%v", h2), func(t *testing.T) {
 			dir := t.TempDir()
 			tgt := stallingTarget(t, h2)
-			addr := freeAddr(t)
+			addr := configtest.Addr(t)
 			obs := newL7Recorder()
 			rt := startRuntime(t, loadConfig(t, dir, slowPeerConfig(dir, addr, hostOf(tgt), h2)), obs)
 
@@ -300,7 +302,7 @@ func TestTargetDiesMidBody(t *testing.T) {
 		c.Close()
 	}))
 	t.Cleanup(tgt.Close)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	obs := newL7Recorder()
 	rt := startRuntime(t, loadConfig(t, dir, slowPeerConfig(dir, addr, hostOf(tgt), false)), obs)
 	resp, err := http.Get("http://" + addr + "/die")

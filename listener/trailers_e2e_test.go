@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // trailerTarget is an HTTP/1.1 target (Go's net/http) that answers with a chunked body and
@@ -97,7 +99,7 @@ func TestTrailersRelayed(t *testing.T) {
 	dir := t.TempDir()
 	goTarget := trailerTarget(t)
 	raw := rawTrailerTarget(t)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, l7PKI(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "go"

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 )
 
@@ -70,7 +71,7 @@ func viaProxy(t *testing.T, src, addr, client string) echoReply {
 func TestTrustFollowsClient(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
-	ppAddr, ppFwdAddr, plainAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	ppAddr, ppFwdAddr, plainAddr := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "be"
@@ -168,7 +169,7 @@ func (o *connLog) Connection(rec *ConnRecord)              { o.recs <- *rec }
 func TestMissingProxyHeaderLogsPeer(t *testing.T) {
 	dir := t.TempDir()
 	raw, _ := ppBackend(t, 1)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	obs := &connLog{recs: make(chan ConnRecord, 4)}
 	startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]

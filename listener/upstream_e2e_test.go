@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // startNginxTarget runs nginx as an HTTP target that ends keep-alive connections early: after
@@ -29,7 +31,7 @@ func startNginxTarget(t testing.TB) (addr, dir string) {
 	t.Helper()
 	bin := peerBinary(t, "nginx")
 	dir = t.TempDir()
-	addr = freeAddr(t)
+	addr = configtest.Addr(t)
 	// A master process, so that a reload can make the workers close their idle connections on
 	// cue (nginxCloseIdle). The idle timeout is long on purpose: see TestTargetClosingKeepAlive.
 	conf := fmt.Sprintf(`master_process on;
@@ -160,7 +162,7 @@ func childrenOf(t *testing.T, pid int) []int {
 func TestTargetClosingKeepAlive(t *testing.T) {
 	target, nginxDir := startNginxTarget(t)
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "nginx"
@@ -273,7 +275,7 @@ func TestTargetDropsReusedConnection(t *testing.T) {
 		}
 	}()
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "drops"
@@ -338,7 +340,7 @@ func TestClientGoneNeverGets200(t *testing.T) {
 	}))
 	defer slow.Close()
 	dir := t.TempDir()
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "slow"

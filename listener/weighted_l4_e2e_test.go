@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestNetworkWeightedForward: a network listener forwarding to weighted target groups splits
@@ -21,7 +23,7 @@ func TestNetworkWeightedForward(t *testing.T) {
 		return serveListener(t, ln, lineEcho(name))
 	}
 	a, b, c := listen("a"), listen("b"), listen("c")
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[target_groups]]
 name = "a"

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/listener/porttest"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // TestSystemdNotify runs fulcrum as systemd runs a Type=notify service: NOTIFY_SOCKET names a
@@ -40,9 +40,9 @@ func TestSystemdNotify(t *testing.T) {
 		}
 	}()
 
-	admin := porttest.Unused(t, "tcp", "127.0.0.1")
+	admin := configtest.AddrOn(t, "tcp", "127.0.0.1")
 	path := filepath.Join(dir, "fulcrum.toml")
-	writeConfig(t, path, minimalConfig(dir, admin, porttest.Unused(t, "tcp", "127.0.0.1")))
+	writeConfig(t, path, minimalConfig(dir, admin, configtest.AddrOn(t, "tcp", "127.0.0.1")))
 	var logs syncBuffer
 	cmd := exec.Command(bin, path)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=200000")

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // echoHeaders answers with the request's headers as JSON.
@@ -60,7 +62,7 @@ func rawGet(t *testing.T, src, addr, proxyClient string, extra map[string]string
 // only from trusted_proxies; a trusted PROXY sender does not make its clients trusted.
 func TestSpoofing(t *testing.T) {
 	tg := newTarget(t, echoHeaders())
-	plain, pp := freeAddr(t), freeAddr(t)
+	plain, pp := configtest.Addr(t), configtest.Addr(t)
 	startFulcrum(t, fmt.Sprintf(`
 [[target_groups]]
 name = "be"
@@ -137,7 +139,7 @@ default_action = { forward = "be" }
 // smuggled request; in defensive mode nothing smuggled may reach the target.
 func TestSmugglingVariants(t *testing.T) {
 	tg := newTarget(t, nil)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	startFulcrum(t, fmt.Sprintf(`
 [[target_groups]]
 name = "be"
@@ -263,7 +265,7 @@ func TestTargetFaults(t *testing.T) {
 	cfg := ""
 	addrs := map[string]string{}
 	for i, c := range cases {
-		addrs[c.name] = freeAddr(t)
+		addrs[c.name] = configtest.Addr(t)
 		cfg += fmt.Sprintf(`
 [[target_groups]]
 name = "g%d"
@@ -324,7 +326,7 @@ default_action = { forward = "g%d" }
 func TestReloadUnderLoad(t *testing.T) {
 	tg := newTarget(t, nil)
 	tg2 := newTarget(t, nil)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	cfg := func(targets string, extra string) string {
 		return fmt.Sprintf(`
 [[target_groups]]

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 type corpusCase struct {
@@ -121,7 +123,7 @@ targets = [%q]
 health_check = { disabled = true }
 `, tg.addr())
 	for _, m := range modes {
-		addrs[m] = freeAddr(t)
+		addrs[m] = configtest.Addr(t)
 		cfg += fmt.Sprintf(`
 [[listeners]]
 name = %q
@@ -209,7 +211,7 @@ default_action = { forward = "be" }
 		}
 	}
 	// Every request the request path handled is logged, and non-compliant ones are counted.
-	waitFor(t, 10*time.Second, "access-log lines for every handled case", func() bool {
+	configtest.WaitFor(t, 10*time.Second, "access-log lines for every handled case", func() bool {
 		n := 0
 		for _, e := range p.accessLog() {
 			if _, ok := addrsByName(addrs)[e.Listener]; ok {

@@ -11,6 +11,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // h2conn opens a TLS connection with ALPN h2 and sends the client preface and SETTINGS.
@@ -53,7 +55,7 @@ func TestHTTP2Floods(t *testing.T) {
 		time.Sleep(50 * time.Millisecond) // a slow-ish target makes piled-up requests visible
 		io.WriteString(w, "ok")
 	}))
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	p := startFulcrum(t, tlsListeners(tg, map[string]string{"recommended": addr}))
 	alive := func(t *testing.T) {
 		t.Helper()

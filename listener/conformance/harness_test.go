@@ -28,7 +28,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/fulcrum-lb/fulcrum/listener/porttest"
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // fulcrumBin is the binary under test, built once by TestMain.
@@ -61,12 +61,6 @@ func goCmd() string {
 		return "go"
 	}
 	return p
-}
-
-// freeAddr reserves a loopback port.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	return porttest.Unused(t, "tcp", "127.0.0.1")
 }
 
 // tool returns the path of a command the suite needs; CI installs it (Makefile TEST_PACKAGES).
@@ -129,7 +123,7 @@ master_key = "file:%s/master.key"
 func startFulcrum(t testing.TB, body string) *proc {
 	t.Helper()
 	dir := t.TempDir()
-	p := &proc{t: t, dir: dir, cfgPath: filepath.Join(dir, "fulcrum.toml"), admin: freeAddr(t),
+	p := &proc{t: t, dir: dir, cfgPath: filepath.Join(dir, "fulcrum.toml"), admin: configtest.Addr(t),
 		accessF: filepath.Join(dir, "access.log"), stderr: &lockedBuf{}, exited: make(chan struct{})}
 	p.write(body)
 	p.cmd = exec.Command(fulcrumBin, "-config", p.cfgPath)
@@ -284,18 +278,6 @@ func (p *proc) waitLog(t testing.TB, what string, pred func(logEntry) bool) logE
 }
 
 func readFile(p string) string { b, _ := os.ReadFile(p); return string(b) }
-
-// waitFor polls cond (bounded).
-func waitFor(t testing.TB, limit time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", limit, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
 
 // target is an in-process HTTP target that records what reached it.
 type target struct {

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // The memory an idle connection costs a real Fulcrum process: thousands of connections that
@@ -178,7 +180,7 @@ func okTarget(t *testing.T) string {
 }
 
 func idleMemory(t *testing.T, kind string, n int, budgetKiB float64) {
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	var cfg string
 	var tg *echoTarget
 	switch kind {

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // slowConfig is an HTTP listener with short slow-peer timeouts (2 s) in front of a target
@@ -105,7 +107,7 @@ func runSlowhttptest(t *testing.T, args ...string) []slowRow {
 // its timeout + 5 s of being opened, and memory stays bounded.
 func TestSlowClients(t *testing.T) {
 	tg := newTarget(t, bigHandler())
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	p := startFulcrum(t, slowConfig(tg, addr))
 	baseFDs := p.openFDs()
 	const conns = 500
@@ -213,7 +215,7 @@ func TestSlowClients(t *testing.T) {
 			if m := maxRSS.Load(); m > 256<<10 {
 				t.Errorf("RSS reached %d MiB during the attack", m>>10)
 			}
-			waitFor(t, 15*time.Second, "file descriptors back to the baseline", func() bool { return p.openFDs() <= baseFDs+20 })
+			configtest.WaitFor(t, 15*time.Second, "file descriptors back to the baseline", func() bool { return p.openFDs() <= baseFDs+20 })
 			reasons := map[string]int{}
 			for _, e := range p.accessLog() {
 				reasons[fmt.Sprintf("%d/%s", e.Status, e.ErrorReason)]++

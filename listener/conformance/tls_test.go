@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 // tlsListeners is a configuration with one HTTPS listener per named TLS policy, certificates
@@ -99,7 +101,7 @@ func TestH2Spec(t *testing.T) {
 		t.Fatalf("build h2spec: %v\n%s", err, out)
 	}
 	tg := newTarget(t, nil)
-	addr := freeAddr(t)
+	addr := configtest.Addr(t)
 	startFulcrum(t, tlsListeners(tg, map[string]string{"recommended": addr}))
 	host, port, _ := strings.Cut(addr, ":")
 	for _, mode := range []struct {
@@ -157,7 +159,7 @@ var testsslChecks = strings.Fields(os.Getenv("TESTSSL_CHECKS") + " -p -s -f -S -
 func TestTestssl(t *testing.T) {
 	bin := tool(t, "testssl")
 	tg := newTarget(t, nil)
-	addrs := map[string]string{"recommended": freeAddr(t), "tls13": freeAddr(t), "compatible": freeAddr(t)}
+	addrs := map[string]string{"recommended": configtest.Addr(t), "tls13": configtest.Addr(t), "compatible": configtest.Addr(t)}
 	p := startFulcrum(t, tlsListeners(tg, addrs))
 	ca := filepath.Join(p.dir, "state", "authorities", "ca.pem")
 	if _, err := os.Stat(ca); err != nil {

@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"testing"
+
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 )
 
 const benchChunk = 64 << 20 // bytes per op
@@ -74,15 +76,15 @@ func BenchmarkRelaySplice(b *testing.B) {
 // BenchmarkRelayTLSOffload: TLS from the client, terminated by the listener, plain to the
 // target (the buffered path).
 func BenchmarkRelayTLSOffload(b *testing.B) {
-	ca := newCA(b)
+	ca := configtest.NewCA(b, "l4 test CA")
 	tg := startTarget(b, nil, sink)
 	s := startServer(b, nil, mustState(b, Config{Mode: ModeTLS, Dialer: &addrDialer{addr: tg.addr},
-		TLS: &tls.Config{Certificates: []tls.Certificate{ca.leaf(b, "bench.test")}}}), Options{})
+		TLS: &tls.Config{Certificates: []tls.Certificate{leaf(b, ca, "bench.test")}}}), Options{})
 	raw, err := net.Dial("tcp", s.Addr().String())
 	if err != nil {
 		b.Fatal(err)
 	}
-	c := tls.Client(raw, &tls.Config{ServerName: "bench.test", RootCAs: ca.pool})
+	c := tls.Client(raw, &tls.Config{ServerName: "bench.test", RootCAs: ca.Pool()})
 	defer c.Close()
 	if err := c.Handshake(); err != nil {
 		b.Fatal(err)

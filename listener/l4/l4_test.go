@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
 	"github.com/pires/go-proxyproto"
 )
@@ -40,7 +42,7 @@ func TestPassThroughHalfClose(t *testing.T) {
 	if m.Client != netip.MustParseAddrPort(c.LocalAddr().String()) || m.Local != netip.MustParseAddrPort(s.Addr().String()) || m.TLS {
 		t.Errorf("meta %+v", m)
 	}
-	waitFor(t, "stats", func() bool {
+	configtest.WaitFor(t, 10*time.Second, "stats", func() bool {
 		st := s.Stats()
 		return st.Active == 0 && st.BytesIn == uint64(len(payload)) && st.BytesOut == uint64(len(payload))
 	})
@@ -99,15 +101,15 @@ func TestInboundPROXYThenSplice(t *testing.T) {
 	if b := readAll(t, c); b != "" {
 		t.Fatalf("headerless got %q", b)
 	}
-	waitFor(t, "inbound error", func() bool { return s.Stats().InboundErrors == 1 })
+	configtest.WaitFor(t, 10*time.Second, "inbound error", func() bool { return s.Stats().InboundErrors == 1 })
 	if len(d.metas) != n {
 		t.Fatal("a headerless connection was dialed")
 	}
 }
 
 func TestTLSOffload(t *testing.T) {
-	ca := newCA(t)
-	cert := ca.leaf(t, "edge.test")
+	ca := configtest.NewCA(t, "l4 test CA")
+	cert := leaf(t, ca, "edge.test")
 	tg := startTarget(t, nil, echo)
 	cases := []struct {
 		policy ALPNPolicy
@@ -130,13 +132,13 @@ func TestTLSOffload(t *testing.T) {
 			s := startServer(t, nil, mustState(t, Config{Mode: ModeTLS, Dialer: d, ALPN: tc.policy,
 				TLS: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}}), Options{})
 			raw := dial(t, s.Addr().String())
-			c := tls.Client(raw, &tls.Config{ServerName: "edge.test", RootCAs: ca.pool, NextProtos: tc.offer})
+			c := tls.Client(raw, &tls.Config{ServerName: "edge.test", RootCAs: ca.Pool(), NextProtos: tc.offer})
 			err := c.Handshake()
 			if tc.fail {
 				if err == nil {
 					t.Fatal("handshake succeeded")
 				}
-				waitFor(t, "handshake error", func() bool { return s.Stats().HandshakeErrors == 1 })
+				configtest.WaitFor(t, 10*time.Second, "handshake error", func() bool { return s.Stats().HandshakeErrors == 1 })
 				return
 			}
 			if err != nil {
@@ -159,13 +161,13 @@ func TestTLSOffload(t *testing.T) {
 }
 
 func TestTLSClientCertVerified(t *testing.T) {
-	ca := newCA(t)
+	ca := configtest.NewCA(t, "l4 test CA")
 	tg := startTarget(t, nil, echo)
 	d := &addrDialer{addr: tg.addr}
 	s := startServer(t, nil, mustState(t, Config{Mode: ModeTLS, Dialer: d, TLS: &tls.Config{
-		Certificates: []tls.Certificate{ca.leaf(t, "edge.test")}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.pool}}), Options{})
-	clientCert := ca.leaf(t, "client.test")
-	c := tls.Client(dial(t, s.Addr().String()), &tls.Config{ServerName: "edge.test", RootCAs: ca.pool,
+		Certificates: []tls.Certificate{leaf(t, ca, "edge.test")}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()}}), Options{})
+	clientCert := leaf(t, ca, "client.test")
+	c := tls.Client(dial(t, s.Addr().String()), &tls.Config{ServerName: "edge.test", RootCAs: ca.Pool(),
 		Certificates: []tls.Certificate{clientCert}})
 	if err := c.Handshake(); err != nil {
 		t.Fatal(err)
@@ -221,10 +223,10 @@ func TestIdleTimeout(t *testing.T) {
 	if n != 0 || err == nil {
 		t.Fatalf("quiet connection still open: %d %v", n, err)
 	}
-	waitFor(t, "idle stats", func() bool { return s.Stats().IdleClosed >= 1 })
+	configtest.WaitFor(t, 10*time.Second, "idle stats", func() bool { return s.Stats().IdleClosed >= 1 })
 	port := netip.MustParseAddrPort(quiet.LocalAddr().String()).Port()
 	var ci ConnInfo
-	waitFor(t, "ConnInfo", func() bool {
+	configtest.WaitFor(t, 10*time.Second, "ConnInfo", func() bool {
 		v, ok := infos.Load(port)
 		if ok {
 			ci = v.(ConnInfo)
@@ -258,7 +260,7 @@ func TestIdleWatchdogStuckWrites(t *testing.T) {
 		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
 		c.Write(bytes.Repeat([]byte("y"), 64<<20))
 	}()
-	waitFor(t, "watchdog close", func() bool { return s.Stats().IdleClosed == 1 && s.Stats().Active == 0 })
+	configtest.WaitFor(t, 10*time.Second, "watchdog close", func() bool { return s.Stats().IdleClosed == 1 && s.Stats().Active == 0 })
 	c.Close()
 	<-wrote
 }
@@ -317,7 +319,7 @@ func TestDialFailureRetriedOnNextTarget(t *testing.T) {
 			t.Fatalf("conn %d: %q", i, got)
 		}
 	}
-	waitFor(t, "release", func() bool { return live.inflight.Load() == 0 && s.Stats().Active == 0 })
+	configtest.WaitFor(t, 10*time.Second, "release", func() bool { return live.inflight.Load() == 0 && s.Stats().Active == 0 })
 	if dead.failures.Load() == 0 || live.failures.Load() != 0 || live.completed.Load() != 4 || dead.inflight.Load() != 0 {
 		t.Fatalf("dead failures %d, live failures %d completed %d", dead.failures.Load(), live.failures.Load(), live.completed.Load())
 	}
@@ -329,7 +331,7 @@ func TestDialFailureRetriedOnNextTarget(t *testing.T) {
 	if got := readAll(t, c); got != "" {
 		t.Fatalf("got %q", got)
 	}
-	waitFor(t, "dial error", func() bool { return s2.Stats().DialErrors == 1 })
+	configtest.WaitFor(t, 10*time.Second, "dial error", func() bool { return s2.Stats().DialErrors == 1 })
 	// No target at all.
 	var none fakeGroup
 	_, _, err := Balance[*fakeTarget](&none, 2).DialFor(context.Background(), &ConnMeta{})
@@ -339,8 +341,8 @@ func TestDialFailureRetriedOnNextTarget(t *testing.T) {
 }
 
 // tlsNameServer is a back end that terminates TLS itself and answers with its name.
-func tlsNameServer(t *testing.T, ca *testCA, name string) *target {
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{ca.leaf(t, name)}})
+func tlsNameServer(t *testing.T, ca *configtest.CA, name string) *target {
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{leaf(t, ca, name)}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -355,7 +357,7 @@ func tlsNameServer(t *testing.T, ca *testCA, name string) *target {
 }
 
 func TestSNIRouting(t *testing.T) {
-	ca := newCA(t)
+	ca := configtest.NewCA(t, "l4 test CA")
 	a, b := tlsNameServer(t, ca, "a.test"), tlsNameServer(t, ca, "b.test")
 	plain := startTarget(t, nil, echo)
 	da, db, dflt := &addrDialer{addr: a.addr}, &addrDialer{addr: b.addr}, &addrDialer{addr: plain.addr}
@@ -370,7 +372,7 @@ func TestSNIRouting(t *testing.T) {
 	}})
 	s := startServer(t, nil, st, Options{})
 	for _, name := range []string{"a.test", "b.test", "A.Test"} {
-		c := tls.Client(dial(t, s.Addr().String()), &tls.Config{ServerName: name, RootCAs: ca.pool})
+		c := tls.Client(dial(t, s.Addr().String()), &tls.Config{ServerName: name, RootCAs: ca.Pool()})
 		if err := c.Handshake(); err != nil { // the target's certificate verifies end to end
 			t.Fatalf("%s: %v", name, err)
 		}
@@ -396,7 +398,7 @@ func TestSNIRouting(t *testing.T) {
 	if got := readAll(t, c); got != "" {
 		t.Fatalf("bad hello: %q", got)
 	}
-	waitFor(t, "handshake error", func() bool { return s.Stats().HandshakeErrors == 1 })
+	configtest.WaitFor(t, 10*time.Second, "handshake error", func() bool { return s.Stats().HandshakeErrors == 1 })
 }
 
 func TestStateSwapKeepsEstablished(t *testing.T) {
@@ -557,7 +559,7 @@ func TestIdleConnectionMemory(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		waitFor(t, "target sees every connection", func() bool { return tg.conns.Load() >= wantAccepted })
+		configtest.WaitFor(t, 10*time.Second, "target sees every connection", func() bool { return tg.conns.Load() >= wantAccepted })
 		return (inUse() - before) / n
 	}
 	// Earlier tests' goroutines may still be on their way out, and what they free would be
@@ -568,7 +570,7 @@ func TestIdleConnectionMemory(t *testing.T) {
 	if direct <= 0 {
 		t.Fatalf("direct connections measured at %d B each: something else freed memory during the count", direct)
 	}
-	waitFor(t, "direct connections gone", func() bool { return runtime.NumGoroutine() <= goroutines })
+	configtest.WaitFor(t, 10*time.Second, "direct connections gone", func() bool { return runtime.NumGoroutine() <= goroutines })
 	relayed := perConn(s.Addr().String(), 2*n)
 	cost := relayed - direct
 	t.Logf("idle connection: %d B relayed, %d B direct: the relay costs %d B", relayed, direct, cost)

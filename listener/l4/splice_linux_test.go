@@ -3,10 +3,12 @@
 package l4
 
 import (
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"net"
 	"os"
 	"runtime"
 	"testing"
+	"time"
 )
 
 func openFDs(t testing.TB) int {
@@ -57,5 +59,5 @@ func TestIdleSpliceHoldsNoPipe(t *testing.T) {
 	}
 	// Per connection: the client socket, the proxy's two sockets and the target's socket.
 	want := base + 4*n + 4 // slack: a pooled pipe not yet collected
-	waitFor(t, "idle streams to hold no splice pipe", func() bool { return settle() <= want })
+	configtest.WaitFor(t, 10*time.Second, "idle streams to hold no splice pipe", func() bool { return settle() <= want })
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/lesismal/nbio/nbhttp"
 
+	"github.com/fulcrum-lb/fulcrum/configs/configtest"
 	"github.com/fulcrum-lb/fulcrum/listener/h1"
 )
 
@@ -162,16 +163,6 @@ func (o *origin) take() (reqs []seen, conns int) {
 	return reqs, o.conns
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func writeCert(t *testing.T) (certFile, keyFile string) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -211,7 +202,7 @@ func start(t *testing.T) *fixture {
 	t.Helper()
 	o := startOrigin(t)
 	cert, key := writeCert(t)
-	f := &fixture{o: o, http: freeAddr(t), https: freeAddr(t)}
+	f := &fixture{o: o, http: configtest.Addr(t), https: configtest.Addr(t)}
 	p, err := Start(Config{HTTP: f.http, HTTPS: f.https, Origin: o.ln.Addr().String(), Cert: cert, Key: key})
 	if err != nil {
 		t.Fatal(err)
