@@ -61,8 +61,8 @@ type h1Session struct {
 	// Raw system calls for plain TCP sockets (h1.Raw), one per reader and writer; their
 	// callbacks are made once per pooled session.
 	rawRd, rawWr, rawTr, rawTw h1.Raw
-	path []byte // the decoded path, for routing
-	rec  RequestRecord
+	path                       []byte // the decoded path, for routing
+	rec                        RequestRecord
 
 	extra [1]router.HeaderValue // Set-Cookie for stickiness
 

@@ -41,7 +41,7 @@ type httpServer struct {
 	// HTTP/1 sessions, for Drain and Close.
 	sessMu   sync.Mutex
 	sessions map[*h1Session]struct{}
-	draining atomic.Bool // set under sessMu; read per request without it
+	draining atomic.Bool  // set under sessMu; read per request without it
 	drainBy  atomic.Int64 // unix ns: until when a connection drained before its first request may send it
 
 	// Idle HTTP/1 connections parked without a goroutine (h1serve.go), started on first use.

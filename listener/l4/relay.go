@@ -58,7 +58,7 @@ type relay struct {
 	last       atomic.Int64 // monotonic nanoseconds (since epoch) of the last observed progress
 	aborted    atomic.Bool
 	idleClosed atomic.Bool
-	client     net.Conn // as accepted (TLS in ModeTLS): abort closes it; halves[1].src is the upstream
+	client     net.Conn                   // as accepted (TLS in ModeTLS): abort closes it; halves[1].src is the upstream
 	watchdog   atomic.Pointer[time.Timer] // nil while both directions are parked
 
 	parker *park.Poller // nil: directions wait on their goroutines
