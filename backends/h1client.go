@@ -97,7 +97,8 @@ type h1Conn struct {
 	bw     *bufio.Writer
 	idleAt time.Time
 	reused bool
-	rc     syscall.RawConn // plain TCP: for the engine's raw reads and writes (TargetConn.RawConn)
+	tcp    *net.TCPConn    // plain TCP: the socket, for the engine's raw reads and writes
+	rc     syscall.RawConn // and its RawConn (TargetConn.RawConn)
 	noRaw  bool
 }
 

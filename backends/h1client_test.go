@@ -609,3 +609,52 @@ func FuzzH1Response(f *testing.F) {
 		}
 	})
 }
+
+// TestH1PoolRawSocket: a plain-TCP connection the engine borrows offers its socket for raw
+// reads and writes, though the registry wraps it to count it open; a TLS one does not. Without
+// the socket the engine falls back to net.Conn reads and writes, and every one of them enters
+// the scheduler as a system call.
+func TestH1PoolRawSocket(t *testing.T) {
+	plain := countingServer(t, echoBody())
+	r := newReg(t)
+	gc := configs.TargetGroup{Name: "web", Protocol: "http", HealthCheck: &configs.HealthCheck{Disabled: true},
+		Targets: []configs.Target{{Address: plain.Listener.Addr().String(), Weight: 1}}}
+	pool, ok := build(t, r, conf(gc)).Group("web").H1Pool()
+	if !ok {
+		t.Fatal("plain-HTTP group has no H1Pool")
+	}
+	tc, err := pool.Get(context.Background(), plain.Listener.Addr().String(), false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Done(false)
+	if _, counted := tc.Conn().(*net.TCPConn); counted {
+		t.Fatal("the registry no longer wraps target connections: this test checks the wrapped case")
+	}
+	sock, rc := tc.RawConn()
+	if sock == nil || rc == nil {
+		t.Fatalf("plain-TCP target connection %T offers no raw socket", tc.Conn())
+	}
+	if got, want := sock.LocalAddr().String(), tc.Conn().LocalAddr().String(); got != want {
+		t.Fatalf("raw socket is %s, the connection %s", got, want)
+	}
+
+	p := newPKI(t)
+	secure := httptest.NewUnstartedServer(protoEcho())
+	secure.TLS = p.serverTLS()
+	secure.StartTLS()
+	t.Cleanup(secure.Close)
+	addr := secure.Listener.Addr().String()
+	spool, ok := build(t, newReg(t), conf(httpsGroup(addr, &configs.BackendTLS{CAFile: p.caFile}, false))).Group("secure").H1Pool()
+	if !ok {
+		t.Fatal("https group has no H1Pool")
+	}
+	stc, err := spool.Get(context.Background(), addr, false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stc.Done(false)
+	if sock, rc := stc.RawConn(); sock != nil || rc != nil {
+		t.Fatal("a TLS target connection offers its raw socket")
+	}
+}

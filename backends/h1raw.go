@@ -46,16 +46,23 @@ func (p H1Pool) Get(ctx context.Context, addr string, fresh, probe bool) (Target
 func (c TargetConn) Conn() net.Conn { return c.pc.Conn }
 
 // RawConn is the connection's socket for raw reads and writes when it is plain TCP (made once
-// per connection, so borrowing stays free of allocations); nil for TLS.
-func (c TargetConn) RawConn() syscall.RawConn {
+// per connection, so borrowing stays free of allocations); nil, nil for TLS. The connection may
+// wrap its *net.TCPConn (the open-connection count), so the socket is found through RawTCP too.
+func (c TargetConn) RawConn() (*net.TCPConn, syscall.RawConn) {
 	pc := c.pc
 	if pc.rc == nil && !pc.noRaw {
-		if tc, ok := pc.Conn.(*net.TCPConn); ok {
-			pc.rc, _ = tc.SyscallConn()
+		switch tc := pc.Conn.(type) {
+		case *net.TCPConn:
+			pc.tcp = tc
+		case interface{ RawTCP() *net.TCPConn }:
+			pc.tcp = tc.RawTCP()
+		}
+		if pc.tcp != nil {
+			pc.rc, _ = pc.tcp.SyscallConn()
 		}
 		pc.noRaw = pc.rc == nil
 	}
-	return pc.rc
+	return pc.tcp, pc.rc
 }
 
 // Reused reports whether it came from the idle pool: a failure before the first response byte

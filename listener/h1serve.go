@@ -721,8 +721,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	conn := tc.Conn()
 	s.setTarget(conn)
 	defer s.setTarget(nil)
-	if rc := tc.RawConn(); rc != nil {
-		tcp := conn.(*net.TCPConn) // RawConn is set for plain TCP only
+	if tcp, rc := tc.RawConn(); rc != nil {
 		s.rawTw.Set(tcp, rc)
 		s.rawTr.Set(tcp, rc)
 		s.tw.ResetRaw(&s.rawTw)
