@@ -18,7 +18,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
@@ -247,7 +246,7 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 				}
 				for {
 					// Raw: a non-blocking read need not tell the scheduler (see h1.Raw).
-					n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+					n, e := h1.Recv(fd, p)
 					var err error
 					if e != 0 {
 						err = e

@@ -5,7 +5,6 @@ import (
 	"net"
 	"os"
 	"syscall"
-	"unsafe"
 )
 
 // Raw reads and writes a plain TCP socket with raw system calls, through its RawConn: the
@@ -63,7 +62,7 @@ func (x *Raw) Read(p []byte) (int, error) {
 
 func (x *Raw) readFD(fd uintptr) bool {
 	for {
-		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&x.p[0])), uintptr(len(x.p)))
+		n, e := Recv(fd, x.p)
 		switch e {
 		case 0:
 			x.n = int(n)
@@ -96,7 +95,7 @@ func (x *Raw) Write(p []byte) (int, error) {
 
 func (x *Raw) writeFD(fd uintptr) bool {
 	for x.n < len(x.p) {
-		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&x.p[x.n])), uintptr(len(x.p)-x.n))
+		n, e := send(fd, x.p[x.n:])
 		switch e {
 		case 0:
 			x.n += int(n)
