@@ -65,12 +65,15 @@ type h1Session struct {
 
 	extra [1]router.HeaderValue // Set-Cookie for stickiness
 
-	upload chan error // the running upload's result (exchange), nil when none
-	linger bool       // the client may still be sending: close with lingerClose
-	tmu    sync.Mutex // guards tconn (per session: contended only by a forced close)
-	tconn  net.Conn
-	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)              // the target connection in use, for abort
+	upload chan error            // the running upload's result (exchange), nil when none
+	linger bool                  // the client may still be sending: close with lingerClose
+	tmu    sync.Mutex            // guards tconn (per session: contended only by a forced close)
+	tconn  net.Conn              // the target connection in use, for abort
+	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)
 	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
+
+	waitFor   time.Duration // waitReadable's limit, armed by peek when the read finds nothing
+	waitArmed bool
 }
 
 var sessionPool = sync.Pool{New: func() any { return new(h1Session) }}
@@ -222,11 +225,6 @@ func (s *h1Session) release() {
 // d passed with nothing. Over plain TCP it holds no buffer while it waits; otherwise (TLS,
 // PROXY wrappers) it reads into a pooled buffer.
 func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
-	if d > 0 {
-		s.c.SetReadDeadline(time.Now().Add(d))
-	} else {
-		s.c.SetReadDeadline(time.Time{})
-	}
 	// Let the other ready connections run first: on a loaded server the client's next
 	// request has most often arrived meanwhile, and the read below finds it at once instead
 	// of failing with EAGAIN and waiting for the poller (a syscall and a park saved per
@@ -238,6 +236,9 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 		// connection holds none. Trying the read first (rather than trusting one readiness
 		// edge) finds bytes that arrived before the wait began, and a busy connection's next
 		// request costs one read, not a peek and a read.
+		// The wait's deadline is armed only when the read finds nothing, once per wait: under
+		// load the next request is mostly there already, and the head's own deadline follows.
+		s.waitFor, s.waitArmed = d, false
 		if s.peek == nil {
 			s.peek = func(fd uintptr) bool {
 				p := s.rd.Space()
@@ -256,6 +257,10 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 						continue
 					case syscall.EAGAIN:
 						s.rd.Release()
+						if !s.waitArmed {
+							s.waitArmed = true
+							s.armRead(s.waitFor)
+						}
 						return false
 					case nil:
 					default:
@@ -268,8 +273,16 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 			}
 		}
 		err := s.raw.Read(s.peek)
+		if err != nil && !s.waitArmed && isTimeout(err) {
+			// The read never ran: a deadline the last request left (its head's, its body's)
+			// had passed. Arm this wait's and try again.
+			s.waitArmed = true
+			s.armRead(d)
+			err = s.raw.Read(s.peek)
+		}
 		return err == nil, err != nil && isTimeout(err)
 	}
+	s.armRead(d)
 	err := s.rd.Fill(4 << 10)
 	if len(s.rd.Buffered()) > 0 {
 		return true, false
@@ -279,6 +292,15 @@ func (s *h1Session) waitReadable(d time.Duration) (ok, timedOut bool) {
 		return false, true
 	}
 	return err == nil, false
+}
+
+// armRead makes the client connection's reads wait at most d (0: no limit).
+func (s *h1Session) armRead(d time.Duration) {
+	if d > 0 {
+		s.c.SetReadDeadline(time.Now().Add(d))
+	} else {
+		s.c.SetReadDeadline(time.Time{})
+	}
 }
 
 // Lingering close: how long to wait for each further read, and for all of them. Shorter than

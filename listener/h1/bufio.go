@@ -67,6 +67,15 @@ type pace struct {
 	rate  int64
 }
 
+// newPace starts a transfer's pace; the clock is read only when a minimum rate applies, the
+// one case that needs the start (clearing a timeout reads none).
+func newPace(d time.Duration, rate int) pace {
+	if d <= 0 || rate <= 0 {
+		return pace{}
+	}
+	return pace{start: time.Now(), rate: int64(rate)}
+}
+
 func (p *pace) deadline(now time.Time, timeout time.Duration) time.Time {
 	d := now.Add(timeout)
 	if p.rate > 0 {
@@ -82,7 +91,7 @@ func (p *pace) deadline(now time.Time, timeout time.Duration) time.Time {
 // its first d (rate 0: no minimum).
 func (b *Reader) SetTimeout(dl interface{ SetReadDeadline(time.Time) error }, d time.Duration, rate int) {
 	b.dl, b.timeout = dl, d
-	b.pace = pace{start: time.Now(), rate: int64(rate)}
+	b.pace = newPace(d, rate)
 }
 
 // NewReader returns a reader over rd holding no buffer yet.
@@ -240,7 +249,7 @@ type Writer struct {
 // the whole transfer average at least rate bytes/s after its first d (rate 0: no minimum).
 func (w *Writer) SetTimeout(dl interface{ SetWriteDeadline(time.Time) error }, d time.Duration, rate int) {
 	w.dl, w.timeout = dl, d
-	w.pace = pace{start: time.Now(), rate: int64(rate)}
+	w.pace = newPace(d, rate)
 }
 
 // Written is how many bytes reached the connection since Reset or ResetCount.
