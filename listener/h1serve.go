@@ -69,7 +69,7 @@ type h1Session struct {
 	linger bool                  // the client may still be sending: close with lingerClose
 	tmu    sync.Mutex            // guards tconn (per session: contended only by a forced close)
 	tconn  net.Conn              // the target connection in use, for abort
-	held   *backends.Target      // acquired for the exchange in progress; released once (releaseTarget)
+	held   heldTarget            // acquired for the exchange in progress; released once (heldTarget.release)
 	peek   func(fd uintptr) bool // waitReadable's poller callback, made once per pooled session
 
 	waitFor   time.Duration // waitReadable's limit, armed by peek when the read finds nothing
@@ -633,22 +633,13 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 	}
 	// The outgoing head.
 	o := &s.out
-	s.outgoing(st, rule)
+	setOutgoing(o, rec, st, rule, s.client.Addr(), r)
 	o.Close = closeAfter
 	o.Extra = nil
-	if s.tls != nil {
-		if ca := st.cfg.ClientAuth; ca != nil && (ca.Mode == clientAuthPass || ca.Mode == clientAuthVer) {
-			o.Extra = certFields(ca.Mode, s.tls.ConnectionState())
-		}
+	if mode := st.certMode(); mode != "" && s.tls != nil {
+		o.Extra = certFields(mode, s.tls.ConnectionState())
 	}
-	var clientID []byte
-	if o.Trusted {
-		clientID = r.Value("x-request-id")
-	}
-	o.SetRequestID(clientID)
-	rec.RequestID = h1.Str(o.RequestID)
 
-	hasBody := r.Framing != h1.NoBody
 	if r.Framing == h1.Chunked && !r.Expect100 && !s.primeChunked(st) {
 		// A malformed first chunk size is answered here and never forwarded. Later chunks
 		// stream; a bad one aborts the target connection mid-body, which is never reused.
@@ -656,52 +647,25 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 		s.simple(400, "malformed request body", true)
 		return false
 	}
-	stale := false
-	limit := g.MaxInFlight()
-	for attempt := 0; attempt < 3; attempt++ {
-		if !target.TryAcquire(limit) {
-			// At its max_in_flight: one other target, else 503 at once rather than a pile-up.
-			next := g.Pick(s.client.Addr(), target)
-			if next == nil || next == target || !next.TryAcquire(limit) {
-				rec.Reason = "max_in_flight"
-				s.simple(503, "targets at their limit", closeAfter)
-				return s.drainBody(r) && !closeAfter
-			}
-			target = next
-		}
-		s.held = target
-		addr := target.Addr()
-		rec.Target = addr
-		t0 := time.Now()
-		if attempt == 0 {
-			rec.RequestDuration = t0.Sub(rec.Time)
-		}
-		tc, err := pool.Get(context.Background(), addr, stale, hasBody)
-		if err != nil {
-			s.releaseTarget()
-			target.ReportFailure()
-			// A refused dial never reached a target: once more on another one (a body not
-			// read yet is still whole).
-			if attempt < 2 {
-				if next := g.Pick(s.client.Addr(), target); next != nil && next != target {
-					target, stale = next, false
-					continue
-				}
-			}
-			s.targetFailed(err, closeAfter)
-			return s.drainBody(r) && !closeAfter
-		}
-		keep, retry := s.exchange(st, r, rule, g, target, tc, pool, closeAfter)
-		rec.TargetDuration = time.Since(t0)
-		s.releaseTarget()
-		if retry && !stale {
-			stale = true // a kept-alive connection the target had closed: once more, on a new one
-			continue
-		}
+	keep := false
+	a := attempts{rec: rec, held: &s.held, g: g, pool: pool, client: s.client.Addr(), hasBody: r.Framing != h1.NoBody}
+	err := a.run(target, func(target *backends.Target, tc backends.TargetConn) (retry bool) {
+		keep, retry = s.exchange(st, r, rule, g, target, tc, pool, closeAfter)
+		return retry
+	})
+	switch {
+	case err == nil:
 		return keep
+	case errors.Is(err, errAtLimit):
+		rec.Reason = "max_in_flight"
+		s.simple(503, "targets at their limit", closeAfter)
+	case errors.Is(err, errNoTargetReachable):
+		s.targetFailed(err, closeAfter)
+		return false
+	default:
+		s.targetFailed(err, closeAfter)
 	}
-	s.targetFailed(errors.New("no target reachable"), closeAfter)
-	return false
+	return s.drainBody(r) && !closeAfter
 }
 
 // primeChunked reads until the first chunk-size line is buffered and checks it.
@@ -721,15 +685,7 @@ func (s *h1Session) primeChunked(st *httpState) bool {
 
 // targetFailed answers a failed exchange before any response byte reached the client.
 func (s *h1Session) targetFailed(err error, close bool) {
-	status, reason := 502, "target_error"
-	switch {
-	case isTimeout(err):
-		status, reason = 504, "target_timeout"
-	case errors.Is(err, syscall.ECONNREFUSED):
-		reason = "target_refused"
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
-		reason = "target_closed"
-	}
+	status, reason := targetFailure(err)
 	s.rec.Reason = reason
 	s.simple(status, http.StatusText(status), close)
 }
@@ -966,7 +922,7 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 	s.tr.SetTimeout(nil, 0, 0)
 	// The target's part is over: it leaves the in-flight count before the client can see the
 	// answer and send its next request (least_outstanding_requests sees a quiet target).
-	s.releaseTarget()
+	s.held.release()
 	if err := s.wr.Flush(); err != nil {
 		rec.Reason = "client_closed"
 		endUpload(true)
@@ -983,14 +939,6 @@ func (s *h1Session) exchange(st *httpState, r *h1.Request, rule *router.Rule, g 
 		return false, false
 	}
 	return !close && !ro.Close, false
-}
-
-// releaseTarget releases the target acquired for the exchange, once.
-func (s *h1Session) releaseTarget() {
-	if s.held != nil {
-		s.held.Release()
-		s.held = nil
-	}
 }
 
 // setTarget records the target connection in use, so a forced close can end the exchange.
@@ -1030,12 +978,9 @@ func (s *h1Session) bodyFailed(err error, tc backends.TargetConn, target *backen
 	return false, false
 }
 
+// isIdempotent: r may be sent again (an idempotent method, and no body that may be cut).
 func isIdempotent(r *h1.Request) bool {
-	switch string(r.Method) {
-	case "GET", "HEAD", "OPTIONS", "TRACE":
-		return r.Framing == h1.NoBody
-	}
-	return false
+	return r.Framing == h1.NoBody && isIdempotentMethod(h1.Str(r.Method))
 }
 
 // errClientGone: the client closed its connection while its request was at a target.
@@ -1191,14 +1136,8 @@ func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, 
 		return s.drainBody(r) && !closeAfter
 	}
 	o := &s.out
-	s.outgoing(st, rule)
+	setOutgoing(o, rec, st, rule, s.client.Addr(), r)
 	o.Close = false
-	var clientID []byte
-	if o.Trusted {
-		clientID = r.Value("x-request-id")
-	}
-	o.SetRequestID(clientID)
-	rec.RequestID = string(o.RequestID)
 	head := o.AppendForwardHead(nil, r)
 	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
 	if err != nil {
@@ -1348,22 +1287,10 @@ func (c *chunkWriter) Write(p []byte) (int, error) {
 // pick chooses the request's target, its sticky cookie's first; with none healthy it answers 503
 // and returns nil.
 func (s *h1Session) pick(r *h1.Request, g *backends.Group, closeAfter bool) *backends.Target {
-	target := g.StickyTargetCookies(r)
-	if target == nil {
-		target = g.Pick(s.client.Addr(), nil)
-	}
+	target := pickTarget(g, r, s.client.Addr())
 	if target == nil {
 		s.rec.Reason = "no_healthy_target"
 		s.simple(503, "no healthy target", closeAfter)
 	}
 	return target
-}
-
-// outgoing sets what the outgoing head takes from the listener generation and the rule.
-func (s *h1Session) outgoing(st *httpState, rule *router.Rule) {
-	o := &s.out
-	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
-	o.Trusted = inPrefixes(st.trusted, s.client.Addr())
-	o.Client = s.client.Addr()
-	o.Ops = rule.RequestHeaders
 }

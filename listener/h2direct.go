@@ -2,7 +2,6 @@ package listener
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -13,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 	"unsafe"
 
@@ -91,7 +89,7 @@ type h2Exchange struct {
 	tr     h1.Reader
 	tw     h1.Writer
 	bw     h1.Writer // DATA frames to the client through the stream
-	held   *backends.Target
+	held   heldTarget
 	rec    RequestRecord
 	head   []byte
 	fields []hpack.HeaderField
@@ -130,7 +128,7 @@ func (x *h2Exchange) release() {
 	x.tr.Reset(nil)
 	x.tw.Reset(nil)
 	x.bw.Reset(nil)
-	x.s, x.st, x.held = nil, nil, nil
+	x.s, x.st, x.held = nil, nil, heldTarget{}
 	x.dl = streamDeadline{}
 	x.sent = 0
 	x.hdr.f = nil
@@ -230,7 +228,7 @@ func (x *h2Exchange) serve(st *httpState, s *h2.Stream) bool {
 	}
 	x.bw.Reset(s)
 	x.forward(rule, g, pool, escaped, query, hasQuery, host)
-	x.releaseTarget()
+	x.held.release()
 	rec.Duration = time.Since(rec.Time)
 	rec.BytesOut = x.bw.Written() + x.sent
 	if st.obs != nil {
@@ -239,88 +237,35 @@ func (x *h2Exchange) serve(st *httpState, s *h2.Stream) bool {
 	return true
 }
 
-// forward picks a target and runs the exchange, retrying as the HTTP/1 engine does: a refused
-// dial on another target, a reused connection the target had closed on a new one.
+// forward picks a target and runs the exchange, retrying as the HTTP/1 engine does (attempts.run):
+// a refused dial on another target, a reused connection the target had closed on a new one.
 func (x *h2Exchange) forward(rule *router.Rule, g *backends.Group, pool backends.H1Pool, escaped, query string, hasQuery bool, host string) {
 	rec := &x.rec
 	st := x.st
-	target := g.StickyTargetCookies(&x.hdr)
-	if target == nil {
-		target = g.Pick(x.client.Addr(), nil)
-	}
+	target := pickTarget(g, &x.hdr, x.client.Addr())
 	if target == nil {
 		rec.Reason = "no_healthy_target"
 		x.errorResponse(503)
 		return
 	}
 	o := &x.out
-	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
-	o.Trusted = inPrefixes(st.trusted, x.client.Addr())
-	o.Client = x.client.Addr()
-	o.Ops = rule.RequestHeaders
+	setOutgoing(o, rec, st, rule, x.client.Addr(), &x.hdr)
 	o.Extra = nil
-	if cs := x.s.ConnInfo().TLS; cs != nil {
-		if ca := st.cfg.ClientAuth; ca != nil && (ca.Mode == clientAuthPass || ca.Mode == clientAuthVer) {
-			o.Extra = certFields(ca.Mode, *cs)
+	if mode := st.certMode(); mode != "" {
+		if cs := x.s.ConnInfo().TLS; cs != nil {
+			o.Extra = certFields(mode, *cs)
 		}
 	}
-	var clientID []byte
-	if o.Trusted {
-		if v, ok := x.hdr.HeaderValue("X-Request-Id", 0); ok {
-			clientID = strBytes(v)
-		}
-	}
-	o.SetRequestID(clientID)
-	rec.RequestID = h1.Str(o.RequestID)
-
-	stale := false
-	limit := g.MaxInFlight()
-	for attempt := 0; attempt < 3; attempt++ {
-		if !target.TryAcquire(limit) {
-			next := g.Pick(x.client.Addr(), target)
-			if next == nil || next == target || !next.TryAcquire(limit) {
-				rec.Reason = "max_in_flight"
-				x.errorResponse(503)
-				return
-			}
-			target = next
-		}
-		x.held = target
-		addr := target.Addr()
-		rec.Target = addr
-		t0 := time.Now()
-		if attempt == 0 {
-			rec.RequestDuration = t0.Sub(rec.Time)
-		}
-		tc, err := pool.Get(context.Background(), addr, stale, false)
-		if err != nil {
-			x.releaseTarget()
-			target.ReportFailure()
-			if attempt < 2 {
-				if next := g.Pick(x.client.Addr(), target); next != nil && next != target {
-					target, stale = next, false
-					continue
-				}
-			}
-			x.targetFailed(err)
-			return
-		}
-		retry := x.exchange(rule, g, target, tc, pool, escaped, query, hasQuery, host)
-		rec.TargetDuration = time.Since(t0)
-		x.releaseTarget()
-		if retry && !stale {
-			stale = true
-			continue
-		}
-		return
-	}
-	x.targetFailed(errors.New("no target reachable"))
-}
-
-func (x *h2Exchange) releaseTarget() {
-	if x.held != nil {
-		x.held.Release()
-		x.held = nil
+	a := attempts{rec: rec, held: &x.held, g: g, pool: pool, client: x.client.Addr()}
+	err := a.run(target, func(target *backends.Target, tc backends.TargetConn) (retry bool) {
+		return x.exchange(rule, g, target, tc, pool, escaped, query, hasQuery, host)
+	})
+	switch {
+	case errors.Is(err, errAtLimit):
+		rec.Reason = "max_in_flight"
+		x.errorResponse(503)
+	case err != nil:
+		x.targetFailed(err)
 	}
 }
 
@@ -348,15 +293,7 @@ func (x *h2Exchange) errorResponse(status int) {
 
 // targetFailed maps a failed exchange (nothing sent to the client yet) to 502/504.
 func (x *h2Exchange) targetFailed(err error) {
-	status, reason := 502, "target_error"
-	switch {
-	case isTimeout(err):
-		status, reason = 504, "target_timeout"
-	case errors.Is(err, syscall.ECONNREFUSED):
-		reason = "target_refused"
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
-		reason = "target_closed"
-	}
+	status, reason := targetFailure(err)
 	x.rec.Reason = reason
 	x.errorResponse(status)
 }
@@ -562,7 +499,7 @@ func (x *h2Exchange) exchange(rule *router.Rule, g *backends.Group, target *back
 		}
 	}
 	// The target's part is over: out of the in-flight count before the client sees the end.
-	x.releaseTarget()
+	x.held.release()
 	s.SetInterrupt(nil)
 	if err != nil {
 		rec.Reason = "client_closed"
@@ -690,14 +627,6 @@ func trailerAllowed(name []byte) bool {
 		return false
 	}
 	return true
-}
-
-func isIdempotentMethod(m string) bool {
-	switch m {
-	case "GET", "HEAD", "OPTIONS", "TRACE":
-		return true
-	}
-	return false
 }
 
 // strBytes views s as bytes without copying, for the read-only h1 helpers. Never written to.
