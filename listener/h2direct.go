@@ -142,31 +142,15 @@ func (x *h2Exchange) release() {
 // directPath reports whether p can be routed here as is: origin form, no control bytes, valid
 // escapes. Anything else keeps the bridge's answer (its URL parser decides).
 func directPath(p string) bool {
-	if len(p) == 0 || p[0] != '/' {
+	if len(p) == 0 || p[0] != '/' || !h1.ValidEscapes(p) {
 		return false
 	}
 	for i := 0; i < len(p); i++ {
-		c := p[i]
-		switch {
-		case c <= ' ' || c >= 0x7f || c == '#':
+		if c := p[i]; c <= ' ' || c >= 0x7f || c == '#' {
 			return false
-		case c == '%':
-			if i+2 >= len(p) || unhexOK(p[i+1]) < 0 || unhexOK(p[i+2]) < 0 {
-				return false
-			}
 		}
 	}
 	return true
-}
-
-func unhexOK(c byte) int {
-	switch {
-	case c >= '0' && c <= '9':
-		return int(c - '0')
-	case c|0x20 >= 'a' && c|0x20 <= 'f':
-		return int(c|0x20-'a') + 10
-	}
-	return -1
 }
 
 // serve answers s directly and returns true, or returns false having sent nothing (the bridge
@@ -188,15 +172,7 @@ func (x *h2Exchange) serve(st *httpState, s *h2.Stream) bool {
 	if host == "" {
 		host, _ = x.hdr.HeaderValue("Host", 0)
 	}
-	x.path = x.path[:0]
-	for i := 0; i < len(escaped); i++ {
-		if escaped[i] == '%' {
-			x.path = append(x.path, byte(unhexOK(escaped[i+1])<<4|unhexOK(escaped[i+2])))
-			i += 2
-			continue
-		}
-		x.path = append(x.path, escaped[i])
-	}
+	x.path = h1.AppendUnescaped(x.path[:0], escaped)
 	ci := s.ConnInfo()
 	x.client = clientAddrPort(ci.RemoteAddr)
 	m := router.Request{Method: s.Method, Host: host, Path: h1.Str(x.path), RawQuery: query, Header: &x.hdr}

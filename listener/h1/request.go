@@ -351,12 +351,12 @@ func (r *Request) splitTarget() bool {
 	} else {
 		r.Path = t
 	}
-	return validEscapes(r.Path)
+	return ValidEscapes(r.Path)
 }
 
-// validEscapes: every '%' starts a two-digit hex escape (the router decodes the path; a path
-// that cannot be decoded is refused, as net/http refuses it).
-func validEscapes(p []byte) bool {
+// ValidEscapes reports whether every '%' in p starts a two-digit hex escape (the router decodes
+// the path; a path that cannot be decoded is refused, as net/http refuses it).
+func ValidEscapes[S ~string | ~[]byte](p S) bool {
 	for i := 0; i < len(p); i++ {
 		if p[i] == '%' {
 			if i+2 >= len(p) || unhex(p[i+1]) < 0 || unhex(p[i+2]) < 0 {
@@ -380,7 +380,12 @@ func unhex(c byte) int {
 
 // AppendDecodedPath appends the path with its escapes decoded (for routing).
 func (r *Request) AppendDecodedPath(dst []byte) []byte {
-	p := r.Path
+	return AppendUnescaped(dst, r.Path)
+}
+
+// AppendUnescaped appends p with its escapes decoded; a '%' too near the end to start one is
+// kept as it is (ValidEscapes refuses such a path first).
+func AppendUnescaped[S ~string | ~[]byte](dst []byte, p S) []byte {
 	for i := 0; i < len(p); i++ {
 		if p[i] == '%' && i+2 < len(p) {
 			dst = append(dst, byte(unhex(p[i+1])<<4|unhex(p[i+2])))
