@@ -388,7 +388,7 @@ func CopyBody(dst *Writer, src *Reader, framing Framing, n int64, out Framing) (
 	case Sized:
 		return copySized(dst, src, n)
 	case Chunked:
-		return copyChunked(dst, src, out == Chunked)
+		return copyChunked(dst, src, out == Chunked, nil)
 	default:
 		return copySized(dst, src, -1)
 	}
@@ -467,8 +467,9 @@ func (b *Reader) line(dst *Writer, max int) ([]byte, error) {
 }
 
 // copyChunked relays a chunked body, re-encoding each chunk's size line (extensions dropped) and
-// checking every byte of framing as strictly as the head: sizes in hex, CRLF everywhere.
-func copyChunked(dst *Writer, src *Reader, chunked bool) (int64, error) {
+// checking every byte of framing as strictly as the head: sizes in hex, CRLF everywhere. With
+// chunked false the chunks are unwrapped. trailer, when not nil, gets each trailer field.
+func copyChunked(dst *Writer, src *Reader, chunked bool, trailer func(name, value []byte)) (int64, error) {
 	var done int64
 	for {
 		l, err := src.line(dst, maxChunkLine)
@@ -480,7 +481,7 @@ func copyChunked(dst *Writer, src *Reader, chunked bool) (int64, error) {
 			return done, ErrBadChunk
 		}
 		if size == 0 {
-			return done, copyTrailers(dst, src, chunked)
+			return done, copyTrailers(dst, src, chunked, trailer)
 		}
 		if chunked {
 			b := dst.Buf()
@@ -539,8 +540,9 @@ func chunkSize(l []byte) (uint64, bool) {
 	return n, true
 }
 
-// copyTrailers relays the trailer section (valid fields only) and the final CRLF.
-func copyTrailers(dst *Writer, src *Reader, chunked bool) error {
+// copyTrailers reads the trailer section up to its final CRLF, relaying it when chunked and
+// handing each field to trailer when not nil; a malformed field is ErrBadChunk.
+func copyTrailers(dst *Writer, src *Reader, chunked bool, trailer func(name, value []byte)) error {
 	if chunked {
 		dst.Write([]byte("0\r\n"))
 	}
@@ -566,6 +568,9 @@ func copyTrailers(dst *Writer, src *Reader, chunked bool) error {
 		}
 		if chunked {
 			dst.Write(l)
+		}
+		if trailer != nil {
+			trailer(name, TrimOWS(value))
 		}
 	}
 }
