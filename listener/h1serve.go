@@ -523,24 +523,11 @@ func appendStatusLine(b []byte, status int) []byte {
 	return append(b, '\r', '\n')
 }
 
-func appendOps(b []byte, ops *router.HeaderOps) []byte {
-	if ops == nil {
-		return b
-	}
-	for _, kv := range ops.Set {
-		b = h1.AppendField(b, kv.Name, kv.Value)
-	}
-	for _, kv := range ops.Add {
-		b = h1.AppendField(b, kv.Name, kv.Value)
-	}
-	return b
-}
-
 func (s *h1Session) fixed(rule *router.Rule, f *router.FixedAction, close bool) {
 	s.rec.Status = f.Status
 	b := s.wr.Buf()
 	b = appendStatusLine(b, f.Status)
-	b = appendOps(b, rule.ResponseHeaders)
+	b = h1.AppendOps(b, rule.ResponseHeaders)
 	if f.ContentType != "" {
 		b = h1.AppendField(b, "Content-Type", f.ContentType)
 	}
@@ -560,7 +547,7 @@ func (s *h1Session) redirect(rule *router.Rule, status int, loc string, close bo
 	s.rec.Status = status
 	b := s.wr.Buf()
 	b = appendStatusLine(b, status)
-	b = appendOps(b, rule.ResponseHeaders)
+	b = h1.AppendOps(b, rule.ResponseHeaders)
 	b = h1.AppendField(b, "Location", loc)
 	b = append(b, "Content-Length: 0\r\n"...)
 	if close {

@@ -162,6 +162,36 @@ func AppendField[N, V ~string | ~[]byte](dst []byte, name N, value V) []byte {
 	return append(dst, '\r', '\n')
 }
 
+// AppendOps writes a rule's set and add operations (ops may be nil).
+func AppendOps(dst []byte, ops *router.HeaderOps) []byte {
+	if ops == nil {
+		return dst
+	}
+	dst = appendValues(dst, ops.Set)
+	return appendValues(dst, ops.Add)
+}
+
+func appendValues(dst []byte, fields []router.HeaderValue) []byte {
+	for _, kv := range fields {
+		dst = AppendField(dst, kv.Name, kv.Value)
+	}
+	return dst
+}
+
+// appendFraming writes the field that frames a body of n bytes (Sized) or a chunked one;
+// nothing for the other framings.
+func appendFraming(dst []byte, framing Framing, n int64) []byte {
+	switch framing {
+	case Sized:
+		dst = append(dst, "Content-Length: "...)
+		dst = strconv.AppendInt(dst, n, 10)
+		dst = append(dst, '\r', '\n')
+	case Chunked:
+		dst = append(dst, "Transfer-Encoding: chunked\r\n"...)
+	}
+	return dst
+}
+
 // AppendTail writes what the proxy adds after the client's kept fields: X-Forwarded-For (with the
 // prior chain when believed), -Proto, -Port, X-Request-Id, the rule's set and add operations,
 // Extra, and the framing and connection fields. priorXFF are the client's X-Forwarded-For
@@ -196,25 +226,9 @@ func (o *Outgoing) AppendTail(dst []byte, priorXFF [][]byte, framing Framing, n 
 	if !o.opsTouch("X-Request-Id") {
 		dst = AppendField(dst, "X-Request-Id", o.RequestID)
 	}
-	for _, kv := range o.Extra {
-		dst = AppendField(dst, kv.Name, kv.Value)
-	}
-	if ops := o.Ops; ops != nil {
-		for _, kv := range ops.Set {
-			dst = AppendField(dst, kv.Name, kv.Value)
-		}
-		for _, kv := range ops.Add {
-			dst = AppendField(dst, kv.Name, kv.Value)
-		}
-	}
-	switch framing {
-	case Sized:
-		dst = append(dst, "Content-Length: "...)
-		dst = strconv.AppendInt(dst, n, 10)
-		dst = append(dst, '\r', '\n')
-	case Chunked:
-		dst = append(dst, "Transfer-Encoding: chunked\r\n"...)
-	}
+	dst = appendValues(dst, o.Extra)
+	dst = AppendOps(dst, o.Ops)
+	dst = appendFraming(dst, framing, n)
 	if o.Close {
 		dst = append(dst, "Connection: close\r\n"...)
 	}

@@ -162,28 +162,11 @@ func (o *ResponseOut) AppendResponseHead(dst []byte, r *Response) ([]byte, Frami
 		}
 		dst = AppendField(dst, f.Name, TrimOWS(f.Value))
 	}
-	if ops := o.Ops; ops != nil {
-		for _, kv := range ops.Set {
-			dst = AppendField(dst, kv.Name, kv.Value)
-		}
-		for _, kv := range ops.Add {
-			dst = AppendField(dst, kv.Name, kv.Value)
-		}
-	}
-	for _, kv := range o.Extra {
-		dst = AppendField(dst, kv.Name, kv.Value)
-	}
-	switch framing {
-	case Sized:
-		dst = append(dst, "Content-Length: "...)
-		dst = strconv.AppendInt(dst, r.ContentLength, 10)
-		dst = append(dst, '\r', '\n')
-	case Chunked:
-		dst = append(dst, "Transfer-Encoding: chunked\r\n"...)
-	case NoBody:
-		if r.Status >= 200 && r.Status != 204 && r.Status != 304 && !o.Head {
-			dst = append(dst, "Content-Length: 0\r\n"...)
-		}
+	dst = AppendOps(dst, o.Ops)
+	dst = appendValues(dst, o.Extra)
+	dst = appendFraming(dst, framing, r.ContentLength)
+	if framing == NoBody && r.Status >= 200 && r.Status != 204 && r.Status != 304 && !o.Head {
+		dst = append(dst, "Content-Length: 0\r\n"...)
 	}
 	switch {
 	case r.Status == 101:
