@@ -216,12 +216,8 @@ func (s *Stream) parseRequest(f *http2.MetaHeadersFrame) error {
 // upload). Consumed bytes are returned to the client's windows.
 func (s *Stream) Read(p []byte) (int, error) {
 	c := s.c
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
+	var timer waitTimer
+	defer timer.stop()
 	c.mu.Lock()
 	for {
 		if len(s.rbuf) > 0 {
@@ -248,21 +244,12 @@ func (s *Stream) Read(p []byte) (int, error) {
 		}
 		s.waitChanLocked()
 		c.mu.Unlock()
-		if timer == nil {
-			timer = time.NewTimer(c.cfg.BodyTimeout)
-		}
 		select {
 		case <-s.wake:
 			c.mu.Lock()
-		case <-timer.C:
+		case <-timer.after(c.cfg.BodyTimeout):
 			c.srv.stats.SlowBodies.Add(1)
-			c.mu.Lock()
-			if s.state != stateClosed && !c.closing {
-				c.wf.WriteRSTStream(s.id, http2.ErrCodeCancel)
-				c.closeStreamLocked(s, errSlowBody)
-				c.signal()
-			}
-			c.mu.Unlock()
+			s.resetTimedOut(errSlowBody)
 			return 0, errSlowBody
 		}
 	}
@@ -292,15 +279,7 @@ func (s *Stream) WriteInformational(status int, fields []hpack.HeaderField) erro
 	if s.headDone || status < 100 || status > 199 || status == 101 {
 		return errEnded
 	}
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := s.writableLocked(); err != nil {
-		return err
-	}
-	c.writeHeadLocked(s.id, status, fields, false)
-	c.signal()
-	return nil
+	return s.queueHead(status, fields, false)
 }
 
 // Trailers returns the request trailers, valid after Read returned io.EOF.
@@ -315,13 +294,20 @@ func (s *Stream) WriteHead(status int, fields []hpack.HeaderField, end bool) err
 	if s.headDone {
 		return errEnded
 	}
+	err := s.queueHead(status, fields, end)
+	s.headDone = err == nil
+	return err
+}
+
+// queueHead queues a HEADERS frame (status 0: the trailer section) unless the stream can no
+// longer be written; with end, it ends the response.
+func (s *Stream) queueHead(status int, fields []hpack.HeaderField, end bool) error {
 	c := s.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := s.writableLocked(); err != nil {
 		return err
 	}
-	s.headDone = true
 	c.writeHeadLocked(s.id, status, fields, end)
 	if end {
 		s.endLocked()
@@ -364,12 +350,8 @@ func (s *Stream) write(p []byte, end bool) (int, error) {
 	}
 	c := s.c
 	written := 0
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
+	var timer waitTimer
+	defer timer.stop()
 	c.mu.Lock()
 	for {
 		if err := s.writableLocked(); err != nil {
@@ -415,21 +397,12 @@ func (s *Stream) write(p []byte, end bool) (int, error) {
 			c.connWait = append(c.connWait, s)
 		}
 		c.mu.Unlock()
-		if timer == nil {
-			timer = time.NewTimer(c.cfg.SendTimeout)
-		}
 		select {
 		case <-ch:
 			c.mu.Lock()
-		case <-timer.C:
+		case <-timer.after(c.cfg.SendTimeout):
 			c.srv.stats.StalledStreams.Add(1)
-			c.mu.Lock()
-			if s.state != stateClosed && !c.closing {
-				c.wf.WriteRSTStream(s.id, http2.ErrCodeCancel)
-				c.closeStreamLocked(s, errStalled)
-				c.signal()
-			}
-			c.mu.Unlock()
+			s.resetTimedOut(errStalled)
 			return written, errStalled
 		}
 	}
@@ -440,16 +413,7 @@ func (s *Stream) WriteTrailers(fields []hpack.HeaderField) error {
 	if !s.headDone {
 		return errNoHead
 	}
-	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := s.writableLocked(); err != nil {
-		return err
-	}
-	c.writeHeadLocked(s.id, 0, fields, true)
-	s.endLocked()
-	c.signal()
-	return nil
+	return s.queueHead(0, fields, true)
 }
 
 // endLocked records our END_STREAM.
@@ -501,5 +465,36 @@ func (s *Stream) finish(code http2.ErrCode) {
 	}
 	if s.cancel != nil {
 		s.cancel()
+	}
+}
+
+// resetTimedOut resets the stream with CANCEL, unless it is closed already: a wait for the client
+// ran out of time (err says which).
+func (s *Stream) resetTimedOut(err error) {
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.state != stateClosed && !c.closing {
+		c.wf.WriteRSTStream(s.id, http2.ErrCodeCancel)
+		c.closeStreamLocked(s, err)
+		c.signal()
+	}
+}
+
+// waitTimer bounds a call's waits together: started by the first wait, it runs on through
+// the ones after it, so the limit is for the whole call, not for each wait.
+type waitTimer struct{ t *time.Timer }
+
+// after starts the timer for d on the first call and returns its channel.
+func (w *waitTimer) after(d time.Duration) <-chan time.Time {
+	if w.t == nil {
+		w.t = time.NewTimer(d)
+	}
+	return w.t.C
+}
+
+func (w *waitTimer) stop() {
+	if w.t != nil {
+		w.t.Stop()
 	}
 }
