@@ -684,30 +684,31 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 // ParseGRPCCodes parses a health check's grpc_code, "0", "0-99" or "0,12", into ranges of gRPC
 // status codes 0-99 (as ALB's GrpcCode).
 func ParseGRPCCodes(m string) ([]StatusRange, error) {
-	if strings.TrimSpace(m) == "" {
-		return nil, errors.New("must not be empty")
-	}
-	var out []StatusRange
-	for _, part := range strings.Split(m, ",") {
-		part = strings.TrimSpace(part)
-		lo, hi, isRange := strings.Cut(part, "-")
-		a, errA := strconv.Atoi(strings.TrimSpace(lo))
-		b := a
-		var errB error
-		if isRange {
-			b, errB = strconv.Atoi(strings.TrimSpace(hi))
+	return parseRanges(m, "gRPC code or range within 0-99", func(part string, lo, hi int) error {
+		if lo < 0 || hi > 99 || lo > hi {
+			return fmt.Errorf("%q is not a gRPC code or range within 0-99", part)
 		}
-		if errA != nil || errB != nil || part == "" || part[0] == '+' || a < 0 || b > 99 || a > b {
-			return nil, fmt.Errorf("%q is not a gRPC code or range within 0-99", part)
-		}
-		out = append(out, StatusRange{Lo: a, Hi: b})
-	}
-	return out, nil
+		return nil
+	})
 }
 
 // ParseMatcher parses a health-check matcher, "200", "200-399" or "200,204,300-399", into ranges
 // of codes 200-599. Validate uses it.
 func ParseMatcher(m string) ([]StatusRange, error) {
+	return parseRanges(m, "status code or range", func(part string, lo, hi int) error {
+		if lo < 200 || lo > 599 || hi < 200 || hi > 599 {
+			return fmt.Errorf("%q is outside 200-599", part)
+		}
+		if lo > hi {
+			return fmt.Errorf("range %q runs backwards", part)
+		}
+		return nil
+	})
+}
+
+// parseRanges parses a comma-separated list of codes and lo-hi ranges. A part that is not one is
+// "not a <what>"; check vets the numbers of one that is.
+func parseRanges(m, what string, check func(part string, lo, hi int) error) ([]StatusRange, error) {
 	if strings.TrimSpace(m) == "" {
 		return nil, errors.New("must not be empty")
 	}
@@ -722,13 +723,10 @@ func ParseMatcher(m string) ([]StatusRange, error) {
 			b, errB = strconv.Atoi(strings.TrimSpace(hi))
 		}
 		if errA != nil || errB != nil || part == "" || part[0] == '+' {
-			return nil, fmt.Errorf("%q is not a status code or range", part)
+			return nil, fmt.Errorf("%q is not a %s", part, what)
 		}
-		if a < 200 || a > 599 || b < 200 || b > 599 {
-			return nil, fmt.Errorf("%q is outside 200-599", part)
-		}
-		if a > b {
-			return nil, fmt.Errorf("range %q runs backwards", part)
+		if err := check(part, a, b); err != nil {
+			return nil, err
 		}
 		out = append(out, StatusRange{Lo: a, Hi: b})
 	}
