@@ -22,19 +22,32 @@ const macLen = 16 // truncated HMAC-SHA256: 128 bits is ample against forgery
 // (no stickiness, no cookie, a forged/expired/garbled cookie, or a target that is not routable
 // now): the caller then picks normally and calls SetSticky. source_ip stickiness lives in Pick.
 func (g *Group) StickyTarget(r *http.Request) *Target {
-	var name string
-	switch g.sticky {
-	case stickyLBCookie:
-		name = LBCookieName
-	case stickyAppCookie:
-		name = AppCookieName
-	default:
+	name := g.stickyCookie()
+	if name == "" {
 		return nil
 	}
 	v, ok := findCookie(r.Header["Cookie"], name)
 	if !ok {
 		return nil
 	}
+	return g.boundTarget(name, v)
+}
+
+// stickyCookie is the name of the cookie that binds a client to a target, "" when the group
+// binds none by cookie.
+func (g *Group) stickyCookie() string {
+	switch g.sticky {
+	case stickyLBCookie:
+		return LBCookieName
+	case stickyAppCookie:
+		return AppCookieName
+	}
+	return ""
+}
+
+// boundTarget is the target the value v of cookie name binds to, if v is genuine and the target
+// routable now; else nil.
+func (g *Group) boundTarget(name, v string) *Target {
 	t := g.verifyCookie(name, v, time.Now().Unix())
 	if t == nil {
 		return nil
@@ -51,19 +64,8 @@ func (g *Group) StickyTarget(r *http.Request) *Target {
 // lb_cookie it always does (refreshing the expiry, as ALB does); for app_cookie only when the
 // application's response sets its cookie. Call it after the back end answered.
 func (g *Group) SetSticky(h http.Header, t *Target) {
-	if t == nil {
-		return
-	}
-	var name string
-	switch g.sticky {
-	case stickyLBCookie:
-		name = LBCookieName
-	case stickyAppCookie:
-		if !setsCookie(h, g.appCookie) {
-			return
-		}
-		name = AppCookieName
-	default:
+	name := g.stickyCookie()
+	if t == nil || name == "" || g.sticky == stickyAppCookie && !setsCookie(h, g.appCookie) {
 		return
 	}
 	exp := time.Now().Add(g.stickyDuration)
@@ -171,13 +173,8 @@ type HeaderValues interface {
 
 // StickyTargetCookies is StickyTarget for a request read through HeaderValues.
 func (g *Group) StickyTargetCookies(h HeaderValues) *Target {
-	var name string
-	switch g.sticky {
-	case stickyLBCookie:
-		name = LBCookieName
-	case stickyAppCookie:
-		name = AppCookieName
-	default:
+	name := g.stickyCookie()
+	if name == "" {
 		return nil
 	}
 	for i := 0; ; i++ {
@@ -185,20 +182,9 @@ func (g *Group) StickyTargetCookies(h HeaderValues) *Target {
 		if !ok {
 			return nil
 		}
-		v, ok := findCookie([]string{line}, name)
-		if !ok {
-			continue
+		if v, ok := findCookie([]string{line}, name); ok {
+			return g.boundTarget(name, v)
 		}
-		t := g.verifyCookie(name, v, time.Now().Unix())
-		if t == nil {
-			return nil
-		}
-		for _, x := range g.current().tgts {
-			if x == t {
-				return t
-			}
-		}
-		return nil
 	}
 }
 
