@@ -104,13 +104,8 @@ func cmdCerts(args []string, stdout, stderr io.Writer) int {
 			i++ // its value
 		}
 	}
-	if sub == "" {
-		fmt.Fprint(stderr, "fulcrum certs: missing subcommand\n\n"+certsHelp)
-		return 2
-	}
-	spec, ok := certsSubs[sub]
+	spec, ok := subcommand("certs", sub, certsHelp, certsSubs, stderr)
 	if !ok {
-		fmt.Fprintf(stderr, "fulcrum certs: unknown subcommand %q (see fulcrum certs --help)\n", sub)
 		return 2
 	}
 	fs := newFlags("certs "+sub, spec.synopsis, spec.help, spec.examples...)

@@ -192,13 +192,8 @@ func cmdKeys(args []string, stdout, stderr io.Writer) int {
 		"import-params":     "fulcrum keys import-params NAME [-type T] [-out DIR] [admin credentials] [-config] FILE",
 		"import":            "fulcrum keys import NAME -wrapped FILE -token FILE [admin credentials] [-config] FILE",
 	}
-	if sub == "" {
-		fmt.Fprint(stderr, "fulcrum keys: missing subcommand\n\n"+keysHelp)
-		return 2
-	}
-	synopsis, ok := known[sub]
+	synopsis, ok := subcommand("keys", sub, keysHelp, known, stderr)
 	if !ok {
-		fmt.Fprintf(stderr, "fulcrum keys: unknown subcommand %q (see fulcrum keys --help)\n", sub)
 		return 2
 	}
 	var (

@@ -229,6 +229,31 @@ func addConfig(fs *flag.FlagSet) *configArg {
 	return c
 }
 
+// subcommand looks up sub, the subcommand of command cmd, in known. When it is missing or
+// unknown, it prints why and ok is false: the caller exits 2.
+func subcommand[T any](cmd, sub, help string, known map[string]T, stderr io.Writer) (spec T, ok bool) {
+	if sub == "" {
+		fmt.Fprintf(stderr, "fulcrum %s: missing subcommand\n\n%s", cmd, help)
+		return spec, false
+	}
+	spec, ok = known[sub]
+	if !ok {
+		fmt.Fprintf(stderr, "fulcrum %s: unknown subcommand %q (see fulcrum %s --help)\n", cmd, sub, cmd)
+	}
+	return spec, ok
+}
+
+// loadOnlyConfig parses the arguments of a command that takes only the configuration file and
+// loads it. On failure (or -help) it has printed why and cfg is nil; code is the exit status.
+func loadOnlyConfig(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) (path string, cfg *configs.Config, code int) {
+	cf := addConfig(fs)
+	pos, code, ok := parse(fs, args, stdout, stderr, 1)
+	if !ok {
+		return "", nil, code
+	}
+	return cf.load(fs, pos, stderr)
+}
+
 // load resolves the configuration path and loads the file. On failure it has printed why and
 // cfg is nil; code is the exit status (2 for a usage error, 1 for an invalid file).
 func (c *configArg) load(fs *flag.FlagSet, pos []string, stderr io.Writer) (path string, cfg *configs.Config, code int) {
@@ -277,12 +302,7 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("validate", "fulcrum validate [-config] FILE", validateHelp,
 		"fulcrum validate /etc/fulcrum/fulcrum.toml",
 		"fulcrum validate -config configs/quickstart.toml && systemctl reload fulcrum")
-	cf := addConfig(fs)
-	pos, code, ok := parse(fs, args, stdout, stderr, 1)
-	if !ok {
-		return code
-	}
-	path, cfg, code := cf.load(fs, pos, stderr)
+	path, cfg, code := loadOnlyConfig(fs, args, stdout, stderr)
 	if cfg == nil {
 		return code
 	}

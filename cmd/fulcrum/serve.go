@@ -39,12 +39,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		"fulcrum -config configs/quickstart.toml",
 		"kill -HUP $(pidof fulcrum)    # reload the file; a bad file changes nothing",
 		"kill -USR2 <pid>              # binary upgrade (systemd: systemctl kill -s USR2 --kill-whom=main fulcrum)")
-	cf := addConfig(fs)
-	pos, code, ok := parse(fs, args, stdout, stderr, 1)
-	if !ok {
-		return code
-	}
-	path, cfg, code := cf.load(fs, pos, stderr)
+	path, cfg, code := loadOnlyConfig(fs, args, stdout, stderr)
 	if cfg == nil {
 		return code
 	}
