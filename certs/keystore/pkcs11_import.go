@@ -23,7 +23,7 @@ func (k *p11) Import(ctx context.Context, name string, key crypto.Signer) (crypt
 	if err := validName(name); err != nil {
 		return nil, err
 	}
-	pubT, privT, err := importTemplates(keyID(name), []byte(name), key)
+	pubT, privT, err := importTemplates(keyID(name), name, key)
 	if err != nil {
 		return nil, fmt.Errorf("keystore: import %s: %w", name, err)
 	}
@@ -116,20 +116,21 @@ var (
 	oidP384 = asn1.ObjectIdentifier{1, 3, 132, 0, 34}
 )
 
-// importTemplates are the attributes of the public and private objects for key: ECDSA on
-// P-256 or P-384, or two-prime RSA (the key types Generate makes). The private object is a
-// token object, private, sensitive and not extractable, and may only sign.
-func importTemplates(id, label []byte, key crypto.Signer) (pub, priv []*pkcs11.Attribute, err error) {
-	common := func(class uint, kt uint) []*pkcs11.Attribute {
-		return []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, kt),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		}
+// tokenKey starts the template of a key object of class and key type kt that is kept in the
+// token, found by id and label.
+func tokenKey(class, kt uint, id []byte, label string) []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, class),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, kt),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
 	}
-	protect := []*pkcs11.Attribute{
+}
+
+// signOnly are the attributes of a private key that never leaves the token and may only sign.
+func signOnly() []*pkcs11.Attribute {
+	return []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
@@ -138,6 +139,12 @@ func importTemplates(id, label []byte, key crypto.Signer) (pub, priv []*pkcs11.A
 		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
 		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
 	}
+}
+
+// importTemplates are the attributes of the public and private objects for key: ECDSA on
+// P-256 or P-384, or two-prime RSA (the key types Generate makes). The private object is a
+// token object, private, sensitive and not extractable, and may only sign.
+func importTemplates(id []byte, label string, key crypto.Signer) (pub, priv []*pkcs11.Attribute, err error) {
 	switch k := key.(type) {
 	case *ecdsa.PrivateKey:
 		var oid asn1.ObjectIdentifier
@@ -159,11 +166,11 @@ func importTemplates(id, label []byte, key crypto.Signer) (pub, priv []*pkcs11.A
 		if err != nil {
 			return nil, nil, err
 		}
-		pub = append(common(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKK_EC),
+		pub = append(tokenKey(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKK_EC, id, label),
 			pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params),
 			pkcs11.NewAttribute(pkcs11.CKA_EC_POINT, ecPoint),
 			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true))
-		priv = append(append(common(pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_EC), protect...),
+		priv = append(append(tokenKey(pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_EC, id, label), signOnly()...),
 			pkcs11.NewAttribute(pkcs11.CKA_EC_PARAMS, params),
 			pkcs11.NewAttribute(pkcs11.CKA_VALUE, scalar))
 		return pub, priv, nil
@@ -173,11 +180,11 @@ func importTemplates(id, label []byte, key crypto.Signer) (pub, priv []*pkcs11.A
 		}
 		k.Precompute()
 		e := big.NewInt(int64(k.E)).Bytes()
-		pub = append(common(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKK_RSA),
+		pub = append(tokenKey(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKK_RSA, id, label),
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, k.N.Bytes()),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, e),
 			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true))
-		priv = append(append(common(pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_RSA), protect...),
+		priv = append(append(tokenKey(pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_RSA, id, label), signOnly()...),
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, k.N.Bytes()),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, e),
 			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE_EXPONENT, k.D.Bytes()),

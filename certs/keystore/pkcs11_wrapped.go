@@ -73,31 +73,21 @@ func (k *p11) newWrappingKey(ctx context.Context, label string) (crypto.PublicKe
 	var pub *rsa.PublicKey
 	err := k.withSession(func(p *pkcs11.Ctx, sh pkcs11.SessionHandle) error {
 		id := wrapID(label)
-		pubT := []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pubT := append(tokenKey(pkcs11.CKO_PUBLIC_KEY, pkcs11.CKK_RSA, id, label),
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS_BITS, wrappingKeyBits),
 			pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
 			pkcs11.NewAttribute(pkcs11.CKA_WRAP, true),
 			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
 			pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		}
-		privT := []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		)
+		privT := append(tokenKey(pkcs11.CKO_PRIVATE_KEY, pkcs11.CKK_RSA, id, label),
 			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
 			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, true),
 			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
 			pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		}
+		)
 		ph, _, err := p.GenerateKeyPair(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)}, pubT, privT)
 		if err != nil {
 			return fmt.Errorf("generate RSA-%d wrapping key: %w", wrappingKeyBits, err)
@@ -180,20 +170,8 @@ func (k *p11) unwrapImport(ctx context.Context, label, name string, kt KeyType, 
 			return fmt.Errorf("unwrap the AES key with the wrapping key (was it wrapped with this import's public key, RSA-OAEP SHA-1?): %w", err)
 		}
 		defer p.DestroyObject(sh, aesKey)
-		priv, err := p.UnwrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP_PAD, nil)}, aesKey, kwpPart, []*pkcs11.Attribute{
-			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY),
-			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, ckk),
-			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-			pkcs11.NewAttribute(pkcs11.CKA_LABEL, name),
-			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-			pkcs11.NewAttribute(pkcs11.CKA_SIGN, true),
-			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-			pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-		})
+		privT := append(tokenKey(pkcs11.CKO_PRIVATE_KEY, ckk, id, name), signOnly()...)
+		priv, err := p.UnwrapKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP_PAD, nil)}, aesKey, kwpPart, privT)
 		if err != nil {
 			return fmt.Errorf("unwrap the %s key with the AES key (is the blob a PKCS#8 %s key, RFC 5649-wrapped?): %w", kt, kt, err)
 		}
@@ -219,14 +197,7 @@ func (k *p11) unwrapImport(ctx context.Context, label, name string, kt KeyType, 
 
 // publicFromPrivate checks the unwrapped key's type and builds its public object's template.
 func publicFromPrivate(p *pkcs11.Ctx, sh pkcs11.SessionHandle, priv pkcs11.ObjectHandle, ckk uint, kt KeyType, id []byte, label string) ([]*pkcs11.Attribute, error) {
-	common := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, ckk),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_ID, id),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true),
-	}
+	common := append(tokenKey(pkcs11.CKO_PUBLIC_KEY, ckk, id, label), pkcs11.NewAttribute(pkcs11.CKA_VERIFY, true))
 	if ckk == pkcs11.CKK_RSA {
 		a, err := p.GetAttributeValue(sh, priv, []*pkcs11.Attribute{
 			pkcs11.NewAttribute(pkcs11.CKA_MODULUS, nil), pkcs11.NewAttribute(pkcs11.CKA_PUBLIC_EXPONENT, nil)})
