@@ -165,8 +165,8 @@ func NewManager(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*Ma
 	}
 
 	m.wg.Add(2)
-	go m.rotateTickets()
-	go m.watchExpiry()
+	go m.every(TicketRotation, m.rotateTickets)
+	go m.every(12*time.Hour, m.warnExpiries) // twice a day
 	// Stop when the caller's context ends, too.
 	go func() {
 		select {
@@ -592,21 +592,27 @@ func (m *Manager) Close() {
 	}
 }
 
-// watchExpiry logs certificates within ExpiryWarning of expiry twice a day.
-func (m *Manager) watchExpiry() {
+// every is a manager-owned goroutine (counted in m.wg) that calls f each period until the
+// manager closes.
+func (m *Manager) every(period time.Duration, f func()) {
 	defer m.wg.Done()
-	t := time.NewTicker(12 * time.Hour)
+	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
 		select {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			for _, e := range m.snap.Load().certs {
-				if tc := e.cur.Load(); tc != nil {
-					m.warnExpiry(e, tc.Leaf)
-				}
-			}
+			f()
+		}
+	}
+}
+
+// warnExpiries logs the certificates within ExpiryWarning of expiry.
+func (m *Manager) warnExpiries() {
+	for _, e := range m.snap.Load().certs {
+		if tc := e.cur.Load(); tc != nil {
+			m.warnExpiry(e, tc.Leaf)
 		}
 	}
 }

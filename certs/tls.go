@@ -297,20 +297,10 @@ func (t *ticketKeys) rotate() {
 	}
 }
 
-// rotateTickets is the manager-owned goroutine that rotates session-ticket keys.
+// rotateTickets rotates the session-ticket keys, every TicketRotation.
 func (m *Manager) rotateTickets() {
-	defer m.wg.Done()
-	t := time.NewTicker(TicketRotation)
-	defer t.Stop()
-	for {
-		select {
-		case <-m.ctx.Done():
-			return
-		case <-t.C:
-			if m.fleet == nil { // a fleet's keys are rotated by its leader
-				m.tickets.rotate()
-			}
-		}
+	if m.fleet == nil { // a fleet's keys are rotated by its leader
+		m.tickets.rotate()
 	}
 }
 
