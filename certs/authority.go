@@ -285,8 +285,9 @@ func parseCertPEM(b []byte) (*x509.Certificate, error) {
 	return x509.ParseCertificate(blk.Bytes)
 }
 
-// parseChainPEM returns the DER of every CERTIFICATE block.
-func parseChainPEM(b []byte) ([][]byte, error) {
+// ParseChainPEM returns the DER of every CERTIFICATE block of b, other blocks skipped; an
+// error when there is none.
+func ParseChainPEM(b []byte) ([][]byte, error) {
 	var out [][]byte
 	for {
 		var blk *pem.Block

@@ -186,7 +186,7 @@ func fleetTLS(ctx context.Context, cfg *configs.Config, ks keystore.Keystore) (*
 		if err != nil {
 			return nil, fmt.Errorf("certs: fleet cert_file: %w", err)
 		}
-		chain, err := parseChainPEM(pemBytes)
+		chain, err := ParseChainPEM(pemBytes)
 		if err != nil {
 			return nil, fmt.Errorf("certs: fleet cert_file: %w", err)
 		}

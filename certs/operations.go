@@ -102,7 +102,7 @@ func (m *Manager) Import(name string, certPEM, keyPEM []byte) error {
 // pending deletion cannot back a new certificate. Unlike Import, replacing the certificate
 // later never deletes the key: it is the operator's.
 func (m *Manager) ImportKeystoreKey(name string, certPEM []byte, keyName string) error {
-	chain, err := parseChainPEM(certPEM)
+	chain, err := ParseChainPEM(certPEM)
 	if err != nil {
 		return fmt.Errorf("certs: import %s: %w", name, err)
 	}

@@ -89,7 +89,7 @@ func (m *Manager) readStored(ctx context.Context, name string) (*storedCert, *tl
 	if err := json.Unmarshal(b, &st); err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", m.certPath(name), err)
 	}
-	chain, err := parseChainPEM([]byte(st.Chain))
+	chain, err := ParseChainPEM([]byte(st.Chain))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -151,7 +151,7 @@ func (m *Manager) issue(ctx context.Context, e *entry, gen int) (*tls.Certificat
 	if err != nil {
 		return fail(fmt.Errorf("issue: %w", err))
 	}
-	chain, err := parseChainPEM(ic.Certificate)
+	chain, err := ParseChainPEM(ic.Certificate)
 	if err != nil {
 		return fail(err)
 	}

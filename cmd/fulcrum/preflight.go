@@ -3,7 +3,6 @@ package main
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/fulcrum-lb/fulcrum/certs"
 	"github.com/fulcrum-lb/fulcrum/configs"
 )
 
@@ -213,23 +213,17 @@ func (pf *preflighter) caFile(path, name, field, file string) {
 		return
 	}
 	b, _ := os.ReadFile(pf.cfg.Resolve(file))
-	n := 0
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		if blk.Type == "CERTIFICATE" {
-			if _, err := x509.ParseCertificate(blk.Bytes); err != nil {
-				pf.add(path, name, field, file, "%s %s: a certificate does not parse: %v", field[strings.LastIndexByte(field, '.')+1:], file, err)
-				return
-			}
-			n++
-		}
+	key := field[strings.LastIndexByte(field, '.')+1:]
+	ders, err := certs.ParseChainPEM(b)
+	if err != nil {
+		pf.add(path, name, field, file, "%s %s holds no PEM certificate", key, file)
+		return
 	}
-	if n == 0 {
-		pf.add(path, name, field, file, "%s %s holds no PEM certificate", field[strings.LastIndexByte(field, '.')+1:], file)
+	for _, der := range ders {
+		if _, err := x509.ParseCertificate(der); err != nil {
+			pf.add(path, name, field, file, "%s %s: a certificate does not parse: %v", key, file, err)
+			return
+		}
 	}
 }
 
