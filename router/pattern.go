@@ -78,7 +78,7 @@ func (pt *pattern) match(s string) bool {
 	case patSuffix:
 		return len(s) >= len(pt.lit) && equalBytes(pt.lit, s[len(s)-len(pt.lit):], pt.fold)
 	}
-	return wildMatch(pt.p, s, pt.fold)
+	return wildMatch(pt.p, s, pt.fold, false)
 }
 
 // matchDecoded is match against the percent-decoded form of s ("%41" is 'A', '+' is a space),
@@ -87,7 +87,7 @@ func (pt *pattern) matchDecoded(s string) bool {
 	if pt.kind == patAny {
 		return true
 	}
-	return wildMatchDecoded(pt.p, s, pt.fold)
+	return wildMatch(pt.p, s, pt.fold, true)
 }
 
 // equalBytes compares a pattern literal (lower-cased when fold) with s.
@@ -112,44 +112,14 @@ func lower(c byte) byte {
 
 // wildMatch is the classic greedy wildcard matcher with a single backtrack point: on a mismatch
 // it returns to the last '*' and lets it swallow one more byte. Earlier stars never need to be
-// revisited, because a later star can absorb whatever an earlier one would have taken.
-func wildMatch(p, s string, fold bool) bool {
+// revisited, because a later star can absorb whatever an earlier one would have taken. With
+// decode the subject is read through percent-decoding (decodeAt); positions (si, mark) stay
+// offsets in the encoded text, which is all the backtracking needs.
+func wildMatch(p, s string, fold, decode bool) bool {
 	pi, si := 0, 0
 	star, mark := -1, 0
 	for si < len(s) {
-		if pi < len(p) {
-			c := p[pi]
-			if c == '*' {
-				star, mark = pi, si
-				pi++
-				continue
-			}
-			if c == '?' || c == s[si] || fold && c == lower(s[si]) {
-				pi++
-				si++
-				continue
-			}
-		}
-		if star < 0 {
-			return false
-		}
-		pi = star + 1
-		mark++
-		si = mark
-	}
-	for pi < len(p) && p[pi] == '*' {
-		pi++
-	}
-	return pi == len(p)
-}
-
-// wildMatchDecoded is wildMatch where the subject is read through percent-decoding. Positions
-// (si, mark) are offsets in the encoded text, which is all the backtracking needs.
-func wildMatchDecoded(p, s string, fold bool) bool {
-	pi, si := 0, 0
-	star, mark := -1, 0
-	for si < len(s) {
-		b, next := decodeAt(s, si)
+		b, next := subjectAt(s, si, decode)
 		if pi < len(p) {
 			c := p[pi]
 			if c == '*' {
@@ -167,13 +137,21 @@ func wildMatchDecoded(p, s string, fold bool) bool {
 			return false
 		}
 		pi = star + 1
-		_, mark = decodeAt(s, mark)
+		_, mark = subjectAt(s, mark, decode)
 		si = mark
 	}
 	for pi < len(p) && p[pi] == '*' {
 		pi++
 	}
 	return pi == len(p)
+}
+
+// subjectAt reads the subject's byte at i, percent-decoded when decode, and the offset after it.
+func subjectAt(s string, i int, decode bool) (byte, int) {
+	if decode {
+		return decodeAt(s, i)
+	}
+	return s[i], i + 1
 }
 
 // decodeAt decodes one byte of a query component at s[i]: "%XX" with two hex digits is that
