@@ -168,6 +168,13 @@ func newGCM(key []byte) (cipher.AEAD, error) {
 	return cipher.NewGCM(b)
 }
 
+// dataKeyCipher is the AEAD that seals and opens one key file under the data key dek. dek, a
+// copy of the key, is wiped as soon as the cipher is made: the cipher keeps its own schedule.
+func dataKeyCipher(dek []byte) (cipher.AEAD, error) {
+	defer clear(dek)
+	return newGCM(dek)
+}
+
 // loadMasterKey reads the key-encryption key: "file:PATH" (created 0600 with 32 random bytes
 // when absent) or "env:NAME" (base64 of 32 bytes).
 func loadMasterKey(ref string, resolve func(string) string) ([]byte, error) {
@@ -287,8 +294,7 @@ func (s *software) seal(name string, k crypto.Signer) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer clear(dek)
-	aead, err := newGCM(dek)
+	aead, err := dataKeyCipher(dek)
 	if err != nil {
 		return nil, err
 	}
@@ -419,8 +425,7 @@ func (s *software) unseal(name string, blob []byte) (crypto.Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer clear(dek)
-	aead, err := newGCM(dek)
+	aead, err := dataKeyCipher(dek)
 	if err != nil {
 		return nil, err
 	}
