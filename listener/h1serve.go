@@ -610,10 +610,6 @@ var errClientBody = errors.New("client body")
 func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, closeAfter bool) bool {
 	rec := &s.rec
 	rec.Group = g.Name()
-	pool, ok := g.H1Pool()
-	if !ok {
-		return s.forwardStd(st, r, rule, g, closeAfter)
-	}
 	target := s.pick(r, g, closeAfter)
 	if target == nil {
 		return s.drainBody(r) && !closeAfter
@@ -621,6 +617,10 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 	// The outgoing head.
 	o := &s.out
 	setOutgoing(o, rec, st, rule, s.client.Addr(), r)
+	pool, ok := g.H1Pool()
+	if !ok {
+		return s.forwardStd(st, r, rule, g, target, closeAfter)
+	}
 	o.Close = closeAfter
 	o.Extra = nil
 	if mode := st.certMode(); mode != "" && s.tls != nil {
@@ -1115,15 +1115,11 @@ func certFields(mode string, cs tls.ConnectionState) []router.HeaderValue {
 }
 
 // forwardStd serves groups that speak HTTP/2 to their targets, through the group's standard
-// transport. The outgoing head is the engine's own, read back as an *http.Request.
-func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, closeAfter bool) bool {
+// transport. The outgoing head is the engine's own (forward prepared it), read back as an
+// *http.Request.
+func (s *h1Session) forwardStd(st *httpState, r *h1.Request, rule *router.Rule, g *backends.Group, target *backends.Target, closeAfter bool) bool {
 	rec := &s.rec
-	target := s.pick(r, g, closeAfter)
-	if target == nil {
-		return s.drainBody(r) && !closeAfter
-	}
 	o := &s.out
-	setOutgoing(o, rec, st, rule, s.client.Addr(), r)
 	o.Close = false
 	head := o.AppendForwardHead(nil, r)
 	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
