@@ -69,38 +69,28 @@ const (
 )
 
 func (c Config) withDefaults() Config {
-	def := func(v *uint32, d uint32) {
-		if *v == 0 {
-			*v = d
-		}
-	}
-	def(&c.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
-	def(&c.InitialWindowSize, DefaultInitialWindowSize)
-	def(&c.ConnWindowSize, DefaultConnWindowSize)
-	def(&c.MaxFrameSize, DefaultMaxFrameSize)
-	def(&c.MaxHeaderListSize, DefaultMaxHeaderListSize)
+	orDefault(&c.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
+	orDefault(&c.InitialWindowSize, DefaultInitialWindowSize)
+	orDefault(&c.ConnWindowSize, DefaultConnWindowSize)
+	orDefault(&c.MaxFrameSize, DefaultMaxFrameSize)
+	orDefault(&c.MaxHeaderListSize, DefaultMaxHeaderListSize)
 	c.MaxFrameSize = min(max(c.MaxFrameSize, 16<<10), 1<<24-1)
 	c.InitialWindowSize = min(c.InitialWindowSize, 1<<31-1)
 	c.ConnWindowSize = min(max(c.ConnWindowSize, 65535), 1<<31-1)
-	if c.PrefaceTimeout <= 0 {
-		c.PrefaceTimeout = DefaultPrefaceTimeout
-	}
-	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = DefaultIdleTimeout
-	}
-	if c.SendTimeout <= 0 {
-		c.SendTimeout = DefaultSendTimeout
-	}
-	if c.BodyTimeout <= 0 {
-		c.BodyTimeout = DefaultBodyTimeout
-	}
-	if c.ResetBudget <= 0 {
-		c.ResetBudget = DefaultResetBudget
-	}
-	if c.ControlBudget <= 0 {
-		c.ControlBudget = DefaultControlBudget
-	}
+	orDefault(&c.PrefaceTimeout, DefaultPrefaceTimeout)
+	orDefault(&c.IdleTimeout, DefaultIdleTimeout)
+	orDefault(&c.SendTimeout, DefaultSendTimeout)
+	orDefault(&c.BodyTimeout, DefaultBodyTimeout)
+	orDefault(&c.ResetBudget, DefaultResetBudget)
+	orDefault(&c.ControlBudget, DefaultControlBudget)
 	return c
+}
+
+// orDefault sets *v to d when it is unset (zero, or for the signed settings, negative).
+func orDefault[T ~int | ~int64 | ~uint32](v *T, d T) {
+	if *v <= 0 {
+		*v = d
+	}
 }
 
 // Server serves HTTP/2 connections with one Handler. It tracks its connections so that Shutdown
