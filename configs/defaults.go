@@ -94,9 +94,7 @@ func applyDefaults(c *Config) {
 			def(&k.DataKeyCacheMaxAge, DefaultDataKeyCacheMaxAge)
 		}
 	case "pkcs11":
-		if k.MaxSessions == 0 {
-			k.MaxSessions = DefaultPKCS11Sessions
-		}
+		def(&k.MaxSessions, DefaultPKCS11Sessions)
 	}
 
 	applyFleetDefaults(c)
@@ -118,9 +116,7 @@ func applyDefaults(c *Config) {
 		if d := ct.ACMEDNS; d != nil {
 			def(&d.TSIGAlgorithm, DefaultTSIGAlgorithm)
 			def(&d.PropagationTimeout, DefaultDNSPropagationTimeout)
-			if d.TTL == 0 {
-				d.TTL = DefaultDNSRecordTTL
-			}
+			def(&d.TTL, DefaultDNSRecordTTL)
 		}
 	}
 
@@ -174,12 +170,8 @@ func listenerDefaults(l *Listener) {
 		def(&l.HeaderTimeout, DefaultHeaderTimeout)
 		def(&l.ClientBodyTimeout, DefaultClientBodyTimeout)
 		def(&l.SendTimeout, DefaultSendTimeout)
-		if l.MaxHeaderBytes == 0 {
-			l.MaxHeaderBytes = DefaultMaxHeaderBytes
-		}
-		if l.MinTransferRate == 0 {
-			l.MinTransferRate = DefaultMinTransferRate
-		}
+		def(&l.MaxHeaderBytes, DefaultMaxHeaderBytes)
+		def(&l.MinTransferRate, DefaultMinTransferRate)
 	}
 	if l.TLSTerminated() {
 		def(&l.TLSPolicy, DefaultTLSPolicy)
@@ -322,12 +314,8 @@ func groupDefaults(g *TargetGroup) {
 		def(&g.ResponseTimeout, DefaultResponseTimeout)
 		def(&g.TargetReadTimeout, DefaultTargetReadTimeout)
 	}
-	if g.MaxIdleConns == 0 {
-		g.MaxIdleConns = DefaultMaxIdleConns
-	}
-	if g.MaxInFlight == 0 {
-		g.MaxInFlight = DefaultMaxInFlight
-	}
+	def(&g.MaxIdleConns, DefaultMaxIdleConns)
+	def(&g.MaxInFlight, DefaultMaxInFlight)
 	targetDefaults(g.Targets)
 	if st := g.Stickiness; st != nil && (st.Type == StickyLBCookie || st.Type == StickyAppCookie) {
 		def(&st.Duration, DefaultStickinessDuration)
@@ -338,12 +326,8 @@ func groupDefaults(g *TargetGroup) {
 	h := g.HealthCheck
 	def(&h.Protocol, g.Protocol)
 	def(&h.Interval, DefaultHCInterval)
-	if h.HealthyThreshold == 0 {
-		h.HealthyThreshold = DefaultHCHealthy
-	}
-	if h.UnhealthyThreshold == 0 {
-		h.UnhealthyThreshold = DefaultHCUnhealthy
-	}
+	def(&h.HealthyThreshold, DefaultHCHealthy)
+	def(&h.UnhealthyThreshold, DefaultHCUnhealthy)
 	if h.Protocol == "http" || h.Protocol == "https" {
 		if h.GRPCCode != "" {
 			def(&h.Path, DefaultHCGRPCPath)
@@ -370,8 +354,10 @@ func forwardDefaults(f Forward) {
 	}
 }
 
-func def(p *string, v string) {
-	if *p == "" {
+// def sets *p to v when it is unset (its zero value).
+func def[T comparable](p *T, v T) {
+	var unset T
+	if *p == unset {
 		*p = v
 	}
 }
