@@ -602,32 +602,7 @@ func (v *validator) group(s scope, g *TargetGroup) {
 
 // groupTimings parses the group's durations and checks its health check.
 func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
-	if !classic {
-		if g.SlowStart != "" {
-			g.slowStart = v.duration(s, "slow_start", g.SlowStart, false)
-		}
-		g.deregistrationDelay = v.duration(s, "deregistration_delay", g.DeregistrationDelay, false)
-		g.connectTimeout = v.duration(s, "connect_timeout", g.ConnectTimeout, true)
-		if g.ResponseTimeout != "" {
-			g.responseTimeout = v.duration(s, "response_timeout", g.ResponseTimeout, true)
-		}
-		if g.TargetReadTimeout != "" {
-			g.targetReadTimeout = v.duration(s, "target_read_timeout", g.TargetReadTimeout, true)
-		}
-	} else {
-		// Synthesized from a classic listener: defaults only, never wrong.
-		q := scope{v: v}
-		v.quiet++
-		g.deregistrationDelay = v.duration(q, "", g.DeregistrationDelay, false)
-		g.connectTimeout = v.duration(q, "", g.ConnectTimeout, true)
-		if g.ResponseTimeout != "" {
-			g.responseTimeout = v.duration(q, "", g.ResponseTimeout, true)
-		}
-		if g.TargetReadTimeout != "" {
-			g.targetReadTimeout = v.duration(q, "", g.TargetReadTimeout, true)
-		}
-		v.quiet--
-	}
+	v.groupDurations(s, g, classic)
 	h := g.HealthCheck
 	if h == nil {
 		return
@@ -678,6 +653,25 @@ func (v *validator) groupTimings(s scope, g *TargetGroup, classic bool) {
 	}
 	if h.UnhealthyThreshold < 1 || h.UnhealthyThreshold > 100 {
 		s.errf(f+"unhealthy_threshold", "health_check.unhealthy_threshold %d is out of range 1-100", h.UnhealthyThreshold)
+	}
+}
+
+// groupDurations parses the group's durations.
+func (v *validator) groupDurations(s scope, g *TargetGroup, classic bool) {
+	if classic {
+		// Synthesized from a classic listener: defaults only, never wrong.
+		v.quiet++
+		defer func() { v.quiet-- }()
+	} else if g.SlowStart != "" {
+		g.slowStart = v.duration(s, "slow_start", g.SlowStart, false)
+	}
+	g.deregistrationDelay = v.duration(s, "deregistration_delay", g.DeregistrationDelay, false)
+	g.connectTimeout = v.duration(s, "connect_timeout", g.ConnectTimeout, true)
+	if g.ResponseTimeout != "" {
+		g.responseTimeout = v.duration(s, "response_timeout", g.ResponseTimeout, true)
+	}
+	if g.TargetReadTimeout != "" {
+		g.targetReadTimeout = v.duration(s, "target_read_timeout", g.TargetReadTimeout, true)
 	}
 }
 
