@@ -43,25 +43,17 @@ const (
 	hBad
 )
 
-func nameTier[T text](name T) headerTier {
-	t := hCompliant
-	for i := 0; i < len(name); i++ {
-		c := name[i]
-		if !tcharTable[c] {
-			if badCharTable[c] {
-				return hBad
-			}
-			t = hNonCompliant
-		}
-	}
-	return t
-}
+func nameTier[T text](name T) headerTier { return charsTier(name, &tcharTable) }
 
-func valueTier[T text](v T) headerTier {
+func valueTier[T text](v T) headerTier { return charsTier(v, &valueTable) }
+
+// charsTier grades s by its bytes: compliant when every one is in allowed, bad as soon as one
+// is a bad character, else non-compliant.
+func charsTier[T text](s T, allowed *[256]bool) headerTier {
 	t := hCompliant
-	for i := 0; i < len(v); i++ {
-		c := v[i]
-		if !valueTable[c] {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !allowed[c] {
 			if badCharTable[c] {
 				return hBad
 			}
