@@ -88,6 +88,15 @@ func validKey(key string) error {
 	return nil
 }
 
+// lookupErr is the error a lookup counts in the stats: a missing key is an answer, not a
+// failure.
+func lookupErr(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
 // Store puts value at key (and in the local cache).
 func (s *Storage) Store(ctx context.Context, key string, value []byte) (err error) {
 	defer func() { s.f.Stats.done(OpStore, err) }()
@@ -107,13 +116,7 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) (err erro
 
 // Load reads key from etcd, or from the local cache when etcd does not answer.
 func (s *Storage) Load(ctx context.Context, key string) (v []byte, err error) {
-	defer func() {
-		if err != nil && errors.Is(err, fs.ErrNotExist) {
-			s.f.Stats.done(OpLoad, nil)
-			return
-		}
-		s.f.Stats.done(OpLoad, err)
-	}()
+	defer func() { s.f.Stats.done(OpLoad, lookupErr(err)) }()
 	if err := validKey(key); err != nil {
 		return nil, err
 	}
@@ -201,13 +204,7 @@ func (s *Storage) List(ctx context.Context, dir string, recursive bool) (out []s
 
 // Stat describes key.
 func (s *Storage) Stat(ctx context.Context, key string) (ki certmagic.KeyInfo, err error) {
-	defer func() {
-		if err != nil && errors.Is(err, fs.ErrNotExist) {
-			s.f.Stats.done(OpStat, nil)
-			return
-		}
-		s.f.Stats.done(OpStat, err)
-	}()
+	defer func() { s.f.Stats.done(OpStat, lookupErr(err)) }()
 	if err := validKey(key); err != nil {
 		return ki, err
 	}
