@@ -45,9 +45,7 @@ type httpServer struct {
 	drainBy  atomic.Int64 // unix ns: until when a connection drained before its first request may send it
 
 	// Idle HTTP/1 connections parked without a goroutine (h1serve.go), started on first use.
-	parkMu  sync.Mutex
-	parker  *park.Poller
-	parkErr bool // the poller could not start: connections wait on their goroutines
+	parking park.Lazy
 
 	ctx    context.Context // canceled by Close: retired engines stop draining
 	cancel context.CancelFunc
@@ -195,18 +193,11 @@ func (s *httpServer) firstBy() time.Time {
 // poller is the server's parking poller, started when start is set and none runs yet; nil
 // when parking is unavailable.
 func (s *httpServer) poller(start bool) *park.Poller {
-	s.parkMu.Lock()
-	defer s.parkMu.Unlock()
-	if s.parker == nil && start && !s.parkErr && s.ctx.Err() == nil {
-		p, err := park.New()
-		if err != nil {
-			s.parkErr = true
-			s.log.Warn("idle connections keep their goroutines: parking unavailable", "err", err)
-			return nil
-		}
-		s.parker = p
+	p, err := s.parking.Get(s.ctx, start)
+	if err != nil {
+		s.log.Warn("idle connections keep their goroutines: parking unavailable", "err", err)
 	}
-	return s.parker
+	return p
 }
 
 // parkedH1 is an idle HTTP/1 connection while parked: all it keeps of its session.

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,26 +61,17 @@ type Handler struct {
 	bytesIn, bytesOut, handshakeErrs, dialErrs, idleClosed atomic.Uint64
 
 	// Idle relay directions parked without a goroutine (relay.go), started on first use.
-	parkMu  sync.Mutex
-	parker  *park.Poller
-	parkErr bool // the poller could not start: directions wait on their goroutines
+	parking park.Lazy
 }
 
 // poller is the engine's parking poller, started on first use; nil when parking is
 // unavailable or the engine is closed.
 func (h *Handler) poller() *park.Poller {
-	h.parkMu.Lock()
-	defer h.parkMu.Unlock()
-	if h.parker == nil && !h.parkErr && h.ctx.Err() == nil {
-		p, err := park.New()
-		if err != nil {
-			h.parkErr = true
-			h.log.Warn("idle relays keep their goroutines: parking unavailable", "err", err)
-			return nil
-		}
-		h.parker = p
+	p, err := h.parking.Get(h.ctx, true)
+	if err != nil {
+		h.log.Warn("idle relays keep their goroutines: parking unavailable", "err", err)
 	}
-	return h.parker
+	return p
 }
 
 // NewHandler returns an engine; it runs nothing until connections arrive.
@@ -114,10 +104,7 @@ func (h *Handler) Drain(context.Context) error { return nil }
 // shutdown that ran out of time cuts the others by closing their sockets).
 func (h *Handler) Close() {
 	h.cancel()
-	h.parkMu.Lock()
-	p := h.parker
-	h.parkMu.Unlock()
-	if p != nil {
+	if p, _ := h.parking.Get(h.ctx, false); p != nil {
 		p.Stop() // expires every parked direction, which aborts its relay
 	}
 }
