@@ -111,61 +111,67 @@ func (c *Config) Resolve(p string) string {
 }
 
 // Group returns the target group with the given name (including "@classic/NAME" groups), or nil.
-func (c *Config) Group(name string) *TargetGroup {
-	if c.groupIdx != nil {
-		if i, ok := c.groupIdx[name]; ok && i < len(c.TargetGroups) && c.TargetGroups[i].Name == name {
-			return &c.TargetGroups[i]
-		}
-		return nil
-	}
-	for i := range c.TargetGroups {
-		if c.TargetGroups[i].Name == name {
-			return &c.TargetGroups[i]
-		}
-	}
-	return nil
-}
+func (c *Config) Group(name string) *TargetGroup { return byName(c.TargetGroups, c.groupIdx, name) }
 
 // Cert returns the certificate with the given name, or nil.
-func (c *Config) Cert(name string) *Certificate {
-	if c.certIdx != nil {
-		if i, ok := c.certIdx[name]; ok && i < len(c.Certificates) && c.Certificates[i].Name == name {
-			return &c.Certificates[i]
-		}
-		return nil
-	}
-	for i := range c.Certificates {
-		if c.Certificates[i].Name == name {
-			return &c.Certificates[i]
-		}
-	}
-	return nil
-}
+func (c *Config) Cert(name string) *Certificate { return byName(c.Certificates, c.certIdx, name) }
 
 // Authority returns the authority with the given name, or nil.
-func (c *Config) Authority(name string) *Authority {
-	if c.authIdx != nil {
-		if i, ok := c.authIdx[name]; ok && i < len(c.Authorities) && c.Authorities[i].Name == name {
-			return &c.Authorities[i]
+func (c *Config) Authority(name string) *Authority { return byName(c.Authorities, c.authIdx, name) }
+
+// Listener returns the listener with the given name, or nil.
+func (c *Config) Listener(name string) *Listener { return byName(c.Listeners, nil, name) }
+
+// namedObject is a configuration object that others refer to by its name.
+type namedObject interface{ name() string }
+
+func (g *TargetGroup) name() string { return g.Name }
+func (c *Certificate) name() string { return c.Name }
+func (a *Authority) name() string   { return a.Name }
+func (l *Listener) name() string    { return l.Name }
+
+// byName returns the element of list called name, or nil. idx, when not nil, is list's index
+// (indexByName), built once the configuration is valid; it is checked against list, which a
+// caller may have changed since.
+func byName[T any, P interface {
+	*T
+	namedObject
+}](list []T, idx map[string]int, name string) *T {
+	if idx != nil {
+		if i, ok := idx[name]; ok && i < len(list) && P(&list[i]).name() == name {
+			return &list[i]
 		}
 		return nil
 	}
-	for i := range c.Authorities {
-		if c.Authorities[i].Name == name {
-			return &c.Authorities[i]
+	for i := range list {
+		if P(&list[i]).name() == name {
+			return &list[i]
 		}
 	}
 	return nil
 }
 
-// Listener returns the listener with the given name, or nil.
-func (c *Config) Listener(name string) *Listener {
-	for i := range c.Listeners {
-		if c.Listeners[i].Name == name {
-			return &c.Listeners[i]
-		}
+// indexByName maps the names of list's elements to their positions.
+func indexByName[T any, P interface {
+	*T
+	namedObject
+}](list []T) map[string]int {
+	idx := make(map[string]int, len(list))
+	for i := range list {
+		idx[P(&list[i]).name()] = i
 	}
-	return nil
+	return idx
+}
+
+// nameAt is the name of list's element i, "" when there is none.
+func nameAt[T any, P interface {
+	*T
+	namedObject
+}](list []T, i int) string {
+	if i < len(list) {
+		return P(&list[i]).name()
+	}
+	return ""
 }
 
 // Dir is the directory relative paths resolve against ("" when loaded without a file name).

@@ -205,21 +205,13 @@ func objectOf(c *Config, path string) (obj, name string) {
 	n := idxOf(top)
 	switch top[:i] {
 	case "listeners":
-		if n < len(c.Listeners) {
-			name = c.Listeners[n].Name
-		}
+		name = nameAt(c.Listeners, n)
 	case "target_groups":
-		if n < len(c.TargetGroups) {
-			name = c.TargetGroups[n].Name
-		}
+		name = nameAt(c.TargetGroups, n)
 	case "certificates":
-		if n < len(c.Certificates) {
-			name = c.Certificates[n].Name
-		}
+		name = nameAt(c.Certificates, n)
 	case "authorities":
-		if n < len(c.Authorities) {
-			name = c.Authorities[n].Name
-		}
+		name = nameAt(c.Authorities, n)
 	}
 	obj = top
 	if strings.HasPrefix(rest, "rules[") {

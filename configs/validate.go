@@ -195,18 +195,9 @@ func (v *validator) run() {
 	}
 
 	if len(v.probs) == 0 {
-		c.groupIdx = make(map[string]int, len(c.TargetGroups))
-		for i := range c.TargetGroups {
-			c.groupIdx[c.TargetGroups[i].Name] = i
-		}
-		c.certIdx = make(map[string]int, len(c.Certificates))
-		for i := range c.Certificates {
-			c.certIdx[c.Certificates[i].Name] = i
-		}
-		c.authIdx = make(map[string]int, len(c.Authorities))
-		for i := range c.Authorities {
-			c.authIdx[c.Authorities[i].Name] = i
-		}
+		c.groupIdx = indexByName(c.TargetGroups)
+		c.certIdx = indexByName(c.Certificates)
+		c.authIdx = indexByName(c.Authorities)
 	}
 }
 
