@@ -348,29 +348,38 @@ func (p *proc) stop() error {
 
 func waitHTTP(ctx context.Context, url string, alive func() error, limit time.Duration) error {
 	c := &http.Client{Timeout: 2 * time.Second}
+	late, err := pollGet(ctx, c, url, func(status int) bool { return status < 500 }, alive, 50*time.Millisecond, limit)
+	if late {
+		return fmt.Errorf("not answering within %v: %w", limit, err)
+	}
+	return err
+}
+
+// pollGet GETs url every interval until accept takes an answer's status (nil), alive (when not
+// nil) reports the server gone (its error), ctx ends, or limit passes: then late is set and err
+// is the last attempt's failure, for the caller to name.
+func pollGet(ctx context.Context, c *http.Client, url string, accept func(status int) bool, alive func() error, interval, limit time.Duration) (late bool, err error) {
 	deadline := time.Now().Add(limit)
 	for {
 		resp, err := c.Get(url)
 		if err == nil {
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			if resp.StatusCode < 500 {
-				return nil
+			if accept(resp.StatusCode) {
+				return false, nil
 			}
 			err = fmt.Errorf("status %d", resp.StatusCode)
 		}
 		if alive != nil {
 			if perr := alive(); perr != nil {
-				return perr
+				return false, perr
 			}
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("not answering within %v: %w", limit, err)
+			return true, err
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		if err := sleepCtx(ctx, interval); err != nil {
+			return false, err
 		}
 	}
 }
@@ -600,22 +609,34 @@ var (
 	heyErrLine = regexp.MustCompile(`(?m)^\s+\[(\d+)\]\s+Get .*$`)
 )
 
-func parseWrk(s string) (result, error) {
+// parseRate reads the requests per second and the 50th and 99th percentile latencies from
+// tool's output s: rps matches the rate, pct each percentile (its number, then its value),
+// and unit is the duration a percentile's value counts (from pct's match).
+func parseRate(tool, s string, rps, pct *regexp.Regexp, unit func(match []string) time.Duration) (result, error) {
 	var r result
-	m := wrkRPS.FindStringSubmatch(s)
+	m := rps.FindStringSubmatch(s)
 	if m == nil {
-		return r, fmt.Errorf("cannot read wrk output:\n%s", s)
+		return r, fmt.Errorf("cannot read %s output:\n%s", tool, s)
 	}
 	r.rps, _ = strconv.ParseFloat(m[1], 64)
-	for _, p := range wrkPct.FindAllStringSubmatch(s, -1) {
+	for _, p := range pct.FindAllStringSubmatch(s, -1) {
 		v, _ := strconv.ParseFloat(p[2], 64)
-		unit := map[string]time.Duration{"us": time.Microsecond, "ms": time.Millisecond, "s": time.Second, "m": time.Minute}[p[3]]
-		d := time.Duration(v * float64(unit))
+		d := time.Duration(v * float64(unit(p)))
 		if p[1] == "50" {
 			r.p50 = d
 		} else {
 			r.p99 = d
 		}
+	}
+	return r, nil
+}
+
+func parseWrk(s string) (result, error) {
+	r, err := parseRate("wrk", s, wrkRPS, wrkPct, func(p []string) time.Duration {
+		return map[string]time.Duration{"us": time.Microsecond, "ms": time.Millisecond, "s": time.Second, "m": time.Minute}[p[3]]
+	})
+	if err != nil {
+		return r, err
 	}
 	if m := wrkTotal.FindStringSubmatch(s); m != nil {
 		r.requests, _ = strconv.ParseInt(m[1], 10, 64)
@@ -636,20 +657,9 @@ func parseWrk(s string) (result, error) {
 }
 
 func parseHey(s string) (result, error) {
-	var r result
-	m := heyRPS.FindStringSubmatch(s)
-	if m == nil {
-		return r, fmt.Errorf("cannot read hey output:\n%s", s)
-	}
-	r.rps, _ = strconv.ParseFloat(m[1], 64)
-	for _, p := range heyPct.FindAllStringSubmatch(s, -1) {
-		v, _ := strconv.ParseFloat(p[2], 64)
-		d := time.Duration(v * float64(time.Second))
-		if p[1] == "50" {
-			r.p50 = d
-		} else {
-			r.p99 = d
-		}
+	r, err := parseRate("hey", s, heyRPS, heyPct, func([]string) time.Duration { return time.Second })
+	if err != nil {
+		return r, err
 	}
 	for _, st := range heyStatus.FindAllStringSubmatch(s, -1) {
 		n, _ := strconv.ParseInt(st[2], 10, 64)

@@ -855,27 +855,11 @@ func coreTicks(cpus string) int64 {
 
 // waitGet polls url until it answers 200, the process exits, or limit passes.
 func waitGet(ctx context.Context, c *http.Client, url string, p *treeProc, limit time.Duration) error {
-	deadline := time.Now().Add(limit)
-	for {
-		resp, err := c.Get(url)
-		if err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			err = fmt.Errorf("status %d", resp.StatusCode)
-		}
-		if perr := p.exited(); perr != nil {
-			return perr
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not answering 200 within %v: %w", url, limit, err)
-		}
-		if err := sleepCtx(ctx, 100*time.Millisecond); err != nil {
-			return err
-		}
+	late, err := pollGet(ctx, c, url, func(status int) bool { return status == http.StatusOK }, p.exited, 100*time.Millisecond, limit)
+	if late {
+		return fmt.Errorf("%s not answering 200 within %v: %w", url, limit, err)
 	}
+	return err
 }
 
 var (
@@ -885,14 +869,19 @@ var (
 	h2Proto    = regexp.MustCompile(`(?m)^Application protocol: (\S+)`)
 )
 
-func parseWrkRun(s string) (peerRun, error) {
-	w, err := parseWrk(s)
+func parseWrkRun(s string) (peerRun, error) { return parseRun("wrk", s, parseWrk) }
+
+func parseHeyRun(s string) (peerRun, error) { return parseRun("hey", s, parseHey) }
+
+// parseRun reads tool's output s with parse into a peer run, which must have made requests.
+func parseRun(tool, s string, parse func(string) (result, error)) (peerRun, error) {
+	res, err := parse(s)
 	if err != nil {
 		return peerRun{}, err
 	}
-	r := peerRun{requests: w.requests, errors: w.errors, rps: w.rps, p99: w.p99}
+	r := peerRun{requests: res.requests, errors: res.errors, rps: res.rps, p99: res.p99}
 	if r.requests == 0 {
-		return r, fmt.Errorf("wrk made no request:\n%s", s)
+		return r, fmt.Errorf("%s made no request:\n%s", tool, s)
 	}
 	return r, nil
 }
@@ -916,18 +905,6 @@ func parseH2load(s string) (peerRun, error) {
 	r.rps, _ = strconv.ParseFloat(f[3], 64)
 	if r.requests == 0 {
 		return r, fmt.Errorf("h2load made no request:\n%s", s)
-	}
-	return r, nil
-}
-
-func parseHeyRun(s string) (peerRun, error) {
-	h, err := parseHey(s)
-	if err != nil {
-		return peerRun{}, err
-	}
-	r := peerRun{requests: h.requests, errors: h.errors, rps: h.rps, p99: h.p99}
-	if r.requests == 0 {
-		return r, fmt.Errorf("hey made no request:\n%s", s)
 	}
 	return r, nil
 }
