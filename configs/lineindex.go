@@ -271,6 +271,31 @@ func (ix *indexer) str() string {
 	return b.String()
 }
 
+// list reads an array or inline table from its opening bracket to close, calling part for
+// each element (i counts them) and stepping over the commas. A part that reads nothing is
+// garbage: one byte of it is skipped, so that the scan always progresses.
+func (ix *indexer) list(close byte, part func(i int)) {
+	ix.pos++
+	for i := 0; ; i++ {
+		ix.skipSpace(true)
+		if ix.eof() {
+			return
+		}
+		if ix.s[ix.pos] == close {
+			ix.pos++
+			return
+		}
+		st := ix.pos
+		part(i)
+		ix.skipSpace(true)
+		if !ix.eof() && ix.s[ix.pos] == ',' {
+			ix.pos++
+		} else if ix.pos == st {
+			ix.pos++
+		}
+	}
+}
+
 // value reads one value at path, recording it and, for arrays and inline tables, its parts.
 func (ix *indexer) value(path string) {
 	if ix.eof() {
@@ -282,39 +307,13 @@ func (ix *indexer) value(path string) {
 		ix.str()
 	case '[':
 		ix.record(path, 'a')
-		ix.pos++
-		for i := 0; ; i++ {
-			ix.skipSpace(true)
-			if ix.eof() {
-				return
-			}
-			if ix.s[ix.pos] == ']' {
-				ix.pos++
-				return
-			}
-			st := ix.pos
+		ix.list(']', func(i int) {
 			ix.elem = true
 			ix.value(path + "[" + strconv.Itoa(i) + "]")
-			ix.skipSpace(true)
-			if !ix.eof() && ix.s[ix.pos] == ',' {
-				ix.pos++
-			} else if ix.pos == st {
-				ix.pos++ // garbage: make progress
-			}
-		}
+		})
 	case '{':
 		ix.record(path, 't')
-		ix.pos++
-		for {
-			ix.skipSpace(true)
-			if ix.eof() {
-				return
-			}
-			if ix.s[ix.pos] == '}' {
-				ix.pos++
-				return
-			}
-			st := ix.pos
+		ix.list('}', func(int) {
 			keys := ix.key()
 			ix.skipSpace(true)
 			if len(keys) > 0 && !ix.eof() && ix.s[ix.pos] == '=' {
@@ -323,13 +322,7 @@ func (ix *indexer) value(path string) {
 				ix.elem = false
 				ix.value(join(path, strings.Join(keys, ".")))
 			}
-			ix.skipSpace(true)
-			if !ix.eof() && ix.s[ix.pos] == ',' {
-				ix.pos++
-			} else if ix.pos == st {
-				ix.pos++
-			}
-		}
+		})
 	default:
 		st := ix.pos
 		for !ix.eof() {
