@@ -102,24 +102,30 @@ func (h *handler) delay(w http.ResponseWriter, r *http.Request) {
 	h.reply(w, r, http.StatusOK)
 }
 
+// queryParam reads query parameter name with parse, capped at limit; def when it is absent. A
+// value that does not parse or is negative is answered 400, and ok is false.
+func queryParam[T int | time.Duration](w http.ResponseWriter, r *http.Request, name string, def, limit T, parse func(string) (T, error)) (v T, ok bool) {
+	s := r.URL.Query().Get(name)
+	if s == "" {
+		return def, true
+	}
+	v, err := parse(s)
+	if err != nil || v < 0 {
+		http.Error(w, "bad "+name, http.StatusBadRequest)
+		return v, false
+	}
+	return min(v, limit), true
+}
+
 // stream writes n chunks, one per interval, flushing each (SSE-shaped).
 func (h *handler) stream(w http.ResponseWriter, r *http.Request) {
-	n, interval := 5, 100*time.Millisecond
-	if v := r.URL.Query().Get("n"); v != "" {
-		k, err := strconv.Atoi(v)
-		if err != nil || k < 0 {
-			http.Error(w, "bad n", http.StatusBadRequest)
-			return
-		}
-		n = min(k, MaxStream)
+	n, ok := queryParam(w, r, "n", 5, MaxStream, strconv.Atoi)
+	if !ok {
+		return
 	}
-	if v := r.URL.Query().Get("interval"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < 0 {
-			http.Error(w, "bad interval", http.StatusBadRequest)
-			return
-		}
-		interval = min(d, MaxDelay)
+	interval, ok := queryParam(w, r, "interval", 100*time.Millisecond, MaxDelay, time.ParseDuration)
+	if !ok {
+		return
 	}
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "text/event-stream")
