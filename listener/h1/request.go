@@ -105,15 +105,9 @@ type Request struct {
 // ErrMalformed when the bytes are not a request head. On success the head is r.HeadLen bytes and
 // the body, if any, follows it in b.
 func (r *Request) Parse(b []byte, max int) error {
-	end := headEnd(b)
-	if end < 0 {
-		if len(b) >= max {
-			return ErrHeadTooLarge
-		}
-		return ErrIncomplete
-	}
-	if end > max {
-		return ErrHeadTooLarge
+	end, err := headLen(b, max, ErrHeadTooLarge)
+	if err != nil {
+		return err
 	}
 	r.reset()
 	head := b[:end]
@@ -149,6 +143,19 @@ func (r *Request) reset() {
 	fields, tokens := r.Fields[:0], r.connTokens[:0]
 	clear(r.Fields[:cap(r.Fields)]) // drop references into the previous buffer
 	*r = Request{Fields: fields, connTokens: tokens}
+}
+
+// headLen is the length of the head at the start of b: ErrIncomplete while it may still end
+// within max bytes, tooLarge once it cannot.
+func headLen(b []byte, max int, tooLarge error) (int, error) {
+	end := headEnd(b)
+	switch {
+	case end > max, end < 0 && len(b) >= max:
+		return 0, tooLarge
+	case end < 0:
+		return 0, ErrIncomplete
+	}
+	return end, nil
 }
 
 // headEnd returns the length of the head at the start of b (through its empty line), or -1.

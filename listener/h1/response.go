@@ -31,15 +31,9 @@ type Response struct {
 // Parse parses the response head at the start of b; head is a HEAD request's (no body whatever
 // the fields say). Errors as Request.Parse, plus ErrBadResponse.
 func (r *Response) Parse(b []byte, max int, head bool) error {
-	end := headEnd(b)
-	if end < 0 {
-		if len(b) >= max {
-			return ErrBadResponse
-		}
-		return ErrIncomplete
-	}
-	if end > max {
-		return ErrBadResponse
+	end, err := headLen(b, max, ErrBadResponse)
+	if err != nil {
+		return err
 	}
 	fields, tokens := r.Fields[:0], r.connTokens[:0]
 	clear(r.Fields[:cap(r.Fields)])
