@@ -617,15 +617,17 @@ func (s *h1Session) forward(st *httpState, r *h1.Request, rule *router.Rule, g *
 	// The outgoing head.
 	o := &s.out
 	setOutgoing(o, rec, st, rule, s.client.Addr(), r)
+	// The client-certificate fields, for either path: a group that speaks HTTP/2 to its
+	// targets (forwardStd) gets them as an HTTP/1.1 group does.
+	o.Extra = nil
+	if mode := st.certMode(); mode != "" && s.tls != nil {
+		o.Extra = certFields(mode, s.tls.ConnectionState())
+	}
 	pool, ok := g.H1Pool()
 	if !ok {
 		return s.forwardStd(st, r, rule, g, target, closeAfter)
 	}
 	o.Close = closeAfter
-	o.Extra = nil
-	if mode := st.certMode(); mode != "" && s.tls != nil {
-		o.Extra = certFields(mode, s.tls.ConnectionState())
-	}
 
 	if r.Framing == h1.Chunked && !r.Expect100 && !s.primeChunked(st) {
 		// A malformed first chunk size is answered here and never forwarded. Later chunks

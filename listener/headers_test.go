@@ -7,13 +7,17 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/fulcrum-lb/fulcrum/certs"
+	"github.com/fulcrum-lb/fulcrum/cmd/fulcrum-echo/echo"
 	"github.com/fulcrum-lb/fulcrum/configs/configtest"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
 )
 
 // echoFrom sends req with c and decodes what the echo back end saw.
@@ -57,6 +61,10 @@ func parseChainHeader(t *testing.T, v string) []*x509.Certificate {
 func TestClientCertHeaders(t *testing.T) {
 	dir := t.TempDir()
 	be := backend(t, "be")
+	// A group that speaks HTTP/2 to its targets takes another forwarding path; the fields must
+	// reach it too.
+	beH2C := httptest.NewServer(h2c.NewHandler(echo.Handler("be-h2c"), &http2.Server{}))
+	t.Cleanup(beH2C.Close)
 	passAddr, verAddr, plainAddr := configtest.Addr(t), configtest.Addr(t), configtest.Addr(t)
 	rt := startRuntime(t, loadConfig(t, dir, header(dir)+fmt.Sprintf(`
 [[authorities]]
@@ -71,23 +79,34 @@ authority = "internal"
 [[target_groups]]
 name = "be"
 protocol = "http"
-targets = [%q]
+targets = [%[1]q]
+health_check = { disabled = true }
+
+[[target_groups]]
+name = "be-h2c"
+protocol = "http"
+http2 = true
+targets = [%[5]q]
 health_check = { disabled = true }
 
 [[listeners]]
 name = "pass"
 style = "application"
 protocol = "https"
-address = %q
+address = %[2]q
 certificates = ["site"]
 client_auth = { mode = "passthrough" }
 default_action = { forward = "be" }
+[[listeners.rules]]
+priority = 1
+paths = ["/h2c/*"]
+forward = "be-h2c"
 
 [[listeners]]
 name = "verify"
 style = "application"
 protocol = "https"
-address = %q
+address = %[3]q
 certificates = ["site"]
 client_auth = { mode = "verify", authority = "internal" }
 default_action = { forward = "be" }
@@ -96,10 +115,10 @@ default_action = { forward = "be" }
 name = "plain"
 style = "application"
 protocol = "http"
-address = %q
+address = %[4]q
 trusted_proxies = ["127.0.0.2/32"]
 default_action = { forward = "be" }
-`, hostOf(be), passAddr, verAddr, plainAddr)), nil)
+`, hostOf(be), passAddr, verAddr, plainAddr, hostOf(beH2C))), nil)
 	roots := rt.Certs().Authority("internal").Pool()
 	issued := authorityLeaf(t, rt, "internal", certs.UsageClient, "client.example.test")
 	// A certificate from an authority Fulcrum does not know, sent with its CA: a chain of two.
@@ -129,13 +148,15 @@ default_action = { forward = "be" }
 		proto := map[bool]string{false: "http1", true: "h2"}[h2]
 		t.Run("passthrough/"+proto, func(t *testing.T) {
 			for name, cert := range map[string]*tls.Certificate{"issued": issued, "unknown-ca": stranger} {
-				r := echoFrom(t, client(cert, h2), spoofed(t, "https://"+passAddr+"/"))
-				chain := parseChainHeader(t, r.header(mtlsChain))
-				if len(chain) != len(cert.Certificate) || string(chain[0].Raw) != string(cert.Certificate[0]) {
-					t.Fatalf("%s: target got %d certificates, want the client's %d (leaf first)", name, len(chain), len(cert.Certificate))
-				}
-				if r.header(mtlsSubject) != "" {
-					t.Fatalf("%s: a client-supplied %s reached the target", name, mtlsSubject)
+				for _, path := range []string{"/", "/h2c/x"} { // an HTTP/1.1 group, an HTTP/2 one
+					r := echoFrom(t, client(cert, h2), spoofed(t, "https://"+passAddr+path))
+					chain := parseChainHeader(t, r.header(mtlsChain))
+					if len(chain) != len(cert.Certificate) || string(chain[0].Raw) != string(cert.Certificate[0]) {
+						t.Fatalf("%s %s: target got %d certificates, want the client's %d (leaf first)", name, path, len(chain), len(cert.Certificate))
+					}
+					if r.header(mtlsSubject) != "" {
+						t.Fatalf("%s %s: a client-supplied %s reached the target", name, path, mtlsSubject)
+					}
 				}
 			}
 			// No certificate: no header, and the forged one is gone.
