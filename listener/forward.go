@@ -32,7 +32,7 @@ func (st *httpState) certMode() string {
 // the rule add to the head, and the request id, which rec records. The id is the client's own
 // X-Request-Id (read through h) when the client is a trusted proxy, else a new one.
 func setOutgoing(o *h1.Outgoing, rec *RequestRecord, st *httpState, rule *router.Rule, client netip.Addr, h router.Headers) {
-	o.XFF, o.DropInvalid, o.Proto, o.Port = h1.ParseXFF(st.cfg.XFF), st.cfg.DropInvalidHeaderFields, st.proto, st.port
+	o.XFF, o.DropInvalid, o.Proto, o.Port = st.xff, st.cfg.DropInvalidHeaderFields, st.proto, st.port
 	o.Trusted = inPrefixes(st.trusted, client)
 	o.Client = client
 	o.Ops = rule.RequestHeaders

@@ -23,6 +23,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/backends"
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
+	"github.com/fulcrum-lb/fulcrum/listener/h1"
 	"github.com/fulcrum-lb/fulcrum/router"
 )
 
@@ -34,8 +35,9 @@ type httpState struct {
 	actions [][]*groupProxy // by router rule ID: the proxies of the action's groups, in action order
 	trusted []netip.Prefix  // trusted_forwarders, matched against the client (after PROXY)
 	tlsOn   bool
-	proto   string // X-Forwarded-Proto
-	port    string // X-Forwarded-Port
+	xff     h1.XFFMode // xff, parsed once
+	proto   string     // X-Forwarded-Proto
+	port    string     // X-Forwarded-Port
 	// The same two as header values, shared by every request of the generation so that setting
 	// them costs no allocation. Read-only; cap == len, so an append elsewhere copies.
 	protoHdr, portHdr []string
@@ -279,10 +281,10 @@ func (st *httpState) rewrite(pr *httputil.ProxyRequest) {
 	}
 	client := clientIP(pr.In.RemoteAddr, ri.client)
 	prior := pr.In.Header.Values("X-Forwarded-For")
-	switch st.cfg.XFF {
-	case "remove":
+	switch st.xff {
+	case h1.XFFRemove:
 		h.Del("X-Forwarded-For")
-	case "preserve":
+	case h1.XFFPreserve:
 		// ALB preserve: send the header unchanged. We believe it only from a trusted peer; from
 		// anyone else the chain would be a forgery, so the target gets the peer alone.
 		if ri.trusted {

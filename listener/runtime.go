@@ -18,6 +18,7 @@ import (
 	"github.com/fulcrum-lb/fulcrum/configs"
 	"github.com/fulcrum-lb/fulcrum/listener/desync"
 	"github.com/fulcrum-lb/fulcrum/listener/door"
+	"github.com/fulcrum-lb/fulcrum/listener/h1"
 	"github.com/fulcrum-lb/fulcrum/listener/inbound"
 	"github.com/fulcrum-lb/fulcrum/listener/l4"
 	"github.com/fulcrum-lb/fulcrum/router"
@@ -336,6 +337,7 @@ func (rt *Runtime) buildHTTPState(lc *configs.Listener, set *backends.Set) (*htt
 		table:   table,
 		trusted: lc.ForwarderPrefixes(), // trusted_forwarders, never the PROXY senders
 		tlsOn:   lc.Protocol == "https",
+		xff:     h1.ParseXFF(lc.XFF),
 		proto:   lc.Protocol,
 		port:    portOf(lc.Address),
 		desync:  mode,
